@@ -1,0 +1,185 @@
+"""The Lightning data module: a source's splits -> class-balanced or explicit-pair batches.
+
+Training batches are ``(images, labels)`` from class-balanced batches (``pair_mode=in_batch``:
+every pair inside the batch is used) or ``(x1, x2, same)`` (``pair_mode=explicit``).
+Validation and test batches are always ``(images, labels)`` in a fixed order; the module
+embeds them all and scores retrieval and fixed-seed verification pairs at epoch end.
+Augmentation runs batch-wise on the device after transfer, in training only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from siamese.data.datasets import DataSplits, LabelledImages, identity_collate
+from siamese.data.pairs import PairBatchSampler, PairView
+from siamese.data.samplers import ClassBalancedBatchSampler, EvalBatchSampler
+from siamese.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+PAIR_MODES = ("in_batch", "explicit")
+
+
+class SiameseDataModule(pl.LightningDataModule):
+    """Batches for Siamese training from any source with ``load(root) -> DataSplits``.
+
+    Args:
+        source: a ``siamese.data.sources`` object (MNISTSubset, TorchvisionMNIST, ...).
+        root: where the source finds or downloads its files (unused by the embedded subset).
+        batch_size: images per training batch (in_batch) or pairs per batch (explicit).
+        samples_per_class: images of each class in a class-balanced batch.
+        pair_mode: ``in_batch`` (all B(B-1)/2 pairs of a class-balanced batch) or
+            ``explicit`` (balanced (x1, x2, same) pairs, redrawn every epoch).
+        pairs_per_epoch: explicit pairs per epoch (default: the training set's size).
+        eval_batch_size: images per validation/test batch.
+        num_workers: DataLoader worker processes (0 is fastest for in-memory tensors).
+        image_size: deliver every split at this size (an int or [H, W]); None keeps the
+            source's own size. Tensor data is resized once, files as they are read.
+        augment: a batch-wise module applied to training images, or None.
+        seed: seeds the batch order (epoch ``e`` uses ``seed + e``).
+    """
+
+    def __init__(
+        self,
+        source,
+        root: str | None = None,
+        batch_size: int = 128,
+        samples_per_class: int = 16,
+        pair_mode: str = "in_batch",
+        pairs_per_epoch: int | None = None,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        image_size: int | Sequence[int] | None = None,
+        augment: nn.Module | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if pair_mode not in PAIR_MODES:
+            raise ConfigError(f"data.pair_mode={pair_mode!r} is unknown; expected one of {PAIR_MODES}")
+        if batch_size < 2:
+            raise ConfigError(f"data.batch_size must be at least 2, got {batch_size}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.source = source
+        self.root = str(Path(root).expanduser().resolve()) if root else None
+        self.batch_size = batch_size
+        self.samples_per_class = samples_per_class
+        self.pair_mode = pair_mode
+        self.pairs_per_epoch = pairs_per_epoch
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.image_size = _size(image_size)
+        self.augment = augment
+        self.seed = seed
+        self.splits: DataSplits | None = None
+
+    # -- data ------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        # Called on one process only: downloads happen here, not once per rank.
+        self.load_splits()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load_splits()
+
+    def load_splits(self) -> DataSplits:
+        if self.splits is None:
+            splits = self.source.load(self.root)
+            if self.image_size is not None:
+                splits = DataSplits(*(s.resized(self.image_size) for s in splits.as_tuple()))
+            for name in ("train", "val", "test"):
+                check_split(getattr(splits, name), name, self.root)
+            self.splits = splits
+            if self.pair_mode == "in_batch":  # fail at start, not at the first batch
+                self._train_batch_sampler()
+        return self.splits
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images; the tower is built for it."""
+        return self.load_splits().image_shape
+
+    def input_stats(self, max_items: int = 4096) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of (up to ``max_items`` evenly spaced) training images."""
+        train = self.load_splits().train
+        step = max(1, len(train) // max_items)
+        images, _ = train.__getitems__(list(range(0, len(train), step)))
+        mean = images.mean(dim=(0, 2, 3))
+        std = images.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+    # -- loaders ---------------------------------------------------------------------------
+    def _train_batch_sampler(self):
+        train = self.load_splits().train
+        if self.pair_mode == "in_batch":
+            return ClassBalancedBatchSampler(
+                train.targets, self.batch_size, self.samples_per_class, self.seed
+            )
+        return PairBatchSampler(
+            train.targets, self.batch_size, self.pairs_per_epoch or len(train), self.seed
+        )
+
+    def _loader(self, dataset, batch_sampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=identity_collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.load_splits().train
+        dataset = train if self.pair_mode == "in_batch" else PairView(train)
+        return self._loader(dataset, self._train_batch_sampler())
+
+    def _eval_loader(self, split: LabelledImages) -> DataLoader:
+        return self._loader(split, EvalBatchSampler(len(split), self.eval_batch_size, self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.load_splits().val)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.load_splits().test)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.augment is None or self.trainer is None or not self.trainer.training:
+            return batch
+        if len(batch) == 3:  # (x1, x2, same)
+            x1, x2, same = batch
+            return self.augment(x1), self.augment(x2), same
+        images, labels = batch
+        return self.augment(images), labels
+
+
+def _size(value: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    size = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"data.image_size must be a positive int or [H, W], got {value!r}")
+    return size
+
+
+def check_split(split: LabelledImages, name: str, root: str | None) -> None:
+    """Refuse a split in which no same pair can exist (the source warns about lonely classes)."""
+    where = f" of data.root={root!r}" if root else ""
+    if len(split) == 0:
+        raise DataError(f"the {name} split{where} is empty; add images or change the split sizes")
+    _, counts = torch.unique(split.targets, return_counts=True)
+    if not bool((counts >= 2).any()):
+        raise DataError(
+            f"no class in the {name} split{where} has two images, so no same pair can exist; "
+            f"add images (every class needs 2+ for training, val and test) or change the "
+            f"split fractions"
+        )

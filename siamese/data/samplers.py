@@ -1,0 +1,112 @@
+"""Batch samplers: class-balanced batches for in-batch pairs, fixed batches for evaluation.
+
+Samplers yield lists of indices that the DataLoader hands to ``__getitems__`` in one call.
+They draw from their own generator seeded by ``seed + epoch`` (Lightning calls
+``set_epoch``), so an epoch's batches are reproducible and a resumed run sees the same ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from siamese.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class ClassBalancedBatchSampler(Sampler[list[int]]):
+    """Batches of ``batch_size // samples_per_class`` classes x ``samples_per_class`` images.
+
+    Every image is used about once per epoch: each class keeps a shuffled queue that is
+    refilled when empty; classes are visited in shuffled rounds. A class with fewer images
+    than ``samples_per_class`` is sampled with replacement (augmentation makes repeats
+    distinct views). One epoch has ``len(targets) // batch_size`` batches.
+    """
+
+    def __init__(
+        self, targets: Tensor, batch_size: int, samples_per_class: int, seed: int = 0
+    ) -> None:
+        targets = torch.as_tensor(targets).reshape(-1)
+        if samples_per_class < 2:
+            raise ConfigError(
+                f"data.samples_per_class={samples_per_class} gives no positive pairs in a "
+                "batch; use 2 or more"
+            )
+        if batch_size % samples_per_class or batch_size // samples_per_class < 2:
+            raise ConfigError(
+                f"data.batch_size={batch_size} does not fit class-balanced batches of "
+                f"data.samples_per_class={samples_per_class}: it must be a multiple of it and "
+                f"hold at least 2 classes (batch_size >= {2 * samples_per_class})"
+            )
+        classes, counts = torch.unique(targets, return_counts=True)
+        self.classes_per_batch = batch_size // samples_per_class
+        if self.classes_per_batch > len(classes):
+            raise ConfigError(
+                f"data.batch_size={batch_size} / data.samples_per_class={samples_per_class} = "
+                f"{self.classes_per_batch} classes per batch, but the training split has only "
+                f"{len(classes)} classes; raise samples_per_class to at least "
+                f"{-(-batch_size // len(classes))} or lower batch_size"
+            )
+        order = torch.argsort(targets, stable=True)
+        self.members = list(torch.split(order, counts.tolist()))  # indices of each class
+        self.batch_size = batch_size
+        self.samples_per_class = samples_per_class
+        self.num_batches = max(1, len(targets) // batch_size)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        m = self.samples_per_class
+        queues = [members[torch.randperm(len(members), generator=g)] for members in self.members]
+        heads = [0] * len(queues)
+        class_order: list[int] = []
+        for _ in range(self.num_batches):
+            chosen: list[int] = []
+            while len(chosen) < self.classes_per_batch:
+                if not class_order:
+                    class_order = torch.randperm(len(queues), generator=g).tolist()
+                c = class_order.pop()
+                if c not in chosen:
+                    chosen.append(c)
+            batch: list[Tensor] = []
+            for c in chosen:
+                queue = queues[c]
+                if len(queue) < m:
+                    batch.append(queue[torch.randint(len(queue), (m,), generator=g)])
+                    continue
+                if heads[c] + m > len(queue):
+                    queues[c] = queue = queue[torch.randperm(len(queue), generator=g)]
+                    heads[c] = 0
+                batch.append(queue[heads[c] : heads[c] + m])
+                heads[c] += m
+            yield torch.cat(batch).tolist()
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """All items once, in a fixed seeded order (so each batch mixes classes), ``batch_size`` a
+    batch; the same on every call, so evaluation never depends on the epoch."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"eval batch size must be >= 1, got {batch_size}")
+        self.order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, len(self.order), self.batch_size):
+            yield self.order[start : start + self.batch_size].tolist()

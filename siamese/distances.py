@@ -1,0 +1,109 @@
+"""Distances Φ: merge two embeddings into a score; each knows whether larger means closer.
+
+Losses take a distance object (the pytorch-metric-learning way), so one loss serves every Φ.
+``to_distance`` turns any score into "lower means more alike" for verification metrics, and
+``faiss_metric`` says how retrieval should search the embeddings ``prepare`` returns.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from siamese.errors import ConfigError
+
+_EPS = 1e-12
+
+
+class Distance(nn.Module):
+    """Base class. ``pairwise`` gives (Na, Nb) scores, ``paired`` gives (N,) for row pairs."""
+
+    name: ClassVar[str] = "distance"
+    is_similarity: ClassVar[bool] = False
+    faiss_metric: ClassVar[str] = "l2"  # how to search prepare()d embeddings: "l2" or "ip"
+
+    def __init__(self, normalize_embeddings: bool = False) -> None:
+        super().__init__()
+        self.normalize_embeddings = normalize_embeddings
+
+    def prepare(self, emb: Tensor) -> Tensor:
+        """Embeddings as the distance sees them (L2-normalised where configured)."""
+        return F.normalize(emb, dim=-1) if self.normalize_embeddings else emb
+
+    def pairwise(self, a: Tensor, b: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def paired(self, a: Tensor, b: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def to_distance(self, scores: Tensor) -> Tensor:
+        """Scores as dissimilarities: lower means more alike."""
+        return -scores if self.is_similarity else scores
+
+
+class EuclideanDistance(Distance):
+    """‖a - b‖₂, on L2-normalised embeddings by default (then it lies in [0, 2])."""
+
+    name = "euclidean"
+
+    def __init__(self, normalize_embeddings: bool = True) -> None:
+        super().__init__(normalize_embeddings)
+
+    def pairwise(self, a: Tensor, b: Tensor) -> Tensor:
+        # Clamping before sqrt keeps the gradient finite for identical rows (the diagonal).
+        sq = a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2.0 * a @ b.T
+        return sq.clamp_min(_EPS).sqrt()  # (Na, Nb)
+
+    def paired(self, a: Tensor, b: Tensor) -> Tensor:
+        return (a - b).pow(2).sum(-1).clamp_min(_EPS).sqrt()  # (N,)
+
+
+class CosineSimilarity(Distance):
+    """cos(a, b) in [-1, 1], larger means closer; searched as inner product of unit vectors."""
+
+    name = "cosine"
+    is_similarity = True
+    faiss_metric = "ip"
+
+    def __init__(self) -> None:
+        super().__init__(normalize_embeddings=True)
+
+    def prepare(self, emb: Tensor) -> Tensor:
+        return F.normalize(emb, dim=-1)
+
+    def pairwise(self, a: Tensor, b: Tensor) -> Tensor:
+        return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+    def paired(self, a: Tensor, b: Tensor) -> Tensor:
+        return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1)
+
+    def to_distance(self, scores: Tensor) -> Tensor:
+        return 1.0 - scores  # cosine distance in [0, 2]
+
+
+class LearnedDistance(Distance):
+    """Koch et al. 2015: |e1 - e2| -> Linear -> logit of "same" (larger means closer).
+
+    Retrieval cannot search a learned head, so faiss searches the raw embeddings by L2.
+    """
+
+    name = "learned"
+    is_similarity = True
+
+    def __init__(self, embedding_dim: int, normalize_embeddings: bool = False) -> None:
+        super().__init__(normalize_embeddings)
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ConfigError(
+                f"distance.embedding_dim must be a positive integer, got {embedding_dim!r}"
+            )
+        self.head = nn.Linear(embedding_dim, 1)
+
+    def pairwise(self, a: Tensor, b: Tensor) -> Tensor:
+        diff = (a.unsqueeze(1) - b.unsqueeze(0)).abs()  # (Na, Nb, D)
+        return self.head(diff).squeeze(-1)
+
+    def paired(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.head((a - b).abs()).squeeze(-1)
+

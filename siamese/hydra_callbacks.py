@@ -1,0 +1,27 @@
+"""Hydra callbacks: refuse to start a fresh run in a directory that already holds a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from siamese.cli import fail
+
+
+class RunDirGuard(Callback):
+    """Stops before Hydra writes anything when ``hydra.run.dir`` holds an earlier run's
+    checkpoints or metrics and the command does not resume it (``ckpt_path=``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        if config.get("ckpt_path"):
+            return
+        taken = [name for name in ("checkpoints", "metrics.json") if (run_dir / name).exists()]
+        if taken:
+            fail(
+                f"hydra.run.dir={str(run_dir)!r} already holds a run ({', '.join(taken)}); "
+                "choose another hydra.run.dir, or pass ckpt_path=last to resume that run"
+            )

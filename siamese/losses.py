@@ -1,0 +1,173 @@
+"""Objectives: contrastive, triplet (with in-batch mining) and binary cross-entropy.
+
+Each loss takes a Distance. ``forward(emb, labels)`` uses every pair (or triplet) inside a
+batch; pair losses also offer ``forward_pairs(e1, e2, same)`` for explicit (x1, x2, same)
+batches. Both return a LossOutput with the scalar and what a dashboard needs to spot a
+collapse (the fraction of active terms and the mean same/different distance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from siamese.distances import Distance, LearnedDistance
+from siamese.errors import ConfigError
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar, differentiable
+    active_fraction: Tensor  # fraction of pairs/triplets with a non-zero loss
+    pos_distance: Tensor  # mean distance of same pairs (lower means more alike)
+    neg_distance: Tensor  # mean distance of different pairs
+
+
+def in_batch_pairs(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """All B(B-1)/2 pairs i < j of a batch: (rows, cols, same)."""
+    rows, cols = torch.triu_indices(len(labels), len(labels), offset=1, device=labels.device)
+    return rows, cols, labels[rows] == labels[cols]
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+class PairLoss(nn.Module):
+    """A loss on pair scores; subclasses define ``terms(scores, same) -> per-pair losses``."""
+
+    def __init__(self, distance: Distance) -> None:
+        super().__init__()
+        self.distance = distance
+
+    def terms(self, scores: Tensor, same: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-pair losses and the loss, reduced the way this objective wants it."""
+        raise NotImplementedError
+
+    def forward(self, emb: Tensor, labels: Tensor) -> LossOutput:
+        rows, cols, same = in_batch_pairs(labels)
+        scores = self.distance.pairwise(emb, emb)[rows, cols]  # (P,)
+        return self._output(scores, same)
+
+    def forward_pairs(self, e1: Tensor, e2: Tensor, same: Tensor) -> LossOutput:
+        return self._output(self.distance.paired(e1, e2), same.bool())
+
+    def _output(self, scores: Tensor, same: Tensor) -> LossOutput:
+        per_pair, loss = self.terms(scores, same)
+        dist = self.distance.to_distance(scores.detach())
+        return LossOutput(
+            loss=loss,
+            active_fraction=(per_pair.detach() > 0).float().mean(),
+            pos_distance=_masked_mean(dist, same),
+            neg_distance=_masked_mean(dist, ~same),
+        )
+
+
+class ContrastiveLoss(PairLoss):
+    """Hadsell et al. 2006: pull same pairs within ``pos_margin``, push others past ``margin``.
+
+    Works on ``distance.to_distance`` (cosine becomes 1 - cos). Same and different terms are
+    each averaged over their non-zero entries (as pytorch-metric-learning's default reducer),
+    so the many easy negatives of an in-batch all-pairs batch do not dilute the signal.
+    """
+
+    def __init__(self, distance: Distance, margin: float = 1.0, pos_margin: float = 0.0) -> None:
+        super().__init__(distance)
+        if margin <= pos_margin:
+            raise ConfigError(
+                f"loss.margin ({margin}) must exceed loss.pos_margin ({pos_margin}); "
+                "different pairs are pushed beyond margin, same pairs pulled within pos_margin"
+            )
+        self.margin = margin
+        self.pos_margin = pos_margin
+
+    def terms(self, scores: Tensor, same: Tensor) -> tuple[Tensor, Tensor]:
+        d = self.distance.to_distance(scores)
+        per_pair = torch.where(
+            same, F.relu(d - self.pos_margin).pow(2), F.relu(self.margin - d).pow(2)
+        )
+        active = per_pair > 0
+        loss = _masked_mean(per_pair, same & active) + _masked_mean(per_pair, ~same & active)
+        return per_pair, loss
+
+
+class BCELoss(PairLoss):
+    """Koch et al. 2015: binary cross-entropy on the learned head's logit of "same".
+
+    Same and different pairs are weighted equally (an in-batch batch has far more negatives).
+    """
+
+    def __init__(self, distance: Distance) -> None:
+        super().__init__(distance)
+        if not isinstance(distance, LearnedDistance):
+            raise ConfigError(
+                f"loss=bce needs the logits of distance=learned, but distance={distance.name}; "
+                f"use distance=learned with loss=bce, or loss=contrastive or loss=triplet "
+                f"with distance={distance.name}"
+            )
+
+    def terms(self, scores: Tensor, same: Tensor) -> tuple[Tensor, Tensor]:
+        per_pair = F.binary_cross_entropy_with_logits(scores, same.float(), reduction="none")
+        loss = 0.5 * (_masked_mean(per_pair, same) + _masked_mean(per_pair, ~same))
+        return per_pair, loss
+
+
+class TripletLoss(nn.Module):
+    """Schroff et al. 2015: d(a, p) + margin < d(a, n), with triplets mined inside the batch.
+
+    ``mining``: ``batch_hard`` (Hermans et al. 2017: hardest positive and negative per
+    anchor), ``semi_hard`` (FaceNet: per positive pair, the closest negative farther than the
+    positive; the farthest negative when none is), or ``all`` (every valid triplet, averaged
+    over the non-zero ones).
+    """
+
+    MINING = ("batch_hard", "semi_hard", "all")
+
+    def __init__(self, distance: Distance, margin: float = 0.2, mining: str = "batch_hard") -> None:
+        super().__init__()
+        if mining not in self.MINING:
+            raise ConfigError(f"loss.mining={mining!r} is unknown; expected one of {self.MINING}")
+        if margin < 0:
+            raise ConfigError(f"loss.margin must be >= 0, got {margin}")
+        self.distance = distance
+        self.margin = margin
+        self.mining = mining
+
+    def forward(self, emb: Tensor, labels: Tensor) -> LossOutput:
+        d = self.distance.to_distance(self.distance.pairwise(emb, emb))  # (B, B)
+        same = labels.unsqueeze(0) == labels.unsqueeze(1)
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        pos = same & ~eye
+        neg = ~same
+        if self.mining == "batch_hard":
+            d_ap = d.masked_fill(~pos, float("-inf")).amax(1)  # (B,)
+            d_an = d.masked_fill(~neg, float("inf")).amin(1)
+            valid = pos.any(1) & neg.any(1)
+            per = F.relu(d_ap - d_an + self.margin)[valid]
+            loss = per.mean() if per.numel() else d.sum() * 0.0
+        else:
+            d_ap = d.unsqueeze(2)  # (B, B, 1): anchor a, positive p
+            d_an = d.unsqueeze(1)  # (B, 1, B): anchor a, negative n
+            triplet = pos.unsqueeze(2) & neg.unsqueeze(1)  # (B, B, B)
+            if self.mining == "all":
+                per = F.relu(d_ap - d_an + self.margin)[triplet]
+                loss = _masked_mean(per, per > 0)
+            else:
+                farther = triplet & (d_an > d_ap)
+                closest_farther = d_an.expand_as(triplet).masked_fill(~farther, float("inf"))
+                closest_farther = closest_farther.amin(2)  # (B, B)
+                farthest = d.masked_fill(~neg, float("-inf")).amax(1, keepdim=True)  # (B, 1)
+                chosen = torch.where(farther.any(2), closest_farther, farthest.expand_as(d))
+                valid = pos & neg.any(1, keepdim=True)
+                per = F.relu(d - chosen + self.margin)[valid]
+                loss = per.mean() if per.numel() else d.sum() * 0.0
+        dd = d.detach()
+        return LossOutput(
+            loss=loss,
+            active_fraction=(per.detach() > 0).float().mean() if per.numel() else dd.new_zeros(()),
+            pos_distance=_masked_mean(dd, pos),
+            neg_distance=_masked_mean(dd, neg),
+        )

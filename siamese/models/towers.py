@@ -1,0 +1,146 @@
+"""Towers: the weight-shared networks that map images (B, C, H, W) to embeddings (B, D)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from siamese.errors import ConfigError
+from siamese.models.layers import ACTIVATIONS, layer_from_spec
+
+
+def _image_size(value: int | Sequence[int] | None) -> tuple[int, int]:
+    if value is None:
+        raise ConfigError(
+            "model.image_size is not set; it comes from the data module (set data.image_size "
+            "or model.image_size=[H,W])"
+        )
+    if isinstance(value, int):
+        return value, value
+    h, w = (int(v) for v in value)
+    return h, w
+
+
+class Tower(nn.Module):
+    """Base tower: normalises the input with fixed per-channel statistics, then embeds it.
+
+    Inputs are float images in [0, 1]; the statistics travel in the checkpoint, so a loaded
+    model needs no knowledge of the data module.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        in_channels: int | None,
+        image_size: int | Sequence[int] | None,
+        input_mean: float | Sequence[float] | None,
+        input_std: float | Sequence[float] | None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ConfigError(
+                f"model.embedding_dim must be a positive integer, got {embedding_dim!r}"
+            )
+        if in_channels is None or int(in_channels) < 1:
+            raise ConfigError(
+                f"model.in_channels must be >= 1, got {in_channels!r}; it comes from the data"
+            )
+        self.embedding_dim = embedding_dim
+        self.in_channels = int(in_channels)
+        self.image_size = _image_size(image_size)
+        mean = torch.as_tensor(0.0 if input_mean is None else input_mean, dtype=torch.float32)
+        std = torch.as_tensor(1.0 if input_std is None else input_std, dtype=torch.float32)
+        if (std <= 0).any():
+            raise ConfigError(f"model.input_std must be positive, got {input_std!r}")
+        self.register_buffer("input_mean", mean.reshape(1, -1, 1, 1).clone())
+        self.register_buffer("input_std", std.reshape(1, -1, 1, 1).clone())
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.in_channels, *self.image_size
+
+    def normalize_input(self, x: Tensor) -> Tensor:
+        return (x - self.input_mean) / self.input_std
+
+
+class ConvTower(Tower):
+    """Conv/pool/batch-norm/activation layers from a config list, then Linear layers to D.
+
+    The flattened size before the first Linear follows from the conv output formula, so any
+    input size and layer list works; a list that shrinks the image below 1x1 fails at build.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[Mapping[str, Any]],
+        hidden_dims: Sequence[int] = (),
+        embedding_dim: int = 64,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        in_channels: int | None = None,
+        image_size: int | Sequence[int] | None = None,
+        input_mean: float | Sequence[float] | None = None,
+        input_std: float | Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(embedding_dim, in_channels, image_size, input_mean, input_std)
+        if activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"model.activation {activation!r} is unknown; expected one of {sorted(ACTIVATIONS)}"
+            )
+        shape = self.input_shape
+        modules: list[nn.Module] = []
+        for index, spec in enumerate(layers):
+            layer, shape = layer_from_spec(spec, shape, index)
+            modules.append(layer)
+        self.features = nn.Sequential(*modules)
+        self.feature_shape = shape
+        flat = shape[0] * shape[1] * shape[2]
+        head: list[nn.Module] = [nn.Flatten()]
+        width = flat
+        for hidden in hidden_dims:
+            if int(hidden) < 1:
+                raise ConfigError(f"model.hidden_dims must be positive, got {list(hidden_dims)}")
+            head += [nn.Linear(width, int(hidden)), ACTIVATIONS[activation]()]
+            if dropout > 0:
+                head.append(nn.Dropout(dropout))
+            width = int(hidden)
+        head.append(nn.Linear(width, embedding_dim))
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(self.normalize_input(x)))  # (B, D)
+
+
+class ResNet18Tower(Tower):
+    """torchvision's ResNet-18 (random init, no download) with its fc replaced by Linear(512, D).
+
+    ``small_input`` swaps the 7x7/2 stem and max-pool for a 3x3/1 conv, the usual choice for
+    28x28 or 32x32 images.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int = 64,
+        small_input: bool = True,
+        in_channels: int | None = None,
+        image_size: int | Sequence[int] | None = None,
+        input_mean: float | Sequence[float] | None = None,
+        input_std: float | Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(embedding_dim, in_channels, image_size, input_mean, input_std)
+        from torchvision.models import resnet18
+
+        net = resnet18(weights=None)
+        if small_input:
+            net.conv1 = nn.Conv2d(self.in_channels, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+        else:
+            net.conv1 = nn.Conv2d(self.in_channels, 64, 7, 2, 3, bias=False)
+        net.fc = nn.Linear(net.fc.in_features, embedding_dim)
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.normalize_input(x))  # (B, D)

@@ -1,0 +1,177 @@
+"""The LightningModule: one weight-shared tower, a distance Φ and a loss, trained on pairs.
+
+Both sides of every pair go through ``self.tower`` in one forward pass over the
+concatenated batch, so a single parameter set receives the gradients of both branches.
+Validation and test embed their whole split and score retrieval (faiss, leave-one-out) and
+verification on fixed-seed balanced pairs, with ``siamese.evaluation``.
+
+The constructor takes plain config dicts (``_target_`` + keywords) and builds the parts
+itself, so a checkpoint rebuilds its model from the file alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from torch import Tensor
+
+from siamese.data.pairs import sample_pairs
+from siamese.evaluation import retrieval_metrics, verification_metrics
+from siamese.losses import LossOutput
+
+
+class SiameseModule(pl.LightningModule):
+    """Siamese network: ``forward(images) -> embeddings``, trained on in-batch or explicit pairs.
+
+    Args:
+        tower: config of the tower (images (B, C, H, W) -> embeddings (B, D)).
+        distance: config of the distance Φ.
+        loss: config of the loss (it receives the distance).
+        optimizer: partial config of the optimizer (it receives the parameters).
+        scheduler: partial config of a step-wise LR scheduler, or None; ``total_steps`` or
+            ``T_max`` is filled from the trainer when the scheduler takes one.
+        eval_pairs: number of balanced verification pairs drawn from each evaluated split.
+        eval_seed: seed of those pairs (fixed, so a checkpoint always scores the same).
+        config: the run's resolved config, kept in the checkpoint for evaluation.
+    """
+
+    def __init__(
+        self,
+        tower: dict[str, Any],
+        distance: dict[str, Any],
+        loss: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        eval_pairs: int = 10_000,
+        eval_seed: int = 0,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tower = instantiate(tower)
+        self.distance = instantiate(distance)
+        self.loss_fn = instantiate(loss, distance=self.distance)
+        # Verification threshold calibrated on the last validation epoch (travels in ckpt).
+        self.register_buffer("threshold", torch.tensor(math.nan))
+        self._outputs: list[tuple[Tensor, Tensor]] = []
+
+    # -- inference -------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] -> embeddings (B, D) as the distance sees them."""
+        return self.distance.prepare(self.tower(images))
+
+    @torch.no_grad()
+    def embed(self, images: Tensor, batch_size: int = 1024) -> Tensor:
+        """Embeddings of any number of images, in eval mode, batch by batch."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = [
+                self(images[i : i + batch_size].to(self.device))
+                for i in range(0, len(images), batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else images.new_zeros((0, self.tower.embedding_dim))
+
+    @torch.no_grad()
+    def compare(self, a: Tensor, b: Tensor) -> Tensor:
+        """Distances (B,) between images ``a[i]`` and ``b[i]``; lower means more alike."""
+        return self.distance.to_distance(self.distance.paired(self.embed(a), self.embed(b)))
+
+    @torch.no_grad()
+    def same(self, a: Tensor, b: Tensor) -> Tensor:
+        """Same/different decisions (B,) at the threshold calibrated on validation."""
+        if math.isnan(float(self.threshold)):
+            raise RuntimeError("this model has no calibrated threshold; validate it first")
+        return self.compare(a, b) <= self.threshold
+
+    # -- training --------------------------------------------------------------------------
+    def _shared_step(self, batch: tuple[Tensor, ...]) -> tuple[LossOutput, Tensor, Tensor]:
+        if len(batch) == 3:  # explicit (x1, x2, same): one forward over both sides
+            x1, x2, same = batch
+            emb = self(torch.cat([x1, x2]))
+            e1, e2 = emb.split(len(x1))
+            return self.loss_fn.forward_pairs(e1, e2, same), emb, same
+        images, labels = batch
+        emb = self(images)
+        return self.loss_fn(emb, labels), emb, labels
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        out, emb, _ = self._shared_step(batch)
+        bs = len(emb)
+        self.log("train/loss", out.loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log_dict(
+            {
+                "train/active_fraction": out.active_fraction,
+                "train/pos_distance": out.pos_distance,
+                "train/neg_distance": out.neg_distance,
+            },
+            on_step=False,
+            on_epoch=True,
+            batch_size=bs,
+        )
+        return out.loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        images, labels = batch
+        emb = self(images)
+        if len(labels) > 1:
+            out = self.loss_fn(emb, labels)
+            self.log(f"{stage}/loss", out.loss, on_epoch=True, batch_size=len(labels))
+        self._outputs.append((emb.detach().float(), labels.detach()))
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._epoch_metrics()
+        if metrics and not self.trainer.sanity_checking:
+            self.threshold.fill_(metrics["threshold"])
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()})
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict({f"test/{k}": v for k, v in self._epoch_metrics().items()})
+
+    def _epoch_metrics(self) -> dict[str, float]:
+        if not self._outputs:
+            return {}
+        emb = torch.cat([e for e, _ in self._outputs])
+        labels = torch.cat([y for _, y in self._outputs])
+        self._outputs.clear()
+        return self.embedding_metrics(emb, labels)
+
+    @torch.no_grad()
+    def embedding_metrics(self, emb: Tensor, labels: Tensor) -> dict[str, float]:
+        """Retrieval (leave-one-out) and verification metrics of one split's embeddings."""
+        retrieval = retrieval_metrics(
+            emb.cpu().numpy(), labels.cpu().numpy(), metric=self.distance.faiss_metric
+        )
+        pairs = sample_pairs(labels, self.hparams.eval_pairs, self.hparams.eval_seed)
+        first, second = pairs.first.to(emb.device), pairs.second.to(emb.device)
+        dist = self.distance.to_distance(self.distance.paired(emb[first], emb[second]))
+        verification = verification_metrics(dist.float().cpu().numpy(), pairs.same.numpy())
+        keep = ("num_queries", "num_queries_without_positive", "num_pairs", "num_same")
+        merged = {**retrieval, **verification}
+        return {k: float(v) for k, v in merged.items() if k not in keep}
+
+    def configure_optimizers(self):
+        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        if not self.hparams.scheduler:
+            return optimizer
+        make = instantiate(self.hparams.scheduler)
+        params = inspect.signature(make.func).parameters
+        extra = {}
+        for name in ("total_steps", "T_max"):
+            if name in params and name not in make.keywords:
+                extra[name] = int(self.trainer.estimated_stepping_batches)
+        scheduler = make(optimizer, **extra)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,1 @@
+"""The jobs behind the entry points: training (and, later, evaluation and export)."""

@@ -1,0 +1,166 @@
+"""Training job: composed config -> data module, Siamese module, Trainer -> fit, test, metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+from siamese.errors import ConfigError
+from siamese.inference import check_checkpoint
+from siamese.losses import PairLoss
+from siamese.module import SiameseModule
+
+log = logging.getLogger(__name__)
+
+# Reported after training (as test/<name>), in this order.
+REPORTED = (
+    "precision_at_1",
+    "recall_at_1",
+    "recall_at_5",
+    "recall_at_10",
+    "r_precision",
+    "map_at_r",
+    "roc_auc",
+    "eer",
+    "tar_at_far_1e-3",
+    "tar_at_far_1e-2",
+    "verification_accuracy",
+    "threshold",
+)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail at start, in one sentence, on combinations that cannot train."""
+    loss = instantiate(cfg.loss, distance=instantiate(cfg.distance))  # raises on bce+euclidean
+    if cfg.data.get("pair_mode") == "explicit" and not isinstance(loss, PairLoss):
+        raise ConfigError(
+            f"loss={type(loss).__name__} mines triplets inside class-balanced batches and cannot "
+            "use data.pair_mode=explicit; use data.pair_mode=in_batch, or loss=contrastive"
+        )
+    if cfg.get("eval_pairs", 1) < 2:
+        raise ConfigError(f"eval_pairs must be at least 2, got {cfg.eval_pairs}")
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``last`` -> this run directory's checkpoints/last.ckpt; a path must exist and load."""
+    if not ckpt_path:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        hint = (
+            "set hydra.run.dir to the run directory you want to resume"
+            if ckpt_path == "last"
+            else "pass the path of a .ckpt file written by train.py"
+        )
+        raise ConfigError(f"ckpt_path={ckpt_path!r}: {str(path)!r} does not exist; {hint}")
+    check_checkpoint(path)
+    return str(path)
+
+
+def build_module(cfg: DictConfig, datamodule: Any) -> SiameseModule:
+    """The Siamese module, its tower sized for the data (channels, image size, statistics)."""
+    tower = OmegaConf.to_container(cfg.model, resolve=True)
+    channels, height, width = datamodule.image_shape
+    defaults: dict[str, Any] = {"in_channels": channels, "image_size": [height, width]}
+    if tower.get("input_mean") is None or tower.get("input_std") is None:
+        defaults["input_mean"], defaults["input_std"] = datamodule.input_stats()
+    for key, value in defaults.items():
+        if tower.get(key) is None:
+            tower[key] = value
+    if tower["in_channels"] != channels or list(tower["image_size"]) != [height, width]:
+        raise ConfigError(
+            f"model expects {tower['in_channels']}x{tower['image_size']} images but the data "
+            f"gives {channels}x{[height, width]}; leave model.in_channels/model.image_size null"
+        )
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container["model"] = tower
+    return SiameseModule(
+        tower=tower,
+        distance=OmegaConf.to_container(cfg.distance, resolve=True),
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True)
+        if cfg.get("scheduler")
+        else None,
+        eval_pairs=cfg.eval_pairs,
+        eval_seed=cfg.eval_seed,
+        config=container,
+    )
+
+
+def instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Every ``_target_`` entry of a callbacks/logger group."""
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def run_training(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test the best checkpoint, write metrics.json; return every logged metric."""
+    check_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data)
+    module = build_module(cfg, datamodule)
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    loggers = instantiate_all(cfg.get("logger"))
+    if not loggers:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    if checkpoint is None:
+        raise ConfigError(
+            "callbacks has no ModelCheckpoint; keep callbacks.model_checkpoint so the run "
+            "writes checkpoints/best.ckpt and checkpoints/last.ckpt"
+        )
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = scalar_metrics(trainer.callback_metrics)
+
+    if cfg.get("test", True):
+        best = checkpoint.best_model_path or checkpoint.last_model_path or None
+        if not best:
+            log.warning("no checkpoint was written; testing the weights in memory")
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        tested = scalar_metrics(trainer.callback_metrics)
+        metrics.update(tested)
+        if trainer.is_global_zero:
+            report = {"protocol": "leave-one-out over the test split", "checkpoint": best}
+            report.update({k: v for k, v in tested.items() if k.startswith("test/")})
+            write_metrics(output_dir / "metrics.json", report)
+            print_table(tested, prefix="test/")
+    return metrics
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if torch.as_tensor(v).numel() == 1}
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Write metrics.json via a temporary file, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def print_table(metrics: dict[str, float], prefix: str) -> None:
+    names = [n for n in REPORTED if prefix + n in metrics]
+    names += sorted({k[len(prefix) :] for k in metrics if k.startswith(prefix)} - set(names))
+    width = max(len(n) for n in names) if names else 10
+    lines = [f"{'test metric':<{width}}  value", f"{'-' * width}  ------"]
+    for name in names:
+        value = metrics[prefix + name]
+        lines.append(f"{name:<{width}}  {value:.4f}" if math.isfinite(value) else f"{name:<{width}}  nan")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,180 @@
+"""Distances and losses on hand-placed embeddings, against explicit loops."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from siamese.distances import CosineSimilarity, EuclideanDistance, LearnedDistance
+from siamese.errors import ConfigError
+from siamese.losses import BCELoss, ContrastiveLoss, TripletLoss
+
+
+def circle(angles_deg: list[float]) -> torch.Tensor:
+    a = torch.tensor(angles_deg, dtype=torch.float64) * math.pi / 180
+    return torch.stack([torch.cos(a), torch.sin(a)], 1)
+
+
+# Six points on the unit circle, two classes that mostly sit on opposite sides.
+EMB = circle([0, 30, 200, 180, 150, 100])
+LABELS = torch.tensor([0, 0, 0, 1, 1, 1])
+
+
+def test_distances_on_hand_placed_points():
+    a, b = circle([0, 90]), circle([90, 180])
+    euc, cos = EuclideanDistance(), CosineSimilarity()
+    assert torch.allclose(euc.paired(a, b), torch.tensor([math.sqrt(2)] * 2, dtype=torch.float64))
+    assert torch.allclose(euc.pairwise(a, a), torch.tensor([[0, 2**0.5], [2**0.5, 0]]).double(),
+                          atol=1e-6)
+    assert torch.allclose(cos.pairwise(a, b), torch.tensor([[0.0, -1.0], [1.0, 0.0]]).double(),
+                          atol=1e-7)
+    assert torch.allclose(cos.to_distance(torch.tensor([1.0, -1.0])), torch.tensor([0.0, 2.0]))
+    assert not euc.is_similarity and cos.is_similarity
+    # Unnormalised euclidean: |(3, 4)| = 5.
+    assert EuclideanDistance(False).paired(torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2)) == 5
+    assert torch.allclose(EuclideanDistance().prepare(torch.tensor([[3.0, 4.0]])),
+                          torch.tensor([[0.6, 0.8]]))
+
+
+def test_learned_distance_is_a_linear_head_on_the_absolute_difference():
+    head = LearnedDistance(embedding_dim=2)
+    with torch.no_grad():
+        head.head.weight.copy_(torch.tensor([[2.0, -1.0]]))
+        head.head.bias.fill_(0.5)
+    a, b = torch.tensor([[1.0, 3.0]]), torch.tensor([[4.0, 1.0]])
+    assert head.paired(a, b).item() == pytest.approx(2 * 3 - 1 * 2 + 0.5)
+    assert head.pairwise(a, b).item() == pytest.approx(4.5)
+    assert head.to_distance(torch.tensor([4.5])).item() == -4.5
+
+
+def contrastive_by_loop(emb, labels, dist_fn, margin, pos_margin=0.0):
+    pos, neg = [], []
+    for i, j in itertools.combinations(range(len(emb)), 2):
+        d = dist_fn(emb[i], emb[j])
+        if labels[i] == labels[j]:
+            pos.append(max(d - pos_margin, 0.0) ** 2)
+        else:
+            neg.append(max(margin - d, 0.0) ** 2)
+    mean_nonzero = lambda xs: sum(xs) / max(1, sum(x > 0 for x in xs))  # noqa: E731
+    return mean_nonzero(pos) + mean_nonzero(neg)
+
+
+@pytest.mark.parametrize(
+    ("distance", "dist_fn", "margin"),
+    [
+        (EuclideanDistance(), lambda a, b: float((a - b).norm()), 1.5),
+        (CosineSimilarity(), lambda a, b: 1.0 - float(a @ b), 1.2),
+    ],
+)
+def test_contrastive_matches_explicit_loop(distance, dist_fn, margin):
+    emb = EMB.clone().requires_grad_(True)
+    out = ContrastiveLoss(distance, margin=margin, pos_margin=0.1)(emb, LABELS)
+    expected = contrastive_by_loop(EMB, LABELS, dist_fn, margin, pos_margin=0.1)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    out.loss.backward()
+    assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+
+
+def test_contrastive_explicit_pairs_and_hand_value():
+    # Pair 1: same, d = 0.5 -> 0.25. Pair 2: different, d = 0.2, margin 1 -> 0.64.
+    e1 = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    e2 = torch.tensor([[0.3, 0.4], [0.0, 0.2]])
+    loss = ContrastiveLoss(EuclideanDistance(normalize_embeddings=False), margin=1.0)
+    out = loss.forward_pairs(e1, e2, torch.tensor([True, False]))
+    assert out.loss.item() == pytest.approx(0.25 + 0.64)
+    assert out.pos_distance.item() == pytest.approx(0.5)
+    assert out.neg_distance.item() == pytest.approx(0.2)
+    assert out.active_fraction.item() == 1.0
+
+
+def test_contrastive_with_no_different_pair_still_has_a_gradient():
+    emb = EMB[:3].clone().requires_grad_(True)
+    out = ContrastiveLoss(EuclideanDistance())(emb, torch.zeros(3, dtype=torch.long))
+    out.loss.backward()
+    assert out.neg_distance.item() == 0.0 and out.loss.item() > 0
+    assert torch.isfinite(emb.grad).all()
+
+
+def triplet_by_loop(emb, labels, margin, mining):
+    d = lambda i, j: float((emb[i] - emb[j]).norm())  # noqa: E731
+    n = len(emb)
+    losses = []
+    for a in range(n):
+        positives = [p for p in range(n) if p != a and labels[p] == labels[a]]
+        negatives = [q for q in range(n) if labels[q] != labels[a]]
+        if not positives or not negatives:
+            continue
+        if mining == "batch_hard":
+            losses.append(max(max(d(a, p) for p in positives) - min(d(a, q) for q in negatives)
+                              + margin, 0.0))
+            continue
+        for p in positives:
+            if mining == "all":
+                losses += [max(d(a, p) - d(a, q) + margin, 0.0) for q in negatives]
+                continue
+            farther = [d(a, q) for q in negatives if d(a, q) > d(a, p)]
+            chosen = min(farther) if farther else max(d(a, q) for q in negatives)
+            losses.append(max(d(a, p) - chosen + margin, 0.0))
+    if mining == "all":
+        nonzero = [x for x in losses if x > 0]
+        return sum(nonzero) / max(1, len(nonzero))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard", "all"])
+@pytest.mark.parametrize("margin", [0.2, 1.0])
+def test_triplet_mining_matches_explicit_loop(mining, margin):
+    emb = EMB.clone().requires_grad_(True)
+    out = TripletLoss(EuclideanDistance(), margin=margin, mining=mining)(emb, LABELS)
+    assert out.loss.item() == pytest.approx(triplet_by_loop(EMB, LABELS, margin, mining), rel=1e-6)
+    out.loss.backward()
+    assert torch.isfinite(emb.grad).all()
+
+
+def test_triplet_on_random_batch_matches_loop():
+    torch.manual_seed(3)
+    emb = F.normalize(torch.randn(12, 5, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 3, (12,))
+    for mining in TripletLoss.MINING:
+        out = TripletLoss(EuclideanDistance(), margin=0.3, mining=mining)(emb, labels)
+        assert out.loss.item() == pytest.approx(triplet_by_loop(emb, labels, 0.3, mining), rel=1e-6)
+
+
+def test_triplet_without_negatives_is_zero_not_nan():
+    emb = EMB.clone().requires_grad_(True)
+    out = TripletLoss(EuclideanDistance())(emb, torch.zeros(6, dtype=torch.long))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.isfinite(emb.grad).all()
+
+
+def test_bce_with_learned_distance_matches_formula():
+    torch.manual_seed(0)
+    dist = LearnedDistance(embedding_dim=2)
+    out = BCELoss(dist)(EMB.float(), LABELS)
+    logits, same = [], []
+    for i, j in itertools.combinations(range(6), 2):
+        logits.append(dist.paired(EMB[i : i + 1].float(), EMB[j : j + 1].float()).item())
+        same.append(bool(LABELS[i] == LABELS[j]))
+    terms = F.binary_cross_entropy_with_logits(
+        torch.tensor(logits), torch.tensor(same, dtype=torch.float), reduction="none"
+    )
+    s = torch.tensor(same)
+    assert out.loss.item() == pytest.approx(0.5 * (terms[s].mean() + terms[~s].mean()).item(),
+                                            rel=1e-5)
+
+
+@pytest.mark.parametrize("distance", [EuclideanDistance(), CosineSimilarity()])
+def test_bce_refuses_a_distance_without_logits(distance):
+    with pytest.raises(ConfigError, match=f"loss=bce needs .*distance=learned.*{distance.name}"):
+        BCELoss(distance)
+
+
+def test_bad_loss_parameters():
+    with pytest.raises(ConfigError, match="loss.mining='hardest'"):
+        TripletLoss(EuclideanDistance(), mining="hardest")
+    with pytest.raises(ConfigError, match="must exceed loss.pos_margin"):
+        ContrastiveLoss(EuclideanDistance(), margin=0.1, pos_margin=0.5)

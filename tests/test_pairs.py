@@ -1,0 +1,127 @@
+"""Samplers and pair construction: class balance, coverage, determinism, balance of pairs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from siamese.data.augment import BatchRandomAffine
+from siamese.data.datasets import TensorImages
+from siamese.data.pairs import PairBatchSampler, PairView, sample_pairs
+from siamese.data.samplers import ClassBalancedBatchSampler, EvalBatchSampler
+from siamese.errors import ConfigError
+
+TARGETS = torch.arange(10).repeat_interleave(torch.tensor([30, 30, 30, 30, 30, 30, 30, 30, 30, 5]))
+
+
+def test_class_balanced_batches_have_m_per_class():
+    sampler = ClassBalancedBatchSampler(TARGETS, batch_size=32, samples_per_class=8, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == len(TARGETS) // 32
+    for batch in batches:
+        labels = TARGETS[batch]
+        values, counts = labels.unique(return_counts=True)
+        assert len(batch) == 32 and len(values) == 4 and (counts == 8).all()
+
+
+def test_class_balanced_epoch_covers_big_classes_without_repeats_and_is_seeded():
+    sampler = ClassBalancedBatchSampler(TARGETS, batch_size=20, samples_per_class=10, seed=3)
+    seen = torch.cat([torch.tensor(b) for b in sampler])
+    big = seen[TARGETS[seen] != 9]
+    # Within one pass over a class's queue no image repeats before the queue is refilled.
+    for c in range(9):
+        members = big[TARGETS[big] == c]
+        first_pass = members[:30]
+        assert len(first_pass.unique()) == len(first_pass)
+    again = torch.cat([torch.tensor(b) for b in sampler])
+    assert torch.equal(seen, again)  # same epoch -> same batches
+    sampler.set_epoch(1)
+    assert not torch.equal(seen, torch.cat([torch.tensor(b) for b in sampler]))
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "m", "match"),
+    [
+        (8, 8, "at least 2 classes"),
+        (30, 8, "must be a multiple"),
+        (8, 1, "no positive pairs"),
+        (120, 4, "30 classes per batch, but the training split has only 10 classes"),
+    ],
+)
+def test_batch_sizes_that_cannot_be_class_balanced(batch_size, m, match):
+    with pytest.raises(ConfigError, match=match):
+        ClassBalancedBatchSampler(TARGETS, batch_size=batch_size, samples_per_class=m)
+
+
+def test_small_class_is_sampled_with_replacement():
+    sampler = ClassBalancedBatchSampler(TARGETS, batch_size=100, samples_per_class=10, seed=0)
+    batch = torch.tensor(next(iter(sampler)))
+    assert (TARGETS[batch] == 9).sum() == 10  # class 9 has only 5 images
+
+
+def test_eval_batches_cover_everything_once_in_a_fixed_order():
+    s = EvalBatchSampler(103, 25, seed=0)
+    order = torch.cat([torch.tensor(b) for b in s])
+    assert len(s) == 5 and sorted(order.tolist()) == list(range(103))
+    assert torch.equal(order, torch.cat([torch.tensor(b) for b in EvalBatchSampler(103, 25, 0)]))
+
+
+@pytest.mark.parametrize("n_items", [200, 3000])  # enumerated vs sampled with replacement
+def test_sample_pairs_is_balanced_correct_and_deterministic(n_items):
+    labels = torch.arange(n_items) % 7
+    pairs = sample_pairs(labels, 1000, seed=5)
+    assert len(pairs.same) == 1000 and pairs.same.sum() == 500
+    assert torch.equal(pairs.same, labels[pairs.first] == labels[pairs.second])
+    assert (pairs.first != pairs.second).all()
+    again = sample_pairs(labels, 1000, seed=5)
+    assert torch.equal(pairs.first, again.first) and torch.equal(pairs.second, again.second)
+    assert not torch.equal(pairs.first, sample_pairs(labels, 1000, seed=6).first)
+
+
+def test_sample_pairs_small_set_uses_distinct_pairs_and_all_when_short():
+    labels = torch.tensor([0, 0, 1, 1, 2])  # 2 same pairs, 8 different pairs exist
+    pairs = sample_pairs(labels, 10, seed=0)
+    assert pairs.same.sum() == 2 and (~pairs.same).sum() == 5
+    keys = set(zip(pairs.first.tolist(), pairs.second.tolist()))
+    assert len(keys) == 7
+
+
+def test_sample_pairs_with_replacement_handles_singletons_and_one_class():
+    labels = torch.cat([torch.zeros(2500, dtype=torch.long), torch.arange(1, 11)])
+    pairs = sample_pairs(labels, 400, seed=0)
+    assert torch.equal(pairs.same, labels[pairs.first] == labels[pairs.second])
+    assert (pairs.first != pairs.second).all()
+    only_one = sample_pairs(torch.zeros(3000, dtype=torch.long), 100, seed=0)
+    assert only_one.same.all() and len(only_one.same) == 50
+
+
+def test_explicit_pair_batches_through_pair_view():
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 2, 2)
+    labels = torch.arange(40) % 4
+    view = PairView(TensorImages(images, labels, ["a", "b", "c", "d"]))
+    sampler = PairBatchSampler(labels, batch_size=16, num_pairs=40, seed=0)
+    batches = [view.__getitems__(b) for b in sampler]
+    assert len(batches) == len(sampler) == 3
+    x1, x2, same = batches[0]
+    assert x1.shape == (16, 1, 2, 2) and same.dtype == torch.bool
+    idx1 = (x1[:, 0, 0, 0] * 255).round().long()
+    idx2 = (x2[:, 0, 0, 0] * 255).round().long()
+    assert torch.equal(same, labels[idx1] == labels[idx2])
+    assert sum(int(b[2].sum()) for b in batches) == 20  # half of the 40 pairs are same
+
+
+def test_batch_affine_identity_and_shape():
+    images = torch.rand(6, 3, 20, 16)
+    identity = BatchRandomAffine(degrees=0, translate=0, scale=(1, 1), shear=0)
+    assert torch.allclose(identity(images), images, atol=1e-5)
+    aug = BatchRandomAffine(degrees=20, translate=0.1, scale=(0.8, 1.2), shear=10, hflip=0.5)
+    out = aug(images)
+    assert out.shape == images.shape and not torch.allclose(out, images)
+    never = BatchRandomAffine(degrees=30, p=0.0)
+    assert torch.allclose(never(images), images, atol=1e-5)
+
+
+def test_batch_affine_flip_is_a_mirror():
+    images = torch.rand(4, 1, 8, 8)
+    flip = BatchRandomAffine(degrees=0, translate=0, scale=(1, 1), hflip=1.0)
+    assert torch.allclose(flip(images), images.flip(-1), atol=1e-5)

@@ -1,0 +1,109 @@
+"""Training end to end on the embedded data: run dir files, metrics.json, checkpoints, load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import siamese
+from siamese.errors import ConfigError, DataError
+from siamese.pipelines.train import REPORTED, run_training
+
+CONTRACT_KEYS = {f"test/{k}" for k in REPORTED}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short default run shared by the checks below."""
+    from conftest import FAST, compose_train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_train([*FAST, "trainer.max_epochs=2"], out)
+    metrics = run_training(cfg)
+    return out, metrics
+
+
+def test_default_run_writes_checkpoints_and_metrics(trained):
+    out, metrics = trained
+    assert (out / "checkpoints" / "best.ckpt").is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    report = json.loads((out / "metrics.json").read_text())
+    assert CONTRACT_KEYS <= set(report)
+    assert report["protocol"].startswith("leave-one-out")
+    for key in CONTRACT_KEYS:
+        assert isinstance(report[key], float) and math.isfinite(report[key]), key
+        assert report[key] == pytest.approx(metrics[key])
+    # Three batches already separate digits far better than chance (0.1 / 0.5).
+    assert report["test/precision_at_1"] > 0.5 and report["test/roc_auc"] > 0.8
+    assert {"val/precision_at_1", "val/roc_auc", "val/loss", "train/loss"} <= set(metrics)
+    assert (out / "csv" / "metrics.csv").is_file()
+
+
+def test_checkpoint_rebuilds_the_model_from_the_file_alone(trained):
+    out, _ = trained
+    model = siamese.load(out / "checkpoints" / "best.ckpt")
+    assert not model.training and math.isfinite(float(model.threshold))
+    images = torch.rand(6, 1, 28, 28)
+    emb = model.embed(images)
+    assert emb.shape == (6, 64)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(6), atol=1e-5)  # normalised euclidean
+    dist = model.compare(images, images.flip(0))
+    assert dist.shape == (6,) and torch.allclose(dist, dist.flip(0), atol=1e-5)
+    assert torch.allclose(model.compare(images, images), torch.zeros(6), atol=1e-3)
+    assert model.same(images, images).all()
+    hp = model.hparams
+    assert hp.tower["in_channels"] == 1 and hp.tower["image_size"] == [28, 28]
+    assert hp.config["data"]["source"]["_target_"].endswith("MNISTSubset")
+
+
+def test_same_checkpoint_always_scores_the_same(trained):
+    """Val/test pairs are fixed: re-testing the checkpoint reproduces metrics.json exactly."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    out, _ = trained
+    report = json.loads((out / "metrics.json").read_text())
+    model = siamese.load(report["checkpoint"])
+    cfg = model.hparams.config
+    dm = instantiate(cfg["data"])
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    (result,) = trainer.test(model, datamodule=dm, verbose=False)
+    for key in CONTRACT_KEYS:
+        assert result[key] == pytest.approx(report[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss=triplet", "loss.mining=semi_hard", "model.embedding_dim=32"],
+        ["distance=cosine", "loss.margin=0.6"],
+        ["distance=learned", "loss=bce"],
+        ["data.pair_mode=explicit", "data.batch_size=64"],
+        ["model=resnet18", "+trainer.limit_val_batches=1", "data.eval_batch_size=200"],
+    ],
+    ids=["triplet-semihard", "cosine", "learned-bce", "explicit-pairs", "resnet18"],
+)
+def test_variants_train_and_test(make_cfg, overrides):
+    metrics = run_training(make_cfg(*overrides, "+trainer.limit_train_batches=2"))
+    assert CONTRACT_KEYS <= set(metrics)
+    assert all(math.isfinite(metrics[k]) for k in CONTRACT_KEYS)
+
+
+def test_bad_inputs_fail_with_one_clear_error(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="model.embedding_dim must be a positive integer, got 0"):
+        run_training(make_cfg("model.embedding_dim=0"))
+    with pytest.raises(ConfigError, match="data.batch_size=8 does not fit class-balanced"):
+        run_training(make_cfg("data.batch_size=8"))
+    with pytest.raises(ConfigError, match=r"shrinks the .* input"):
+        run_training(make_cfg("data.image_size=4"))
+    with pytest.raises(DataError, match="does not exist"):
+        run_training(make_cfg("data=image_folder", f"data.root={tmp_path / 'nope'}"))
+    with pytest.raises(ConfigError, match="ckpt_path='last'"):
+        run_training(make_cfg("ckpt_path=last"))
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+        run_training(make_cfg(f"ckpt_path={bad}"))

@@ -1,0 +1,25 @@
+"""Train a Siamese network: ``python train.py [group=option ...] [key=value ...]``."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from siamese.cli import check_group_overrides, report_errors
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@report_errors
+def main(cfg: DictConfig) -> float | None:
+    # Imported here so that a typo in the command line is reported before torch loads.
+    from siamese.pipelines.train import run_training
+
+    metrics = run_training(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    check_group_overrides(sys.argv[1:])
+    main()
