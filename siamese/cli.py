@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from siamese.errors import SiameseError
+from siamese.config import user_error_in
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_USER_ERROR = 2
@@ -27,8 +27,11 @@ def report_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except SiameseError as exc:
-            fail(str(exc))
+        except Exception as exc:
+            cause = user_error_in(exc)  # also unwraps Hydra's InstantiationException
+            if cause is None:
+                raise
+            fail(str(cause))
 
     return wrapper
 

@@ -106,4 +106,3 @@ class LearnedDistance(Distance):
 
     def paired(self, a: Tensor, b: Tensor) -> Tensor:
         return self.head((a - b).abs()).squeeze(-1)
-

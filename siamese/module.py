@@ -17,12 +17,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from torch import Tensor
 
+from siamese.config import build
 from siamese.data.pairs import sample_pairs
 from siamese.evaluation import retrieval_metrics, verification_metrics
 from siamese.losses import LossOutput
+
+RECALL_KS = (1, 5, 10)
 
 
 class SiameseModule(pl.LightningModule):
@@ -53,9 +55,9 @@ class SiameseModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.tower = instantiate(tower)
-        self.distance = instantiate(distance)
-        self.loss_fn = instantiate(loss, distance=self.distance)
+        self.tower = build(tower)
+        self.distance = build(distance)
+        self.loss_fn = build(loss, distance=self.distance)
         # Verification threshold calibrated on the last validation epoch (travels in ckpt).
         self.register_buffer("threshold", torch.tensor(math.nan))
         self._outputs: list[tuple[Tensor, Tensor]] = []
@@ -152,8 +154,10 @@ class SiameseModule(pl.LightningModule):
     @torch.no_grad()
     def embedding_metrics(self, emb: Tensor, labels: Tensor) -> dict[str, float]:
         """Retrieval (leave-one-out) and verification metrics of one split's embeddings."""
+        # A tiny split cannot rank 10 neighbours: report the recalls it can (k < N).
+        ks = tuple(k for k in RECALL_KS if k < len(emb)) or (1,)
         retrieval = retrieval_metrics(
-            emb.cpu().numpy(), labels.cpu().numpy(), metric=self.distance.faiss_metric
+            emb.cpu().numpy(), labels.cpu().numpy(), metric=self.distance.faiss_metric, ks=ks
         )
         pairs = sample_pairs(labels, self.hparams.eval_pairs, self.hparams.eval_seed)
         first, second = pairs.first.to(emb.device), pairs.second.to(emb.device)
@@ -164,14 +168,17 @@ class SiameseModule(pl.LightningModule):
         return {k: float(v) for k, v in merged.items() if k not in keep}
 
     def configure_optimizers(self):
-        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        optimizer = build(self.hparams.optimizer)(params=self.parameters())
         if not self.hparams.scheduler:
             return optimizer
-        make = instantiate(self.hparams.scheduler)
+        make = build(self.hparams.scheduler)
         params = inspect.signature(make.func).parameters
         extra = {}
         for name in ("total_steps", "T_max"):
             if name in params and name not in make.keywords:
                 extra[name] = int(self.trainer.estimated_stepping_batches)
         scheduler = make(optimizer, **extra)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -22,9 +22,9 @@ FAST = [
     "trainer.max_epochs=1",
     "trainer.accelerator=cpu",
     "trainer.devices=1",
-    "+trainer.limit_train_batches=3",
+    "trainer.limit_train_batches=3",
     "trainer.enable_model_summary=false",
-    "+trainer.enable_progress_bar=false",
+    "trainer.enable_progress_bar=false",
     "eval_pairs=500",
 ]
 

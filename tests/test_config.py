@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from siamese.cli import group_options
 from siamese.errors import ConfigError
 from siamese.pipelines.train import check_config
-
-from conftest import CONF
 
 
 def test_default_config_matches_the_contract(make_cfg):
@@ -19,9 +18,18 @@ def test_default_config_matches_the_contract(make_cfg):
     assert cfg.model._target_.endswith("ConvTower")
     assert cfg.distance._target_.endswith("EuclideanDistance")
     assert cfg.loss._target_.endswith("ContrastiveLoss")
-    for key in ("data.root", "data.batch_size", "data.num_workers", "model.embedding_dim",
-                "trainer.max_epochs", "trainer.accelerator", "trainer.devices",
-                "trainer.precision", "seed", "ckpt_path"):
+    for key in (
+        "data.root",
+        "data.batch_size",
+        "data.num_workers",
+        "model.embedding_dim",
+        "trainer.max_epochs",
+        "trainer.accelerator",
+        "trainer.devices",
+        "trainer.precision",
+        "seed",
+        "ckpt_path",
+    ):
         assert OmegaConf.select(cfg, key, default="missing") != "missing", key
     assert cfg.callbacks.model_checkpoint.filename == "best"
     assert cfg.callbacks.model_checkpoint.save_last is True

@@ -28,16 +28,19 @@ def test_distances_on_hand_placed_points():
     a, b = circle([0, 90]), circle([90, 180])
     euc, cos = EuclideanDistance(), CosineSimilarity()
     assert torch.allclose(euc.paired(a, b), torch.tensor([math.sqrt(2)] * 2, dtype=torch.float64))
-    assert torch.allclose(euc.pairwise(a, a), torch.tensor([[0, 2**0.5], [2**0.5, 0]]).double(),
-                          atol=1e-6)
-    assert torch.allclose(cos.pairwise(a, b), torch.tensor([[0.0, -1.0], [1.0, 0.0]]).double(),
-                          atol=1e-7)
+    assert torch.allclose(
+        euc.pairwise(a, a), torch.tensor([[0, 2**0.5], [2**0.5, 0]]).double(), atol=1e-6
+    )
+    assert torch.allclose(
+        cos.pairwise(a, b), torch.tensor([[0.0, -1.0], [1.0, 0.0]]).double(), atol=1e-7
+    )
     assert torch.allclose(cos.to_distance(torch.tensor([1.0, -1.0])), torch.tensor([0.0, 2.0]))
     assert not euc.is_similarity and cos.is_similarity
     # Unnormalised euclidean: |(3, 4)| = 5.
     assert EuclideanDistance(False).paired(torch.tensor([[3.0, 4.0]]), torch.zeros(1, 2)) == 5
-    assert torch.allclose(EuclideanDistance().prepare(torch.tensor([[3.0, 4.0]])),
-                          torch.tensor([[0.6, 0.8]]))
+    assert torch.allclose(
+        EuclideanDistance().prepare(torch.tensor([[3.0, 4.0]])), torch.tensor([[0.6, 0.8]])
+    )
 
 
 def test_learned_distance_is_a_linear_head_on_the_absolute_difference():
@@ -109,8 +112,9 @@ def triplet_by_loop(emb, labels, margin, mining):
         if not positives or not negatives:
             continue
         if mining == "batch_hard":
-            losses.append(max(max(d(a, p) for p in positives) - min(d(a, q) for q in negatives)
-                              + margin, 0.0))
+            losses.append(
+                max(max(d(a, p) for p in positives) - min(d(a, q) for q in negatives) + margin, 0.0)
+            )
             continue
         for p in positives:
             if mining == "all":
@@ -163,8 +167,9 @@ def test_bce_with_learned_distance_matches_formula():
         torch.tensor(logits), torch.tensor(same, dtype=torch.float), reduction="none"
     )
     s = torch.tensor(same)
-    assert out.loss.item() == pytest.approx(0.5 * (terms[s].mean() + terms[~s].mean()).item(),
-                                            rel=1e-5)
+    assert out.loss.item() == pytest.approx(
+        0.5 * (terms[s].mean() + terms[~s].mean()).item(), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("distance", [EuclideanDistance(), CosineSimilarity()])

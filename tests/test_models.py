@@ -51,7 +51,9 @@ def test_layer_list_that_shrinks_below_one_pixel_fails_naming_the_layer():
         {"type": "maxpool", "kernel_size": 2}
     ] * 5
     # 28 -conv3-> 26 -pool-> 13 -> 6 -> 3 -> 1 -> 0: the fifth pool (layer 5) fails.
-    with pytest.raises(ConfigError, match=r"model.layers\[5\] \(maxpool.*shrinks the 1x1 input to 0x0"):
+    with pytest.raises(
+        ConfigError, match=r"model.layers\[5\] \(maxpool.*shrinks the 1x1 input to 0x0"
+    ):
         ConvTower(layers, embedding_dim=8, in_channels=1, image_size=28)
 
 
@@ -70,7 +72,9 @@ def test_bad_layer_specs_fail_with_a_clear_message(spec, match):
 
 @pytest.mark.parametrize("dim", [0, -3])
 def test_embedding_dim_must_be_positive(dim):
-    with pytest.raises(ConfigError, match=f"model.embedding_dim must be a positive integer, got {dim}"):
+    with pytest.raises(
+        ConfigError, match=f"model.embedding_dim must be a positive integer, got {dim}"
+    ):
         ConvTower(LAYERS, embedding_dim=dim, in_channels=1, image_size=28)
 
 
@@ -83,8 +87,9 @@ def test_resnet18_tower_any_channels_no_download(channels):
 
 
 def test_input_normalisation_is_applied_and_saved():
-    tower = ConvTower(LAYERS, embedding_dim=4, in_channels=1, image_size=28, input_mean=0.5,
-                      input_std=0.25)
+    tower = ConvTower(
+        LAYERS, embedding_dim=4, in_channels=1, image_size=28, input_mean=0.5, input_std=0.25
+    )
     x = torch.full((1, 1, 28, 28), 0.75)
     assert torch.allclose(tower.normalize_input(x), torch.ones_like(x))
     assert {"input_mean", "input_std"} <= set(tower.state_dict())
@@ -93,7 +98,9 @@ def test_input_normalisation_is_applied_and_saved():
 def test_weight_sharing_gradient_is_the_sum_of_both_branches():
     """One tower embeds both sides; its gradient equals branch 1's plus branch 2's."""
     torch.manual_seed(0)
-    tower = ConvTower(LAYERS[:1] + [{"type": "relu"}], embedding_dim=6, in_channels=1, image_size=12)
+    tower = ConvTower(
+        [*LAYERS[:1], {"type": "relu"}], embedding_dim=6, in_channels=1, image_size=12
+    )
     tower.eval()  # no batch-norm here anyway; keep the two passes comparable
     loss = ContrastiveLoss(EuclideanDistance(), margin=1.0)
     x1, x2 = torch.rand(5, 1, 12, 12), torch.rand(5, 1, 12, 12)
@@ -113,6 +120,6 @@ def test_weight_sharing_gradient_is_the_sum_of_both_branches():
         e1, e2 = (e1, e2.detach()) if side == 0 else (e1.detach(), e2)
         loss.forward_pairs(e1, e2, same).loss.backward()
         branch.append([p.grad.clone() for p in tower.parameters()])
-    for g, g1, g2 in zip(shared, *branch):
+    for g, g1, g2 in zip(shared, *branch, strict=True):
         assert torch.allclose(g, g1 + g2, atol=1e-6)
         assert g1.abs().sum() > 0 and g2.abs().sum() > 0

@@ -82,7 +82,7 @@ def test_sample_pairs_small_set_uses_distinct_pairs_and_all_when_short():
     labels = torch.tensor([0, 0, 1, 1, 2])  # 2 same pairs, 8 different pairs exist
     pairs = sample_pairs(labels, 10, seed=0)
     assert pairs.same.sum() == 2 and (~pairs.same).sum() == 5
-    keys = set(zip(pairs.first.tolist(), pairs.second.tolist()))
+    keys = set(zip(pairs.first.tolist(), pairs.second.tolist(), strict=True))
     assert len(keys) == 7
 
 

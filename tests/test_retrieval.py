@@ -67,7 +67,7 @@ def assert_same_metrics(got: dict[str, float], expected: dict[str, float]) -> No
 
 def test_hand_example_leave_one_out():
     # Each query ranked against the other five (rank: index, label):
-    #   p0 x=0   : p1 A, p3 A, p2 B, p4 B, p5 C  R=2 rel 1 1 0 0 0  P@1 1  RP 2/2  AP (1/1 + 2/2)/2 = 1
+    #   p0 x=0   : p1 A, p3 A, p2 B, p4 B, p5 C  R=2 rel 1 1 0 0 0  P@1 1  RP 2/2  AP (1 + 1)/2 = 1
     #   p1 x=1   : p0 A, p3 A, p2 B, p4 B, p5 C  R=2 rel 1 1 0 0 0  P@1 1  RP 1    AP 1
     #   p2 x=3   : p3 A, p1 A, p0 A, p4 B, p5 C  R=1 rel 0 0 0 1 0  P@1 0  RP 0    AP 0
     #   p3 x=2.2 : p2 B, p1 A, p0 A, p4 B, p5 C  R=2 rel 0 1 1 0 0  P@1 0  RP 1/2  AP (1/2)/2 = 1/4

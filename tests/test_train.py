@@ -82,12 +82,12 @@ def test_same_checkpoint_always_scores_the_same(trained):
         ["distance=cosine", "loss.margin=0.6"],
         ["distance=learned", "loss=bce"],
         ["data.pair_mode=explicit", "data.batch_size=64"],
-        ["model=resnet18", "+trainer.limit_val_batches=1", "data.eval_batch_size=200"],
+        ["model=resnet18", "trainer.limit_val_batches=1", "data.eval_batch_size=200"],
     ],
     ids=["triplet-semihard", "cosine", "learned-bce", "explicit-pairs", "resnet18"],
 )
 def test_variants_train_and_test(make_cfg, overrides):
-    metrics = run_training(make_cfg(*overrides, "+trainer.limit_train_batches=2"))
+    metrics = run_training(make_cfg(*overrides, "trainer.limit_train_batches=2"))
     assert CONTRACT_KEYS <= set(metrics)
     assert all(math.isfinite(metrics[k]) for k in CONTRACT_KEYS)
 

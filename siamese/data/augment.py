@@ -41,7 +41,9 @@ class BatchRandomAffine(nn.Module):
     ) -> None:
         super().__init__()
         if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
-            raise ConfigError(f"augment.scale must be (low, high) with 0 < low <= high, got {scale}")
+            raise ConfigError(
+                f"augment.scale must be (low, high) with 0 < low <= high, got {scale}"
+            )
         if padding_mode not in ("zeros", "border", "reflection"):
             raise ConfigError(
                 f"augment.padding_mode={padding_mode!r}; expected zeros, border or reflection"

@@ -64,7 +64,9 @@ class SiameseDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if pair_mode not in PAIR_MODES:
-            raise ConfigError(f"data.pair_mode={pair_mode!r} is unknown; expected one of {PAIR_MODES}")
+            raise ConfigError(
+                f"data.pair_mode={pair_mode!r} is unknown; expected one of {PAIR_MODES}"
+            )
         if batch_size < 2:
             raise ConfigError(f"data.batch_size must be at least 2, got {batch_size}")
         if num_workers < 0:

@@ -92,10 +92,14 @@ class TensorImages(LabelledImages):
         out = []
         for start in range(0, len(self.images), 4096):  # bounded memory for big sets
             chunk = self.images[start : start + 4096].to(torch.float32)
-            chunk = F.interpolate(chunk, size=tuple(image_size), mode="bilinear",
-                                  antialias=True, align_corners=False)
-            out.append(chunk.round_().clamp_(0, 255).to(torch.uint8)
-                       if self.images.dtype == torch.uint8 else chunk)
+            chunk = F.interpolate(
+                chunk, size=tuple(image_size), mode="bilinear", antialias=True, align_corners=False
+            )
+            out.append(
+                chunk.round_().clamp_(0, 255).to(torch.uint8)
+                if self.images.dtype == torch.uint8
+                else chunk
+            )
         return TensorImages(torch.cat(out), self.targets, self.classes)
 
 

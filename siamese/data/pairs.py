@@ -100,7 +100,9 @@ class PairBatchSampler(Sampler[list[tuple[int, int, bool]]]):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         half = self.num_pairs // 2
         pairs = _sample_with_replacement(self.targets, self.num_pairs - half, half, g)
-        rows = list(zip(pairs.first.tolist(), pairs.second.tolist(), pairs.same.tolist()))
+        rows = list(
+            zip(pairs.first.tolist(), pairs.second.tolist(), pairs.same.tolist(), strict=True)
+        )
         for start in range(0, len(rows), self.batch_size):
             yield rows[start : start + self.batch_size]
 
@@ -115,7 +117,7 @@ class PairView(Dataset):
         return len(self.images)
 
     def __getitems__(self, triples: Sequence[tuple[int, int, bool]]) -> tuple[Tensor, ...]:
-        first, second, same = zip(*triples)
+        first, second, same = zip(*triples, strict=True)
         x1, _ = self.images.__getitems__(list(first))
         x2, _ = self.images.__getitems__(list(second))
         return x1, x2, torch.tensor(same, dtype=torch.bool)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import faiss
 import numpy as np
@@ -68,7 +69,7 @@ def retrieval_metrics(
             f"metric {metric!r} is not supported; expected one of {METRICS} "
             "(normalise the embeddings and use 'ip' for cosine)"
         )
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 1:
         raise ConfigError(f"block_size {block_size!r} must be a positive integer, e.g. 4096")
     if (gallery is None) != (gallery_labels is None):
         raise ConfigError(
@@ -329,7 +330,7 @@ def _labels(labels: ArrayLike, n: int, name: str) -> np.ndarray:
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     values = tuple(ks) if isinstance(ks, Sequence) else ()
     if not values or any(
-        isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1 for k in values
+        isinstance(k, bool) or not isinstance(k, Integral) or k < 1 for k in values
     ):
         raise ConfigError(f"ks {ks!r} must be a non-empty sequence of positive integers")
     return tuple(sorted({int(k) for k in values}))

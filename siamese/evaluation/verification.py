@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,7 @@ def verification_metrics(
     if threshold is not None:
         if (
             isinstance(threshold, bool)
-            or not isinstance(threshold, int | float | np.number)
+            or not isinstance(threshold, Real)
             or not np.isfinite(threshold)
         ):
             raise ConfigError(f"threshold {threshold!r} must be a finite distance")
@@ -201,11 +202,7 @@ def _check_pairs(distances: Any, same: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_far(far: float) -> float:
-    if (
-        isinstance(far, bool)
-        or not isinstance(far, int | float | np.floating)
-        or not (0.0 <= far <= 1.0)
-    ):
+    if isinstance(far, bool) or not isinstance(far, Real) or not 0.0 <= far <= 1.0:
         raise ConfigError(f"false accept rate {far!r} must be a number in [0, 1], e.g. 1e-3")
     return float(far)
 

@@ -1,4 +1,4 @@
-"""Training job: composed config -> data module, Siamese module, Trainer -> fit, test, metrics.json."""
+"""Training job: config -> data module, Siamese module, Trainer -> fit, test, metrics.json."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from siamese.config import build
 from siamese.errors import ConfigError
 from siamese.inference import check_checkpoint
 from siamese.losses import PairLoss
@@ -40,7 +40,7 @@ REPORTED = (
 
 def check_config(cfg: DictConfig) -> None:
     """Fail at start, in one sentence, on combinations that cannot train."""
-    loss = instantiate(cfg.loss, distance=instantiate(cfg.distance))  # raises on bce+euclidean
+    loss = build(cfg.loss, distance=build(cfg.distance))  # raises on bce+euclidean
     if cfg.data.get("pair_mode") == "explicit" and not isinstance(loss, PairLoss):
         raise ConfigError(
             f"loss={type(loss).__name__} mines triplets inside class-balanced batches and cannot "
@@ -101,7 +101,7 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
     """Every ``_target_`` entry of a callbacks/logger group."""
     if not group:
         return []
-    return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+    return [build(c) for c in group.values() if c is not None and "_target_" in c]
 
 
 def run_training(cfg: DictConfig) -> dict[str, float]:
@@ -112,7 +112,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     module = build_module(cfg, datamodule)
     callbacks = instantiate_all(cfg.get("callbacks"))
     loggers = instantiate_all(cfg.get("logger"))
@@ -124,7 +124,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             "callbacks has no ModelCheckpoint; keep callbacks.model_checkpoint so the run "
             "writes checkpoints/best.ckpt and checkpoints/last.ckpt"
         )
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = scalar_metrics(trainer.callback_metrics)
 
@@ -162,5 +162,7 @@ def print_table(metrics: dict[str, float], prefix: str) -> None:
     lines = [f"{'test metric':<{width}}  value", f"{'-' * width}  ------"]
     for name in names:
         value = metrics[prefix + name]
-        lines.append(f"{name:<{width}}  {value:.4f}" if math.isfinite(value) else f"{name:<{width}}  nan")
+        lines.append(
+            f"{name:<{width}}  {value:.4f}" if math.isfinite(value) else f"{name:<{width}}  nan"
+        )
     print("\n".join(lines), flush=True)

@@ -1,0 +1,33 @@
+"""Building objects from config: Hydra's instantiate, with our own errors left unwrapped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from siamese.errors import SiameseError
+
+
+def user_error_in(exc: BaseException) -> SiameseError | None:
+    """The SiameseError that caused ``exc`` (Hydra wraps errors raised by constructors)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, SiameseError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def build(config: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising a constructor's ConfigError/DataError as is."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as exc:
+        cause = user_error_in(exc)
+        if cause is None:
+            raise
+        raise cause from None

@@ -1,0 +1,85 @@
+"""The command line as a user meets it: one-line errors, run directories, resume, multirun."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAST, run_script
+
+from siamese.pipelines.train import run_training
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["model=transformer"], "unknown model=transformer; choose one of: convnet, resnet18"),
+        (["-m", "loss=contrastive,tripplet"], "unknown loss=tripplet; choose one of: bce, "),
+        (["loss=bce"], "loss=bce needs the logits of distance=learned, but distance=euclidean"),
+        (["data=image_folder", "data.root=/no/such/folder"], "/no/such/folder"),
+        (["model.embedding_dim=0"], "model.embedding_dim must be a positive integer, got 0"),
+    ],
+    ids=["unknown-option", "unknown-in-sweep", "bce-euclidean", "missing-root", "embedding-dim"],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
+    proc = run_script(
+        "train.py",
+        *args,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert expected in one_line_error(proc)
+
+
+def test_train_py_runs_end_to_end_and_never_overwrites_a_run(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_script("train.py", *FAST, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "precision_at_1" in proc.stdout and "roc_auc" in proc.stdout  # the printed table
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    first = (run_dir / "metrics.json").read_text()
+    config = (run_dir / ".hydra" / "config.yaml").read_text()
+
+    again = run_script("train.py", *FAST, "seed=7", f"hydra.run.dir={run_dir}")
+    assert "already holds a run" in one_line_error(again)
+    assert (run_dir / "metrics.json").read_text() == first
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == config
+
+
+def test_multirun_runs_each_job_in_its_own_directory(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_script(
+        "train.py",
+        "-m",
+        "loss=contrastive,triplet",
+        *FAST,
+        "trainer.limit_train_batches=1",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        report = json.loads((sweep / job / "metrics.json").read_text())
+        assert 0.0 <= report["test/precision_at_1"] <= 1.0
+    overrides = (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+    assert "loss=triplet" in overrides
+
+
+def test_resume_from_last_continues_at_the_saved_epoch(make_cfg):
+    first = make_cfg()
+    run_training(first)
+    out = first.paths.output_dir
+    saved = torch.load(f"{out}/checkpoints/last.ckpt", weights_only=True)
+    assert saved["epoch"] == 0 and saved["global_step"] == 3
+
+    run_training(make_cfg("ckpt_path=last", "trainer.max_epochs=2"))
+    resumed = torch.load(f"{out}/checkpoints/last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 6
