@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -101,8 +102,13 @@ class LearnedDistance(Distance):
         self.head = nn.Linear(embedding_dim, 1)
 
     def pairwise(self, a: Tensor, b: Tensor) -> Tensor:
-        diff = (a.unsqueeze(1) - b.unsqueeze(0)).abs()  # (Na, Nb, D)
-        return self.head(diff).squeeze(-1)
+        # Rows in blocks, so the (rows, Nb, D) difference stays near 16M elements.
+        rows = max(1, (1 << 24) // max(1, b.shape[0] * b.shape[1]))
+        out = [
+            self.head((a[i : i + rows].unsqueeze(1) - b.unsqueeze(0)).abs()).squeeze(-1)
+            for i in range(0, a.shape[0], rows)
+        ]
+        return torch.cat(out)  # (Na, Nb)
 
     def paired(self, a: Tensor, b: Tensor) -> Tensor:
         return self.head((a - b).abs()).squeeze(-1)

@@ -70,12 +70,26 @@ class ContrastiveLoss(PairLoss):
     """Hadsell et al. 2006: pull same pairs within ``pos_margin``, push others past ``margin``.
 
     Works on ``distance.to_distance`` (cosine becomes 1 - cos). Same and different terms are
-    each averaged over their non-zero entries (as pytorch-metric-learning's default reducer),
-    so the many easy negatives of an in-batch all-pairs batch do not dilute the signal.
+    averaged separately and added, so the many negatives of an in-batch batch do not drown
+    the few positives. ``reduction="nonzero"`` averages each over its non-zero entries only
+    (pytorch-metric-learning's default reducer); ``"mean"`` over all of them.
     """
 
-    def __init__(self, distance: Distance, margin: float = 1.0, pos_margin: float = 0.0) -> None:
+    REDUCTIONS = ("nonzero", "mean")
+
+    def __init__(
+        self,
+        distance: Distance,
+        margin: float = 1.0,
+        pos_margin: float = 0.0,
+        reduction: str = "nonzero",
+    ) -> None:
         super().__init__(distance)
+        if reduction not in self.REDUCTIONS:
+            raise ConfigError(
+                f"loss.reduction={reduction!r} is unknown; expected one of {self.REDUCTIONS}"
+            )
+        self.reduction = reduction
         if margin <= pos_margin:
             raise ConfigError(
                 f"loss.margin ({margin}) must exceed loss.pos_margin ({pos_margin}); "
@@ -89,8 +103,8 @@ class ContrastiveLoss(PairLoss):
         per_pair = torch.where(
             same, F.relu(d - self.pos_margin).pow(2), F.relu(self.margin - d).pow(2)
         )
-        active = per_pair > 0
-        loss = _masked_mean(per_pair, same & active) + _masked_mean(per_pair, ~same & active)
+        counted = per_pair > 0 if self.reduction == "nonzero" else torch.ones_like(same)
+        loss = _masked_mean(per_pair, same & counted) + _masked_mean(per_pair, ~same & counted)
         return per_pair, loss
 
 

@@ -54,7 +54,7 @@ def test_learned_distance_is_a_linear_head_on_the_absolute_difference():
     assert head.to_distance(torch.tensor([4.5])).item() == -4.5
 
 
-def contrastive_by_loop(emb, labels, dist_fn, margin, pos_margin=0.0):
+def contrastive_by_loop(emb, labels, dist_fn, margin, pos_margin=0.0, reduction="nonzero"):
     pos, neg = [], []
     for i, j in itertools.combinations(range(len(emb)), 2):
         d = dist_fn(emb[i], emb[j])
@@ -62,6 +62,8 @@ def contrastive_by_loop(emb, labels, dist_fn, margin, pos_margin=0.0):
             pos.append(max(d - pos_margin, 0.0) ** 2)
         else:
             neg.append(max(margin - d, 0.0) ** 2)
+    if reduction == "mean":
+        return sum(pos) / len(pos) + sum(neg) / len(neg)
     mean_nonzero = lambda xs: sum(xs) / max(1, sum(x > 0 for x in xs))  # noqa: E731
     return mean_nonzero(pos) + mean_nonzero(neg)
 
@@ -80,6 +82,15 @@ def test_contrastive_matches_explicit_loop(distance, dist_fn, margin):
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
     out.loss.backward()
     assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+
+
+def test_contrastive_mean_reduction_counts_every_pair():
+    dist_fn = lambda a, b: float((a - b).norm())  # noqa: E731
+    loss = ContrastiveLoss(EuclideanDistance(), margin=1.5, reduction="mean")
+    expected = contrastive_by_loop(EMB, LABELS, dist_fn, 1.5, reduction="mean")
+    assert loss(EMB, LABELS).loss.item() == pytest.approx(expected, rel=1e-6)
+    nonzero = ContrastiveLoss(EuclideanDistance(), margin=1.5)(EMB, LABELS).loss.item()
+    assert nonzero > expected  # some different pairs are past the margin and count as zeros
 
 
 def test_contrastive_explicit_pairs_and_hand_value():
@@ -183,3 +194,19 @@ def test_bad_loss_parameters():
         TripletLoss(EuclideanDistance(), mining="hardest")
     with pytest.raises(ConfigError, match="must exceed loss.pos_margin"):
         ContrastiveLoss(EuclideanDistance(), margin=0.1, pos_margin=0.5)
+    with pytest.raises(ConfigError, match="loss.reduction='sum'"):
+        ContrastiveLoss(EuclideanDistance(), reduction="sum")
+
+
+def test_learned_pairwise_in_blocks_equals_paired_on_every_pair():
+    torch.manual_seed(1)
+    dist = LearnedDistance(embedding_dim=4096)
+    a, b = torch.randn(10, 4096), torch.randn(7, 4096)  # 4096 * 7 per row: one block
+    full = dist.pairwise(a, b)
+    rows = torch.arange(10).repeat_interleave(7)
+    cols = torch.arange(7).repeat(10)
+    assert torch.allclose(full.flatten(), dist.paired(a[rows], b[cols]), atol=1e-5)
+    big = torch.randn(600, 4096)  # 6 rows a block: 20 rows take 4 blocks
+    blocked = dist.pairwise(big[:20], big)
+    assert blocked.shape == (20, 600)
+    assert torch.allclose(blocked[13], dist.paired(big[13].expand(600, -1), big), atol=1e-5)

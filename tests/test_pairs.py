@@ -125,3 +125,16 @@ def test_batch_affine_flip_is_a_mirror():
     images = torch.rand(4, 1, 8, 8)
     flip = BatchRandomAffine(degrees=0, translate=0, scale=(1, 1), hflip=1.0)
     assert torch.allclose(flip(images), images.flip(-1), atol=1e-5)
+
+
+def test_elastic_field_is_bounded_by_alpha_and_changes_images():
+    aug = BatchRandomAffine(degrees=0, translate=0, scale=(1, 1), elastic_alpha=2.0)
+    field = aug.elastic_field(5, 28, 20, torch.device("cpu"))  # (B, H, W, 2), grid units
+    assert field.shape == (5, 28, 20, 2)
+    # Largest displacement: alpha pixels = alpha * 2 / size in grid units, on each axis.
+    assert torch.allclose(field[..., 0].abs().amax(dim=(1, 2)), torch.full((5,), 2.0 * 2 / 20))
+    assert torch.allclose(field[..., 1].abs().amax(dim=(1, 2)), torch.full((5,), 2.0 * 2 / 28))
+    images = torch.rand(5, 1, 28, 20)
+    assert not torch.allclose(aug(images), images)
+    with pytest.raises(ConfigError, match="elastic_alpha must be >= 0"):
+        BatchRandomAffine(elastic_alpha=-1.0)

@@ -98,7 +98,7 @@ def test_bad_inputs_fail_with_one_clear_error(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="data.batch_size=8 does not fit class-balanced"):
         run_training(make_cfg("data.batch_size=8"))
     with pytest.raises(ConfigError, match=r"shrinks the .* input"):
-        run_training(make_cfg("data.image_size=4"))
+        run_training(make_cfg("data.image_size=3"))  # 3 -> 1 -> 0
     with pytest.raises(DataError, match="does not exist"):
         run_training(make_cfg("data=image_folder", f"data.root={tmp_path / 'nope'}"))
     with pytest.raises(ConfigError, match="ckpt_path='last'"):

@@ -1,4 +1,4 @@
-"""Batch-wise augmentation on tensors: one random affine warp per image, on the batch's device.
+"""Batch-wise augmentation on tensors: a random affine (and elastic) warp per image, on device.
 
 Applied by the data module after the batch reaches the device, for training only; tensor
 data never goes through per-item PIL transforms.
@@ -17,7 +17,8 @@ from siamese.errors import ConfigError
 
 
 class BatchRandomAffine(nn.Module):
-    """Random rotation, translation, scale and shear per image, plus an optional h-flip.
+    """Random rotation, translation, scale and shear per image, an optional h-flip, and an
+    optional elastic distortion (Simard et al. 2003), all in one ``grid_sample``.
 
     Args:
         degrees: rotation drawn from [-degrees, degrees].
@@ -27,6 +28,8 @@ class BatchRandomAffine(nn.Module):
         hflip: probability of a horizontal flip (0 for digits, 0.5 for most photos).
         p: probability that an image is warped at all.
         padding_mode: "zeros", "border" or "reflection" for pixels warped in from outside.
+        elastic_alpha: largest elastic displacement in pixels (0 turns it off).
+        elastic_sigma: smoothness of the elastic field in pixels (Gaussian std).
     """
 
     def __init__(
@@ -38,6 +41,8 @@ class BatchRandomAffine(nn.Module):
         hflip: float = 0.0,
         p: float = 1.0,
         padding_mode: str = "zeros",
+        elastic_alpha: float = 0.0,
+        elastic_sigma: float = 4.0,
     ) -> None:
         super().__init__()
         if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
@@ -55,6 +60,13 @@ class BatchRandomAffine(nn.Module):
         self.hflip = float(hflip)
         self.p = float(p)
         self.padding_mode = padding_mode
+        if elastic_alpha < 0 or elastic_sigma <= 0:
+            raise ConfigError(
+                f"augment.elastic_alpha must be >= 0 and elastic_sigma > 0, got "
+                f"{elastic_alpha} and {elastic_sigma}"
+            )
+        self.elastic_alpha = float(elastic_alpha)
+        self.elastic_sigma = float(elastic_sigma)
 
     def matrices(self, batch: int, device: torch.device) -> Tensor:
         """(B, 2, 3) inverse warps for ``F.affine_grid`` (identity for unaugmented images)."""
@@ -80,9 +92,31 @@ class BatchRandomAffine(nn.Module):
         identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=device)
         return torch.where(keep.view(-1, 1, 1), identity, theta)
 
+    def elastic_field(self, batch: int, height: int, width: int, device: torch.device) -> Tensor:
+        """(B, H, W, 2) smooth random displacements in grid units ([-1, 1] spans the image)."""
+        radius = max(1, int(round(2 * self.elastic_sigma)))
+        x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (x / self.elastic_sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        noise = torch.rand(batch * 2, 1, height, width, device=device) * 2 - 1
+        # Separable Gaussian blur; normalised so the largest displacement is about alpha.
+        noise = F.conv2d(
+            F.pad(noise, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1)
+        )
+        noise = F.conv2d(
+            F.pad(noise, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1)
+        )
+        noise = noise / noise.abs().amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        field = noise.view(batch, 2, height, width).permute(0, 2, 3, 1)
+        scale = torch.tensor([2.0 / width, 2.0 / height], device=device)
+        return field * self.elastic_alpha * scale
+
     def forward(self, images: Tensor) -> Tensor:
-        theta = self.matrices(images.shape[0], images.device).to(images.dtype)
+        b, _, h, w = images.shape
+        theta = self.matrices(b, images.device).to(images.dtype)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        if self.elastic_alpha > 0:
+            grid = grid + self.elastic_field(b, h, w, images.device).to(grid.dtype)
         return F.grid_sample(
             images, grid, mode="bilinear", padding_mode=self.padding_mode, align_corners=False
         )
