@@ -49,7 +49,7 @@ class SiameseModule(pl.LightningModule):
         loss: dict[str, Any],
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None = None,
-        eval_pairs: int = 10_000,
+        eval_pairs: int = 50_000,
         eval_seed: int = 0,
         config: dict[str, Any] | None = None,
     ) -> None:

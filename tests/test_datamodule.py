@@ -1,0 +1,96 @@
+"""The data module: split checks, resizing, batch shapes per pair mode, augmentation in training only."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from siamese.data import DataSplits, SiameseDataModule, TensorImages
+from siamese.data.augment import BatchRandomAffine
+from siamese.errors import ConfigError, DataError
+
+
+class TinySource:
+    """In-memory splits of random 1x12x10 images: ``per_class`` images of ``classes`` each."""
+
+    def __init__(self, classes: int = 4, per_class: int = (6, 3, 3), lonely_val: bool = False):
+        self.classes, self.per_class, self.lonely_val = classes, per_class, lonely_val
+
+    def load(self, root):
+        g = torch.Generator().manual_seed(0)
+
+        def split(n, distinct=False):
+            labels = torch.arange(self.classes).repeat_interleave(n)
+            if distinct:
+                labels = torch.arange(len(labels))
+            images = torch.randint(0, 256, (len(labels), 1, 12, 10), generator=g, dtype=torch.uint8)
+            return TensorImages(images, labels, [str(c) for c in range(len(labels))])
+
+        train, val, test = self.per_class
+        return DataSplits(split(train), split(val, distinct=self.lonely_val), split(test))
+
+
+def test_in_batch_and_explicit_batches_have_the_documented_shapes():
+    dm = SiameseDataModule(TinySource(), batch_size=8, samples_per_class=2, eval_batch_size=5)
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 1, 12, 10) and images.dtype == torch.float32
+    assert labels.unique(return_counts=True)[1].tolist() == [2, 2, 2, 2]
+    assert sum(len(b[1]) for b in dm.val_dataloader()) == 12  # every val image once
+
+    dm = SiameseDataModule(TinySource(), batch_size=5, pair_mode="explicit", pairs_per_epoch=12)
+    x1, x2, same = next(iter(dm.train_dataloader()))
+    assert x1.shape == x2.shape == (5, 1, 12, 10) and same.dtype == torch.bool
+    assert len(dm.train_dataloader()) == 3
+
+
+def test_image_size_resizes_every_split_once():
+    dm = SiameseDataModule(TinySource(), batch_size=8, samples_per_class=2, image_size=[16, 20])
+    assert dm.image_shape == (1, 16, 20)
+    assert all(s.images.shape[2:] == (16, 20) for s in dm.load_splits().as_tuple())
+    with pytest.raises(ConfigError, match="data.image_size must be"):
+        SiameseDataModule(TinySource(), image_size=[0, 4])
+
+
+def test_a_split_without_any_same_pair_is_refused():
+    dm = SiameseDataModule(TinySource(lonely_val=True), batch_size=8, samples_per_class=2)
+    with pytest.raises(DataError, match="no class in the val split has two images"):
+        dm.setup("fit")
+
+
+def test_class_balance_is_checked_when_the_data_is_loaded():
+    dm = SiameseDataModule(TinySource(classes=3), batch_size=8, samples_per_class=2)
+    with pytest.raises(ConfigError, match="4 classes per batch, but the training split has only 3"):
+        dm.setup("fit")
+
+
+def test_input_stats_are_per_channel_mean_and_std():
+    dm = SiameseDataModule(TinySource(), batch_size=8, samples_per_class=2)
+    mean, std = dm.input_stats()
+    train = dm.load_splits().train.images.float() / 255
+    assert mean == pytest.approx([train.mean().item()], abs=1e-5)
+    assert std == pytest.approx([train.std().item()], abs=1e-5)
+
+
+def test_augmentation_runs_in_training_only():
+    aug = BatchRandomAffine(degrees=30)
+    dm = SiameseDataModule(TinySource(), batch_size=8, samples_per_class=2, augment=aug)
+    batch = (torch.rand(4, 1, 12, 10), torch.arange(4))
+    dm.trainer = SimpleNamespace(training=False)
+    assert dm.on_after_batch_transfer(batch, 0)[0] is batch[0]
+    dm.trainer = SimpleNamespace(training=True)
+    out = dm.on_after_batch_transfer(batch, 0)
+    assert out[0].shape == batch[0].shape and not torch.allclose(out[0], batch[0])
+    x1, x2, same = dm.on_after_batch_transfer((batch[0], batch[0].clone(), torch.ones(4)), 0)
+    assert not torch.allclose(x1, x2)  # each side gets its own warp
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"pair_mode": "triplets"}, "data.pair_mode='triplets'"), ({"batch_size": 1}, "at least 2")],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        SiameseDataModule(TinySource(), **kwargs)
