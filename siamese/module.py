@@ -21,6 +21,7 @@ from torch import Tensor
 
 from siamese.config import build
 from siamese.data.pairs import sample_pairs
+from siamese.errors import ConfigError
 from siamese.evaluation import retrieval_metrics, verification_metrics
 from siamese.losses import LossOutput
 
@@ -94,19 +95,17 @@ class SiameseModule(pl.LightningModule):
         return self.compare(a, b) <= self.threshold
 
     # -- training --------------------------------------------------------------------------
-    def _shared_step(self, batch: tuple[Tensor, ...]) -> tuple[LossOutput, Tensor, Tensor]:
+    def _shared_step(self, batch: tuple[Tensor, ...]) -> tuple[LossOutput, int]:
+        """The loss of a batch and how many images it embedded."""
         if len(batch) == 3:  # explicit (x1, x2, same): one forward over both sides
             x1, x2, same = batch
-            emb = self(torch.cat([x1, x2]))
-            e1, e2 = emb.split(len(x1))
-            return self.loss_fn.forward_pairs(e1, e2, same), emb, same
+            e1, e2 = self(torch.cat([x1, x2])).split(len(x1))
+            return self.loss_fn.forward_pairs(e1, e2, same), 2 * len(x1)
         images, labels = batch
-        emb = self(images)
-        return self.loss_fn(emb, labels), emb, labels
+        return self.loss_fn(self(images), labels), len(images)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        out, emb, _ = self._shared_step(batch)
-        bs = len(emb)
+        out, bs = self._shared_step(batch)
         self.log("train/loss", out.loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self.log_dict(
             {
@@ -163,9 +162,25 @@ class SiameseModule(pl.LightningModule):
         first, second = pairs.first.to(emb.device), pairs.second.to(emb.device)
         dist = self.distance.to_distance(self.distance.paired(emb[first], emb[second]))
         verification = verification_metrics(dist.float().cpu().numpy(), pairs.same.numpy())
-        keep = ("num_queries", "num_queries_without_positive", "num_pairs", "num_same")
+        counts = ("num_queries", "num_queries_without_positive", "num_pairs", "num_same")
         merged = {**retrieval, **verification}
-        return {k: float(v) for k, v in merged.items() if k not in keep}
+        return {k: float(v) for k, v in merged.items() if k not in counts}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A one-cycle schedule is planned for a fixed number of steps: resuming it with a
+        # different plan would fail deep inside torch, so say what to change instead.
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return
+        for state in checkpoint.get("lr_schedulers", []):
+            planned = state.get("total_steps")
+            if planned is not None and planned != int(trainer.estimated_stepping_batches):
+                raise ConfigError(
+                    f"the checkpoint's one-cycle LR schedule is planned for {planned} steps, "
+                    f"but this run plans {int(trainer.estimated_stepping_batches)}; resume "
+                    "with the run's own trainer.max_epochs and data.batch_size, or start a "
+                    "new run (init from the weights with siamese.load)"
+                )
 
     def configure_optimizers(self):
         optimizer = build(self.hparams.optimizer)(params=self.parameters())

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import FAST, run_script
 
+from siamese.errors import ConfigError
 from siamese.pipelines.train import run_training
 
 
@@ -74,7 +75,14 @@ def test_multirun_runs_each_job_in_its_own_directory(tmp_path):
 
 
 def test_resume_from_last_continues_at_the_saved_epoch(make_cfg):
-    first = make_cfg()
+    # The first run is planned for 2 epochs but stops after one, as a killed run would.
+    stop_after_first_epoch = [
+        "+callbacks.stop._target_=pytorch_lightning.callbacks.EarlyStopping",
+        "+callbacks.stop.monitor=val/precision_at_1",
+        "+callbacks.stop.mode=max",
+        "+callbacks.stop.stopping_threshold=0.0",
+    ]
+    first = make_cfg("trainer.max_epochs=2", *stop_after_first_epoch)
     run_training(first)
     out = first.paths.output_dir
     saved = torch.load(f"{out}/checkpoints/last.ckpt", weights_only=True)
@@ -82,4 +90,13 @@ def test_resume_from_last_continues_at_the_saved_epoch(make_cfg):
 
     run_training(make_cfg("ckpt_path=last", "trainer.max_epochs=2"))
     resumed = torch.load(f"{out}/checkpoints/last.ckpt", weights_only=True)
-    assert resumed["epoch"] == 1 and resumed["global_step"] == 6
+    # Three more steps, not six: the resumed run picked up after its first epoch.
+    assert resumed["global_step"] == 6
+    assert resumed["loops"]["fit_loop"]["epoch_progress"]["total"]["completed"] == 2
+    assert resumed["lr_schedulers"][0]["total_steps"] == 6  # the same one-cycle plan
+
+
+def test_resume_with_another_schedule_length_is_refused(make_cfg):
+    run_training(make_cfg())
+    with pytest.raises(ConfigError, match="planned for 3 steps, but this run plans 6"):
+        run_training(make_cfg("ckpt_path=last", "trainer.max_epochs=2"))

@@ -1,4 +1,4 @@
-"""The data module: split checks, resizing, batch shapes per pair mode, augmentation in training only."""
+"""The data module: split checks, resizing, batch shapes, augmentation in training only."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_augmentation_runs_in_training_only():
     dm.trainer = SimpleNamespace(training=True)
     out = dm.on_after_batch_transfer(batch, 0)
     assert out[0].shape == batch[0].shape and not torch.allclose(out[0], batch[0])
-    x1, x2, same = dm.on_after_batch_transfer((batch[0], batch[0].clone(), torch.ones(4)), 0)
+    x1, x2, _ = dm.on_after_batch_transfer((batch[0], batch[0].clone(), torch.ones(4)), 0)
     assert not torch.allclose(x1, x2)  # each side gets its own warp
 
 

@@ -94,7 +94,7 @@ class BatchRandomAffine(nn.Module):
 
     def elastic_field(self, batch: int, height: int, width: int, device: torch.device) -> Tensor:
         """(B, H, W, 2) smooth random displacements in grid units ([-1, 1] spans the image)."""
-        radius = max(1, int(round(2 * self.elastic_sigma)))
+        radius = max(1, round(2 * self.elastic_sigma))
         x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
         kernel = torch.exp(-0.5 * (x / self.elastic_sigma) ** 2)
         kernel = kernel / kernel.sum()
