@@ -54,6 +54,11 @@ def test_train_py_runs_end_to_end_and_never_overwrites_a_run(tmp_path):
     assert "already holds a run" in one_line_error(again)
     assert (run_dir / "metrics.json").read_text() == first
     assert (run_dir / ".hydra" / "config.yaml").read_text() == config
+    # Starting from another run's weights is a new run too: not in this directory.
+    other = run_script(
+        "train.py", f"ckpt_path={tmp_path / 'other.ckpt'}", f"hydra.run.dir={run_dir}"
+    )
+    assert "already holds a run" in one_line_error(other)
 
 
 def test_multirun_runs_each_job_in_its_own_directory(tmp_path):
