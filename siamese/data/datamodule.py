@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import pytorch_lightning as pl
 import torch
@@ -26,6 +27,12 @@ from siamese.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 PAIR_MODES = ("in_batch", "explicit")
+
+
+class Source(Protocol):
+    """Anything that turns a root folder into splits (see ``siamese.data.sources``)."""
+
+    def load(self, root: str | None) -> DataSplits: ...
 
 
 class SiameseDataModule(pl.LightningDataModule):
@@ -49,7 +56,7 @@ class SiameseDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        source,
+        source: Source,
         root: str | None = None,
         batch_size: int = 128,
         samples_per_class: int = 16,
