@@ -124,3 +124,12 @@ def test_bad_inputs_fail_with_one_clear_error(make_cfg, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="is not a readable checkpoint"):
         run_training(make_cfg(f"ckpt_path={bad}"))
+
+
+def test_load_refuses_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        siamese.load(tmp_path / "missing.ckpt")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(b"PK\x03\x04" + b"\x00" * 20)
+    with pytest.raises(ConfigError, match="truncated.ckpt' is not a readable checkpoint"):
+        siamese.load(truncated)
