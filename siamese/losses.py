@@ -1,4 +1,5 @@
-"""Objectives: contrastive, triplet (with in-batch mining) and binary cross-entropy.
+"""Objectives: contrastive, triplet (with in-batch mining), multi-similarity and binary
+cross-entropy.
 
 Each loss takes a Distance. ``forward(emb, labels)`` uses every pair (or triplet) inside a
 batch; pair losses also offer ``forward_pairs(e1, e2, same)`` for explicit (x1, x2, same)
@@ -185,3 +186,84 @@ class TripletLoss(nn.Module):
             pos_distance=_masked_mean(dd, pos),
             neg_distance=_masked_mean(dd, neg),
         )
+
+
+class MultiSimilarityLoss(nn.Module):
+    """Wang et al. 2019: weigh every in-batch pair by its own and its neighbours' similarity.
+
+    Works on cosine similarity S (unit-length embeddings: ``distance=cosine``, or
+    ``euclidean`` with ``normalize_embeddings``, where S = 1 - d^2/2). For each anchor i,
+    pairs are first mined (a negative is kept when S_in + epsilon > the hardest positive's
+    S, a positive when S_ip - epsilon < the hardest negative's S), then
+
+        L_i = 1/alpha log(1 + sum_p exp(-alpha (S_ip - base)))
+            + 1/beta  log(1 + sum_n exp( beta (S_in - base)))
+
+    averaged over anchors (pytorch-metric-learning's defaults: alpha 2, beta 50, base 0.5,
+    epsilon 0.1).
+    """
+
+    def __init__(
+        self,
+        distance: Distance,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        base: float = 0.5,
+        epsilon: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if isinstance(distance, LearnedDistance):
+            raise ConfigError(
+                "loss=multi_similarity needs unit-length embeddings, and distance=learned "
+                "scores pairs with a head; use distance=cosine or distance=euclidean, or "
+                "loss=bce with distance=learned"
+            )
+        if not distance.normalize_embeddings:
+            raise ConfigError(
+                f"loss=multi_similarity needs unit-length embeddings, but distance="
+                f"{distance.name} does not normalise them; set "
+                "distance.normalize_embeddings=true or use distance=cosine"
+            )
+        if alpha <= 0 or beta <= 0 or epsilon < 0:
+            raise ConfigError(
+                f"loss.alpha and loss.beta must be > 0 and loss.epsilon >= 0, got "
+                f"{alpha}, {beta} and {epsilon}"
+            )
+        self.distance = distance
+        self.alpha, self.beta, self.base, self.epsilon = alpha, beta, base, epsilon
+
+    def similarity(self, emb: Tensor) -> Tensor:
+        scores = self.distance.pairwise(emb, emb)
+        if self.distance.is_similarity:
+            return scores
+        return 1 - scores.pow(2) / 2  # unit vectors: |a - b|^2 = 2 - 2 cos
+
+    def forward(self, emb: Tensor, labels: Tensor) -> LossOutput:
+        s = self.similarity(emb)  # (B, B)
+        same = labels.unsqueeze(0) == labels.unsqueeze(1)
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        pos, neg = same & ~eye, ~same
+        sd = s.detach()
+        hardest_pos = sd.masked_fill(~pos, float("inf")).amin(1, keepdim=True)
+        hardest_neg = sd.masked_fill(~neg, float("-inf")).amax(1, keepdim=True)
+        pos_kept = pos & (sd - self.epsilon < hardest_neg)
+        neg_kept = neg & (sd + self.epsilon > hardest_pos)
+        pos_term = _log1p_sum_exp(-self.alpha * (s - self.base), pos_kept) / self.alpha
+        neg_term = _log1p_sum_exp(self.beta * (s - self.base), neg_kept) / self.beta
+        valid = pos.any(1) & neg.any(1)
+        per = (pos_term + neg_term)[valid]
+        loss = per.mean() if per.numel() else s.sum() * 0.0
+        dd = self.distance.to_distance(self.distance.pairwise(emb, emb).detach())
+        return LossOutput(
+            loss=loss,
+            active_fraction=(pos_kept | neg_kept).float().sum() / (pos | neg).float().sum(),
+            pos_distance=_masked_mean(dd, pos),
+            neg_distance=_masked_mean(dd, neg),
+        )
+
+
+def _log1p_sum_exp(x: Tensor, mask: Tensor) -> Tensor:
+    """Row-wise log(1 + sum over masked entries of exp(x)), stable (0 for an empty row)."""
+    x = x.masked_fill(~mask, float("-inf"))
+    zeros = x.new_zeros(x.shape[0], 1)
+    return torch.logsumexp(torch.cat([zeros, x], dim=1), dim=1)

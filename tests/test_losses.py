@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from siamese.distances import CosineSimilarity, EuclideanDistance, LearnedDistance
 from siamese.errors import ConfigError
-from siamese.losses import BCELoss, ContrastiveLoss, TripletLoss
+from siamese.losses import BCELoss, ContrastiveLoss, MultiSimilarityLoss, TripletLoss
 
 
 def circle(angles_deg: list[float]) -> torch.Tensor:
@@ -210,3 +210,60 @@ def test_learned_pairwise_in_blocks_equals_paired_on_every_pair():
     blocked = dist.pairwise(big[:20], big)
     assert blocked.shape == (20, 600)
     assert torch.allclose(blocked[13], dist.paired(big[13].expand(600, -1), big), atol=1e-5)
+
+
+def multi_similarity_by_loop(emb, labels, alpha=2.0, beta=50.0, base=0.5, eps=0.1):
+    s = lambda i, j: float(emb[i] @ emb[j]) / float(emb[i].norm() * emb[j].norm())  # noqa: E731
+    n, losses = len(emb), []
+    for a in range(n):
+        pos = [p for p in range(n) if p != a and labels[p] == labels[a]]
+        neg = [q for q in range(n) if labels[q] != labels[a]]
+        if not pos or not neg:
+            continue
+        hardest_pos, hardest_neg = min(s(a, p) for p in pos), max(s(a, q) for q in neg)
+        kept_pos = [s(a, p) for p in pos if s(a, p) - eps < hardest_neg]
+        kept_neg = [s(a, q) for q in neg if s(a, q) + eps > hardest_pos]
+        pos_term = math.log(1 + sum(math.exp(-alpha * (v - base)) for v in kept_pos)) / alpha
+        neg_term = math.log(1 + sum(math.exp(beta * (v - base)) for v in kept_neg)) / beta
+        losses.append(pos_term + neg_term)
+    return sum(losses) / len(losses)
+
+
+def test_multi_similarity_on_hand_placed_points():
+    # Class 0 at 0 and 60 degrees, class 1 at 90 and 180. Cosines: (0,60) 0.5, (0,90) 0,
+    # (0,180) -1, (60,90) cos 30, (60,180) -0.5, (90,180) 0. With epsilon 0.1, anchors 0 and
+    # 180 keep no pair (their hardest positive already beats every negative by > 0.1):
+    # anchor 60: positive 0.5, negative cos 30; anchor 90: positive 0, negatives 0 and cos 30.
+    emb = circle([0, 60, 90, 180]).requires_grad_(True)
+    labels = torch.tensor([0, 0, 1, 1])
+    c30 = math.cos(math.pi / 6)
+    anchor_60 = math.log(2) / 2 + math.log(1 + math.exp(50 * (c30 - 0.5))) / 50
+    anchor_90 = (
+        math.log(1 + math.exp(1)) / 2
+        + math.log(1 + math.exp(-25) + math.exp(50 * (c30 - 0.5))) / 50
+    )
+    for distance in (EuclideanDistance(), CosineSimilarity()):
+        out = MultiSimilarityLoss(distance)(emb, labels)
+        assert out.loss.item() == pytest.approx((anchor_60 + anchor_90) / 4, rel=1e-9)
+        assert out.active_fraction.item() == pytest.approx(5 / 12)  # ordered pairs kept
+    out.loss.backward()
+    assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+
+
+def test_multi_similarity_on_random_batch_matches_loop():
+    torch.manual_seed(5)
+    emb = torch.randn(14, 6, dtype=torch.float64)
+    labels = torch.randint(0, 3, (14,))
+    for eps in (0.0, 0.1, 2.0):
+        out = MultiSimilarityLoss(CosineSimilarity(), epsilon=eps)(emb, labels)
+        expected = multi_similarity_by_loop(F.normalize(emb, dim=1), labels, eps=eps)
+        assert out.loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_multi_similarity_needs_unit_embeddings_and_valid_parameters():
+    with pytest.raises(ConfigError, match="loss=multi_similarity needs unit-length.*learned"):
+        MultiSimilarityLoss(LearnedDistance(embedding_dim=4))
+    with pytest.raises(ConfigError, match="distance=euclidean does not normalise"):
+        MultiSimilarityLoss(EuclideanDistance(normalize_embeddings=False))
+    with pytest.raises(ConfigError, match="loss.alpha and loss.beta must be > 0"):
+        MultiSimilarityLoss(CosineSimilarity(), beta=0)

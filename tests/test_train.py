@@ -21,14 +21,15 @@ def trained(tmp_path_factory):
     from conftest import FAST, compose_train
 
     out = tmp_path_factory.mktemp("run")
-    cfg = compose_train([*FAST, "trainer.max_epochs=3", "trainer.limit_train_batches=10"], out)
+    # Four full epochs: enough for the default loss to clearly beat an untrained tower.
+    cfg = compose_train([*FAST, "trainer.max_epochs=4", "trainer.limit_train_batches=null"], out)
     metrics = run_training(cfg)
     return out, metrics
 
 
 @pytest.fixture(scope="module")
-def untrained_test_loss(tmp_path_factory):
-    """The test loss of the same model, freshly initialised: training must beat it."""
+def untrained(tmp_path_factory):
+    """Test metrics of the same model, freshly initialised: training must beat them."""
     import pytorch_lightning as pl
     from conftest import FAST, compose_train
     from hydra.utils import instantiate
@@ -40,10 +41,10 @@ def untrained_test_loss(tmp_path_factory):
     dm = instantiate(cfg.data)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     (result,) = trainer.test(build_module(cfg, dm), datamodule=dm, verbose=False)
-    return result["test/loss"]
+    return result
 
 
-def test_default_run_writes_checkpoints_and_metrics(trained, untrained_test_loss):
+def test_default_run_writes_checkpoints_and_metrics(trained, untrained):
     out, metrics = trained
     assert (out / "checkpoints" / "best.ckpt").is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file()
@@ -53,8 +54,10 @@ def test_default_run_writes_checkpoints_and_metrics(trained, untrained_test_loss
     for key in CONTRACT_KEYS:
         assert isinstance(report[key], float) and math.isfinite(report[key]), key
         assert report[key] == pytest.approx(metrics[key])
-    # Thirty steps of training already lower the test loss well below the untrained one.
-    assert report["test/loss"] < 0.8 * untrained_test_loss
+    # Random conv features already rank digits fairly well (p@1 about 0.78, ROC-AUC 0.76);
+    # four epochs lift both well clear of that (about 0.88 and 0.94).
+    assert report["test/precision_at_1"] > untrained["test/precision_at_1"] + 0.05
+    assert report["test/roc_auc"] > untrained["test/roc_auc"] + 0.1
     assert {"val/precision_at_1", "val/roc_auc", "val/loss", "train/loss"} <= set(metrics)
     assert (out / "csv" / "metrics.csv").is_file()
 
@@ -96,12 +99,20 @@ def test_same_checkpoint_always_scores_the_same(trained):
     "overrides",
     [
         ["loss=triplet", "loss.mining=semi_hard", "model.embedding_dim=32"],
-        ["distance=cosine", "loss.margin=0.6"],
+        ["distance=cosine", "loss=contrastive", "loss.margin=0.6"],
+        ["distance=cosine"],
         ["distance=learned", "loss=bce"],
-        ["data.pair_mode=explicit", "data.batch_size=64"],
+        ["loss=contrastive", "data.pair_mode=explicit", "data.batch_size=64"],
         ["model=resnet18", "trainer.limit_val_batches=1", "data.eval_batch_size=200"],
     ],
-    ids=["triplet-semihard", "cosine", "learned-bce", "explicit-pairs", "resnet18"],
+    ids=[
+        "triplet-semihard",
+        "cosine-contrastive",
+        "cosine-multi-similarity",
+        "learned-bce",
+        "explicit-pairs",
+        "resnet18",
+    ],
 )
 def test_variants_train_and_test(make_cfg, overrides):
     metrics = run_training(make_cfg(*overrides, "trainer.limit_train_batches=2"))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from siamese.errors import ConfigError
 from siamese.inference import check_checkpoint
 from siamese.losses import PairLoss
 from siamese.module import SiameseModule
+from siamese.pipelines.report import print_table, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +42,8 @@ def check_config(cfg: DictConfig) -> None:
     loss = build(cfg.loss, distance=build(cfg.distance))  # raises on bce+euclidean
     if cfg.data.get("pair_mode") == "explicit" and not isinstance(loss, PairLoss):
         raise ConfigError(
-            f"loss={type(loss).__name__} mines triplets inside class-balanced batches and cannot "
-            "use data.pair_mode=explicit; use data.pair_mode=in_batch, or loss=contrastive"
+            f"{type(loss).__name__} learns from whole class-balanced batches and cannot use "
+            "data.pair_mode=explicit; use data.pair_mode=in_batch, or loss=contrastive"
         )
     if cfg.get("eval_pairs", 1) < 2:
         raise ConfigError(f"eval_pairs must be at least 2, got {cfg.eval_pairs}")
@@ -139,30 +138,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             report = {"protocol": "leave-one-out over the test split", "checkpoint": best}
             report.update({k: v for k, v in tested.items() if k.startswith("test/")})
             write_metrics(output_dir / "metrics.json", report)
-            print_table(tested, prefix="test/")
+            print_table(tested, prefix="test/", order=REPORTED)
     return metrics
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if torch.as_tensor(v).numel() == 1}
-
-
-def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Write metrics.json via a temporary file, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
-def print_table(metrics: dict[str, float], prefix: str) -> None:
-    names = [n for n in REPORTED if prefix + n in metrics]
-    names += sorted({k[len(prefix) :] for k in metrics if k.startswith(prefix)} - set(names))
-    width = max(len(n) for n in names) if names else 10
-    lines = [f"{'test metric':<{width}}  value", f"{'-' * width}  ------"]
-    for name in names:
-        value = metrics[prefix + name]
-        lines.append(
-            f"{name:<{width}}  {value:.4f}" if math.isfinite(value) else f"{name:<{width}}  nan"
-        )
-    print("\n".join(lines), flush=True)

@@ -1,0 +1,33 @@
+"""What a job leaves behind: metrics.json written safely, and a small table on stdout."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Write metrics.json via a temporary file, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def print_table(
+    metrics: dict[str, float], prefix: str, order: Sequence[str] = (), title: str = "test metric"
+) -> None:
+    """Print ``prefix + name`` entries as ``name  value`` rows: ``order`` first, then the rest."""
+    names = [n for n in order if prefix + n in metrics]
+    names += sorted({k[len(prefix) :] for k in metrics if k.startswith(prefix)} - set(names))
+    width = max([len(n) for n in names] + [len(title)])
+    lines = [f"{title:<{width}}  value", f"{'-' * width}  ------"]
+    for name in names:
+        value = metrics[prefix + name]
+        lines.append(
+            f"{name:<{width}}  {value:.4f}" if math.isfinite(value) else f"{name:<{width}}  nan"
+        )
+    print("\n".join(lines), flush=True)
