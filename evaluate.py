@@ -1,17 +1,29 @@
-"""Evaluate a checkpoint: ``python evaluate.py ckpt_path=PATH`` (coming with the evaluation issue).
+"""Evaluate a checkpoint: ``python evaluate.py ckpt_path=PATH [data=...] [index=...] [eval.k=...]``.
 
-Until then, ``python train.py`` tests the best checkpoint itself and writes metrics.json,
-and ``siamese.load(ckpt_path)`` gives a model with ``.embed`` and ``.compare``.
+Retrieval (faiss), verification with a calibrated threshold and N-way one-shot accuracy,
+written with the embeddings, the index, a thresholded model.ckpt and plots to the run
+directory (see conf/evaluate.yaml for every option).
 """
 
 from __future__ import annotations
 
 import sys
 
+import hydra
+from omegaconf import DictConfig
+
+from siamese.cli import check_group_overrides, report_errors
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@report_errors
+def main(cfg: DictConfig) -> None:
+    # Imported here so that a typo in the command line is reported before torch loads.
+    from siamese.pipelines.evaluate import run_evaluation
+
+    run_evaluation(cfg)
+
+
 if __name__ == "__main__":
-    print(
-        "error: evaluate.py is not implemented yet; train.py writes test metrics to the run's "
-        "metrics.json, and siamese.load(ckpt_path) embeds and compares images",
-        file=sys.stderr,
-    )
-    sys.exit(2)
+    check_group_overrides(sys.argv[1:])
+    main()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from os import PathLike
 from typing import TYPE_CHECKING
 
 from siamese.errors import ConfigError, DataError, SiameseError
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from siamese.module import SiameseModule
 
 __version__ = "0.1.0"
@@ -23,4 +26,13 @@ def load(ckpt_path: str | PathLike, map_location: str = "cpu") -> SiameseModule:
     return _load(ckpt_path, map_location=map_location)
 
 
-__all__ = ["ConfigError", "DataError", "SiameseError", "__version__", "load"]
+def read_images(
+    source: str | PathLike | Sequence[str | PathLike], like: SiameseModule
+) -> tuple[Tensor, list[str]]:
+    """A folder (or list) of image files as ``like`` expects them, and their paths."""
+    from siamese.inference import read_images as _read
+
+    return _read(source, like)
+
+
+__all__ = ["ConfigError", "DataError", "SiameseError", "__version__", "load", "read_images"]

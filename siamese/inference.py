@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from siamese.errors import ConfigError
+from siamese.data.datasets import FileImages
+from siamese.data.sources import IMAGE_EXTENSIONS
+from siamese.errors import ConfigError, DataError
 from siamese.module import SiameseModule
 
 
@@ -36,3 +40,31 @@ def check_checkpoint(path: Path) -> None:
             f"ckpt_path={str(path)!r} holds no model state_dict; pass a .ckpt file written by "
             "train.py"
         )
+
+
+def read_images(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    like: SiameseModule,
+) -> tuple[torch.Tensor, list[str]]:
+    """Image files read as the model expects them: (N, C, H, W) floats in [0, 1], and paths.
+
+    ``source`` is a folder (every image file below it, sorted by path) or a list of files;
+    each is converted to the model's channels and resized to its input size.
+    """
+    if isinstance(source, str | os.PathLike):
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{str(root)!r} is not a folder; pass a folder of images or a list")
+        paths = sorted(
+            str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not paths:
+            raise DataError(
+                f"no image files in {str(root)!r} (looked for {' '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+    else:
+        paths = [str(p) for p in source]
+    channels, height, width = like.tower.input_shape
+    files = FileImages(paths, [0] * len(paths), ["?"], (height, width), channels)
+    images, _ = files.__getitems__(list(range(len(paths))))
+    return images, paths

@@ -61,7 +61,7 @@ class SiameseModule(pl.LightningModule):
         self.loss_fn = build(loss, distance=self.distance)
         # Verification threshold calibrated on the last validation epoch (travels in ckpt).
         self.register_buffer("threshold", torch.tensor(math.nan))
-        self._outputs: list[tuple[Tensor, Tensor]] = []
+        self._outputs: list[tuple[Tensor, Tensor, Tensor | None]] = []
 
     # -- inference -------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
@@ -119,19 +119,21 @@ class SiameseModule(pl.LightningModule):
         )
         return out.loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        images, labels = batch
+    def _eval_step(self, batch: tuple[Tensor, ...], stage: str) -> None:
+        """``(images, labels)`` or ``(images, labels, item indices)`` of the evaluated split."""
+        images, labels = batch[0], batch[1]
         emb = self(images)
         if len(labels) > 1:
             out = self.loss_fn(emb, labels)
             self.log(f"{stage}/loss", out.loss, on_epoch=True, batch_size=len(labels))
-        self._outputs.append((emb.detach().float(), labels.detach()))
+        index = batch[2] if len(batch) > 2 else None
+        self._outputs.append((emb.detach().float(), labels.detach(), index))
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._epoch_metrics()
@@ -145,8 +147,12 @@ class SiameseModule(pl.LightningModule):
     def _epoch_metrics(self) -> dict[str, float]:
         if not self._outputs:
             return {}
-        emb = torch.cat([e for e, _ in self._outputs])
-        labels = torch.cat([y for _, y in self._outputs])
+        emb = torch.cat([e for e, _, _ in self._outputs])
+        labels = torch.cat([y for _, y, _ in self._outputs])
+        if all(i is not None for _, _, i in self._outputs):
+            # Item order, as evaluate.py embeds a split: the same pairs and tie-breaks.
+            order = torch.argsort(torch.cat([i for _, _, i in self._outputs]).to(emb.device))
+            emb, labels = emb[order], labels[order.to(labels.device)]
         self._outputs.clear()
         return self.embedding_metrics(emb, labels)
 

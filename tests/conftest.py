@@ -38,6 +38,15 @@ def compose_train(overrides: Sequence[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
+def compose_eval(overrides: Sequence[str], output_dir: Path) -> DictConfig:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("evaluate", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir)
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     def make(*overrides: str, fast: bool = True) -> DictConfig:

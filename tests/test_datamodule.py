@@ -94,3 +94,27 @@ def test_augmentation_runs_in_training_only():
 def test_bad_settings(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SiameseDataModule(TinySource(), **kwargs)
+
+
+def test_concat_images_reads_parts_as_one_in_any_order():
+    from siamese.data.datasets import ConcatImages, TensorImages
+
+    a = TensorImages(
+        torch.arange(16).reshape(4, 1, 2, 2).to(torch.uint8), torch.tensor([0, 1, 0, 1]), ["x", "y"]
+    )
+    b = TensorImages(
+        torch.arange(100, 112).reshape(3, 1, 2, 2).to(torch.uint8),
+        torch.tensor([1, 1, 0]),
+        ["x", "y"],
+    )
+    both = ConcatImages([a, b])
+    assert len(both) == 7 and both.targets.tolist() == [0, 1, 0, 1, 1, 1, 0]
+    images, labels = both.__getitems__([5, 0, 3, 6])
+    # First pixel of items 5, 0, 3, 6: b[1] = 104, a[0] = 0, a[3] = 12, b[2] = 108.
+    assert (images[:, 0, 0, 0] * 255).round().tolist() == [104, 0, 12, 108]
+    assert labels.tolist() == [1, 0, 1, 0]
+    again, _ = both.subset([5, 0, 3, 6]).__getitems__([0, 1, 2, 3])
+    assert torch.equal(again, images)
+    other = TensorImages(torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), ["p", "q"])
+    with pytest.raises(DataError, match="different classes or image shapes"):
+        ConcatImages([a, other])

@@ -1,8 +1,8 @@
-"""Retrieval metrics: a hand-placed example, and every metric against a brute-force ranking."""
+"""Retrieval metrics: hand-placed examples, every metric against brute force, faiss indexes."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import warnings
 
 import faiss
 import numpy as np
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from siamese.errors import ConfigError, DataError
-from siamese.evaluation import normalize, retrieval, retrieval_metrics
+from siamese.evaluation import build_index, normalize, retrieval, retrieval_metrics
 
 # Six 2-D points on the x axis, three classes; p5 is the only C.
 #   x:     0    1    3    2.2  7    12
@@ -171,35 +171,24 @@ def test_many_exact_ties_between_distinct_points(metric):
     assert_same_metrics(got, expected)
 
 
-class AdversarialIndex:
-    """An exact faiss index that is as unhelpful as faiss may legally be: its distances are
-    off by a few float32 roundings and it returns equal distances highest index first."""
-
-    def __init__(self, dim: int, metric: str) -> None:
-        self.index = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
-        self.sign = 1.0 if metric == "l2" else -1.0  # key: smaller is closer
-        self.rng = np.random.default_rng(0)
-
-    def add(self, x: np.ndarray) -> None:
-        self.index.add(x)
-        self.gallery_sq = (x.astype(np.float64) ** 2).sum(axis=1)
-
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        dist, idx = self.index.search(x, self.index.ntotal)
-        scale = (x.astype(np.float64) ** 2).sum(axis=1, keepdims=True) + self.gallery_sq[idx]
-        noise = 4 * np.finfo(np.float32).eps * scale * self.rng.uniform(-1, 1, dist.shape)
-        dist = (dist + noise).astype(np.float32)
-        order = np.lexsort((-idx, self.sign * dist), axis=-1)[:, :k]
-        return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+def adversarial_tile_keys(self, neg_q, start, stop, out):
+    """float32 keys as unhelpful as the proven error bound allows: each is off by up to half
+    the bound, so near-ties come out in any order."""
+    g = self.x[start:stop].astype(np.float64)
+    q = -neg_q.astype(np.float64)
+    exact = -(q @ g.T)
+    scale = np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(g, axis=1)[None, :]
+    if self.metric == "l2":
+        half_sq = (g * g).sum(axis=1) / 2
+        exact += half_sq
+        scale += half_sq
+    rng = np.random.default_rng(start)
+    out[:] = exact + 0.5 * self.key_error * scale * rng.uniform(-1, 1, exact.shape)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_ranking_does_not_trust_faiss_order(metric, monkeypatch):
-    fake_faiss = SimpleNamespace(
-        IndexFlatL2=lambda dim: AdversarialIndex(dim, "l2"),
-        IndexFlatIP=lambda dim: AdversarialIndex(dim, "ip"),
-    )
-    monkeypatch.setattr(retrieval, "faiss", fake_faiss)
+def test_ranking_does_not_trust_float32_order(metric, monkeypatch):
+    monkeypatch.setattr(retrieval._Gallery, "tile_keys", adversarial_tile_keys)
     # Exact ties between distinct points (small integer coordinates) ...
     gen = torch.Generator().manual_seed(5)
     emb = torch.randint(0, 3, (200, 6), generator=gen).float()
@@ -213,10 +202,63 @@ def test_ranking_does_not_trust_faiss_order(metric, monkeypatch):
     assert_same_metrics(retrieval_metrics(emb, labels, metric=metric), expected)
 
 
+def near_ties(seed: int = 0, dim: int = 16):
+    """Pairs of points one float32 step apart in a few small coordinates, under different
+    labels, among other Gaussian points: their distances differ in about the 10th digit,
+    below what float32 arithmetic (even a float32 difference of coordinates) resolves."""
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((240, dim)).astype(np.float32)
+    small = rng.choice(dim, 3, replace=False)
+    emb[:160, small] *= np.float32(1e-3)
+    emb[80:160] = emb[:80]
+    for j in small:
+        away = rng.choice(np.array([-np.inf, np.inf], dtype=np.float32), 80)
+        emb[80:160, j] = np.nextafter(emb[80:160, j], away)  # float32 steps
+    labels = rng.integers(0, 6, 240)
+    return torch.from_numpy(emb), torch.from_numpy(labels)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_near_ties_below_float32_resolution(metric):
+    # The Gaussian points query the pairs. (A pair point querying another pair point sees
+    # distances that differ below float64 resolution: no ranking is right there.)
+    emb, labels = near_ties()
+    query, gallery = emb[160:], emb[:160]
+    expected = brute_force(query, labels[160:], gallery, labels[:160], metric, ks=(1, 5, 10))
+    got = retrieval_metrics(query, labels[160:], gallery, labels[:160], metric=metric)
+    assert_same_metrics(got, expected)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_small_tiles_and_bad_guesses(metric, monkeypatch):
+    # Tiles of a few items, a sample that guesses the k-th key badly, and candidates capped
+    # just past k: every fallback path, and the same numbers.
+    monkeypatch.setattr(retrieval, "_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(retrieval, "_SAMPLE_MAX", 9)
+    monkeypatch.setattr(retrieval, "_SAMPLE_MIN", 9)
+    monkeypatch.setattr(retrieval, "_EXTRA_CANDIDATES", 0)
+    monkeypatch.setattr(retrieval, "_CHUNK_ELEMENTS", 40)
+    emb, labels = random_embeddings(seed=6)
+    expected = brute_force(emb, labels, metric=metric, ks=(1, 5, 10))
+    assert_same_metrics(retrieval_metrics(emb, labels, metric=metric, block_size=13), expected)
+    gen = torch.Generator().manual_seed(6)
+    emb = torch.randint(0, 3, (120, 4), generator=gen).float()
+    labels = torch.randint(0, 3, (120,), generator=gen)
+    expected = brute_force(emb, labels, metric=metric, ks=(1, 5, 10))
+    assert_same_metrics(retrieval_metrics(emb, labels, metric=metric, block_size=13), expected)
+    # Many small classes (k = 10) and a cap of 15 candidates below the sample's guess.
+    monkeypatch.setattr(retrieval, "_SAMPLE_MAX", 60)
+    monkeypatch.setattr(retrieval, "_SAMPLE_MIN", 60)
+    monkeypatch.setattr(retrieval, "_EXTRA_CANDIDATES", -25)
+    emb, labels = random_embeddings(seed=7, classes=80)
+    expected = brute_force(emb, labels, metric=metric, ks=(1, 5, 10))
+    assert_same_metrics(retrieval_metrics(emb, labels, metric=metric, block_size=13), expected)
+
+
 def test_far_from_the_origin():
-    # With 20+ queries faiss computes |q|^2 + |g|^2 - 2 q.g in float32: at |x|^2 ~ 3e7 that
-    # loses every digit of distances ~ 1e-3, so its own order is noise. The ranking must
-    # still be the exact one.
+    # float32 keys |g|^2 / 2 - q.g (like faiss's |q|^2 + |g|^2 - 2 q.g) at |x|^2 ~ 3e7 lose
+    # every digit of distances ~ 1e-3, so their order is noise. The ranking must still be
+    # the exact one.
     emb, labels = random_embeddings(seed=4)
     emb = 1000.0 + 0.01 * emb
     expected = brute_force(emb, labels, ks=(1, 5, 10))
@@ -228,6 +270,12 @@ def test_input_types_give_the_same_numbers():
     reference = retrieval_metrics(emb, labels)
     assert retrieval_metrics(emb.numpy(), labels.numpy()) == reference
     assert retrieval_metrics(emb.double(), labels) == reference
+    # A read-only array (np.load with mmap_mode="r", say) works and warns about nothing.
+    frozen = emb.numpy().copy()
+    frozen.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert retrieval_metrics(frozen, labels.numpy()) == reference
     # Cosine: normalise and use the inner product.
     cosine = retrieval_metrics(normalize(emb), labels, metric="ip")
     assert_same_metrics(
@@ -268,3 +316,196 @@ def test_errors():
         retrieval_metrics(emb, labels, ks=(0, 1))
     with pytest.raises(DataError, match="none of the 2 queries"):
         retrieval_metrics(emb[:2], torch.tensor([5, 6]), emb, labels, ks=(1,))
+
+
+# --- approximate indexes and indexes built by the caller -------------------------------
+
+
+def separated(metric: str = "l2", seed: int = 0):
+    """Twelve tight classes of 25 far apart: any decent search ranks a class first."""
+    rng = np.random.default_rng(seed)
+    centres = 10 * rng.standard_normal((12, 16))
+    labels = np.repeat(np.arange(12), 25)
+    emb = (centres[labels] + 0.1 * rng.standard_normal((300, 16))).astype(np.float32)
+    return (normalize(emb) if metric == "ip" else emb), labels
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    # ef_search 8 < the k + 9 = 34 searched: HNSW must be widened for the search.
+    [("ivf", {"nlist": 4, "nprobe": 2}), ("hnsw", {"ef_search": 8})],
+)
+def test_approximate_kinds_match_flat_on_separated_data(kind, params, metric):
+    emb, labels = separated(metric)
+    flat = retrieval_metrics(emb, labels, metric=metric)
+    assert flat["precision_at_1"] == flat["map_at_r"] == 1.0
+    got = retrieval_metrics(emb, labels, metric=metric, index=kind, index_params=params)
+    assert got.pop("approx_recall_at_10") == 1.0
+    assert got == flat
+    # Separate gallery: the first 5 of each class query the other 20.
+    query = np.arange(300) % 25 < 5
+    args = (emb[query], labels[query], emb[~query], labels[~query])
+    got = retrieval_metrics(*args, metric=metric, index=kind, index_params=params)
+    assert got.pop("approx_recall_at_10") == 1.0
+    assert got == retrieval_metrics(*args, metric=metric)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_hand_example_with_approximate_kinds(kind):
+    # Six points: IVF has one list and HNSW reaches every node, so the search is exhaustive
+    # and the numbers are the hand-computed ones of test_hand_example_leave_one_out.
+    got = retrieval_metrics(POINTS, LABELS, ks=KS, index=kind)
+    assert got.pop("approx_recall_at_10") == 1.0  # top 5 here: all the others
+    assert_same_metrics(got, retrieval_metrics(POINTS, LABELS, ks=KS))
+    assert got["map_at_r"] == pytest.approx(0.65, abs=1e-15)
+
+
+def test_approx_recall_counts_missed_neighbours():
+    # Overlapping Gaussian classes and an IVF index that probes 1 of 16 lists: it misses
+    # neighbours. approx_recall_at_10 (every scored query sampled here) is the mean overlap
+    # of faiss's own top 10 (without the query) with the brute-force top 10.
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((400, 8)).astype(np.float32)
+    labels = rng.integers(0, 5, 400)
+    index = build_index(emb, kind="ivf", nlist=16, nprobe=1)
+    got = retrieval_metrics(emb, labels, index=index, recall_sample=400)
+    e = emb.astype(np.float64)
+    dist = ((e[:, None] - e[None]) ** 2).sum(-1)
+    np.fill_diagonal(dist, np.inf)
+    exact = np.argsort(dist, axis=1, kind="stable")[:, :10]
+    _, found = index.search(emb, 11)
+    overlap = [
+        len(np.intersect1d(ids[(ids != i) & (ids >= 0)][:10], exact[i]))
+        for i, ids in enumerate(found)
+    ]
+    assert 0.3 < got["approx_recall_at_10"] < 0.9
+    assert got["approx_recall_at_10"] == pytest.approx(np.mean(overlap) / 10, abs=1e-12)
+    # Metrics of an approximate search are its own, not exact search's.
+    assert got["map_at_r"] != retrieval_metrics(emb, labels)["map_at_r"]
+
+
+@pytest.mark.parametrize("leave_one_out", [True, False])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_prebuilt_index_is_used_and_left_unchanged(kind, leave_one_out, tmp_path):
+    emb, labels = separated()
+    emb[150:] += 0.5 * np.random.default_rng(2).standard_normal((150, 16)).astype(np.float32)
+    query = np.arange(300) % 25 < 8
+    if leave_one_out:
+        args, gallery = (emb, labels), emb
+    else:
+        args, gallery = (emb[query], labels[query], emb[~query], labels[~query]), emb[~query]
+    params = {"nlist": 6, "nprobe": 2} if kind == "ivf" else {}
+    index = build_index(gallery, kind=kind, **params)
+    before = faiss.serialize_index(index)
+    got = retrieval_metrics(*args, index=index)
+    # Searching did not change the index (nprobe, efSearch, contents: every byte) ...
+    assert index.ntotal == len(gallery)
+    assert np.array_equal(faiss.serialize_index(index), before)
+    # ... so the evaluate command can save it afterwards and read it back.
+    faiss.write_index(index, str(tmp_path / "index.faiss"))
+    again = faiss.read_index(str(tmp_path / "index.faiss"))
+    assert retrieval_metrics(*args, index=again) == got
+    if kind != "hnsw":  # HNSW built with two threads need not come out the same twice
+        assert retrieval_metrics(*args, index=kind, index_params=params) == got
+    assert ("approx_recall_at_10" in got) == (kind != "flat")
+    if kind == "flat":
+        assert got == retrieval_metrics(*args)
+
+
+def noisy_search(index, gallery: np.ndarray, metric: str, error: float):
+    """``index.search`` made as unhelpful as ``error`` allows: distances off by up to half of
+    it (times |q|^2 + |g|^2, or |q| |g|) and equal distances highest index first."""
+    search = index.search
+    g_sq = (gallery.astype(np.float64) ** 2).sum(axis=1)
+    rng = np.random.default_rng(0)
+
+    def adversarial(x, k):
+        dist, ids = search(x, k)
+        q_sq = (x.astype(np.float64) ** 2).sum(axis=1, keepdims=True)
+        scale = q_sq + g_sq[ids] if metric == "l2" else np.sqrt(q_sq * g_sq[ids])
+        dist = dist + 0.5 * error * scale * rng.uniform(-1, 1, dist.shape)
+        sign = 1.0 if metric == "l2" else -1.0
+        order = np.lexsort((-ids, sign * dist), axis=-1)
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+
+    return adversarial
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_faiss_candidates_are_ranked_exactly(metric):
+    # An exhaustive IVF (nprobe = nlist) proposes the exact top k + 1; its float32 order,
+    # scrambled within the bound trusted for it, must not show in the ranking. Duplicates
+    # and near-duplicates closer than the noise, under different labels.
+    emb, labels = random_embeddings(seed=7)
+    gen = torch.Generator().manual_seed(7)
+    emb[150:200] = emb[0:50] + 1e-6 * torch.rand(50, 32, generator=gen)
+    x = emb.numpy()
+    index = build_index(x, metric=metric, kind="ivf", nlist=4, nprobe=4)
+    error = (32 + 8) * float(np.finfo(np.float32).eps)
+    index.search = noisy_search(index, x, metric, error)
+    expected = brute_force(emb, labels, metric=metric, ks=(1, 5, 10))
+    got = retrieval_metrics(emb, labels, metric=metric, index=index, ks=(1, 5, 10))
+    assert got.pop("approx_recall_at_10") == 1.0
+    assert_same_metrics(got, expected)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_other_faiss_indexes_are_reranked_fully(metric):
+    # An index that build_index does not make (here an id map around a flat index) gets no
+    # error bound: its distances may be anything, so every candidate is ranked in float64.
+    emb, labels = random_embeddings(seed=8)
+    x = emb.numpy()
+    inner = faiss.IndexFlatL2(32) if metric == "l2" else faiss.IndexFlatIP(32)
+    index = faiss.IndexIDMap(inner)
+    index.add_with_ids(x, np.arange(len(x)))
+    index.search = noisy_search(index, x, metric, 1e-3)
+    expected = brute_force(emb, labels, metric=metric, ks=(1, 5, 10))
+    got = retrieval_metrics(emb, labels, metric=metric, index=index)
+    assert got.pop("approx_recall_at_10") == 1.0
+    assert_same_metrics(got, expected)
+
+
+def test_other_indexes_with_missing_results():
+    # An IVF probing 1 of 10 lists returns -1 for part of the k asked; the same IVF in an
+    # id map is an "other" index with the same candidates: the same numbers, as every
+    # candidate is ranked exactly either way.
+    emb, labels = random_embeddings(seed=9, n=400)
+    x = emb.numpy()
+    ivf = build_index(x, kind="ivf", nlist=10, nprobe=1)
+    _, found = ivf.search(x, 60)
+    assert (found == -1).any()
+    inner = faiss.clone_index(ivf)
+    inner.reset()  # trained, empty
+    wrapped = faiss.IndexIDMap(inner)
+    wrapped.add_with_ids(x, np.arange(len(x)))
+    got = retrieval_metrics(emb, labels, index=wrapped)
+    assert got == retrieval_metrics(emb, labels, index=ivf)
+    assert got["approx_recall_at_10"] < 1.0
+
+
+def test_index_errors():
+    emb, labels = separated()
+    with pytest.raises(ConfigError, match="index 'lsh' is not supported"):
+        retrieval_metrics(emb, labels, index="lsh")
+    with pytest.raises(ConfigError, match="index must be one of .* not int"):
+        retrieval_metrics(emb, labels, index=3)
+    with pytest.raises(ConfigError, match="nlist 301 is larger than the 300 gallery items"):
+        retrieval_metrics(emb, labels, index="ivf", index_params={"nlist": 301})
+    with pytest.raises(ConfigError, match=r"index_params \['nprobes'\] are not keywords"):
+        retrieval_metrics(emb, labels, index="ivf", index_params={"nprobes": 4})
+    with pytest.raises(ConfigError, match=r"index_params \['nprobe'\] do not apply to index='fl"):
+        retrieval_metrics(emb, labels, index="flat", index_params={"nprobe": 4})
+    with pytest.raises(ConfigError, match="ef_search 0 must be a positive integer"):
+        retrieval_metrics(emb, labels, index="hnsw", index_params={"ef_search": 0})
+    with pytest.raises(ConfigError, match="must not set 'metric' or 'kind'"):
+        retrieval_metrics(emb, labels, index="ivf", index_params={"metric": "ip"})
+    with pytest.raises(ConfigError, match="recall_sample 0 must be a positive integer"):
+        retrieval_metrics(emb, labels, index="ivf", recall_sample=0)
+    index = build_index(emb[:100])
+    with pytest.raises(ConfigError, match="holds 100 vectors of dimension 16 but the query"):
+        retrieval_metrics(emb, labels, index=index)
+    with pytest.raises(ConfigError, match="index_params apply only when index is a name"):
+        retrieval_metrics(emb[:100], labels[:100], index=index, index_params={"nprobe": 2})
+    with pytest.raises(ConfigError, match="does not search by metric='ip'"):
+        retrieval_metrics(emb[:100], labels[:100], metric="ip", index=index)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from siamese.data.datasets import DataSplits, LabelledImages, identity_collate
+from siamese.data.datasets import DataSplits, LabelledImages, WithIndices, identity_collate
 from siamese.data.pairs import PairBatchSampler, PairView
 from siamese.data.samplers import ClassBalancedBatchSampler, EvalBatchSampler
 from siamese.errors import ConfigError, DataError
@@ -91,6 +91,7 @@ class SiameseDataModule(pl.LightningDataModule):
         self.augment = augment
         self.seed = seed
         self.splits: DataSplits | None = None
+        self._read: DataSplits | None = None
 
     # -- data ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -100,11 +101,19 @@ class SiameseDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.load_splits()
 
-    def load_splits(self) -> DataSplits:
-        if self.splits is None:
+    def read_splits(self) -> DataSplits:
+        """The source's splits at ``image_size``, unchecked (evaluation checks its own)."""
+        if self._read is None:
             splits = self.source.load(self.root)
             if self.image_size is not None:
                 splits = DataSplits(*(s.resized(self.image_size) for s in splits.as_tuple()))
+            self._read = splits
+        return self._read
+
+    def load_splits(self) -> DataSplits:
+        """The splits, checked for training: each has a class with two images."""
+        if self.splits is None:
+            splits = self.read_splits()
             for name in ("train", "val", "test"):
                 check_split(getattr(splits, name), name, self.root)
             self.splits = splits
@@ -153,7 +162,9 @@ class SiameseDataModule(pl.LightningDataModule):
         return self._loader(dataset, self._train_batch_sampler())
 
     def _eval_loader(self, split: LabelledImages) -> DataLoader:
-        return self._loader(split, EvalBatchSampler(len(split), self.eval_batch_size, self.seed))
+        # Batches mix classes (for the val loss); items carry their index for the metrics.
+        sampler = EvalBatchSampler(len(split), self.eval_batch_size, self.seed)
+        return self._loader(WithIndices(split), sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.load_splits().val)

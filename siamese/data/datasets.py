@@ -167,6 +167,72 @@ class FileImages(LabelledImages):
         )
 
 
+class WithIndices(Dataset):
+    """Batches of ``(images, labels, indices)``: evaluation puts embeddings back in item order,
+    so metrics do not depend on the order batches were drawn in."""
+
+    def __init__(self, images: LabelledImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        images, labels = self.images.__getitems__(indices)
+        return images, labels, torch.as_tensor(indices, dtype=torch.int64)
+
+
+class ConcatImages(LabelledImages):
+    """Several sets of the same classes and image shape, read as one (e.g. every split).
+
+    Refuses sets whose class lists differ: their label numbers would mean different classes.
+    """
+
+    def __init__(self, parts: Sequence[LabelledImages]) -> None:
+        if not parts:
+            raise DataError("nothing to concatenate: pass at least one set of images")
+        first = parts[0]
+        for part in parts[1:]:
+            if part.classes != first.classes or part.image_shape != first.image_shape:
+                raise DataError(
+                    "the splits have different classes or image shapes, so their labels "
+                    "cannot be merged; evaluate one split at a time"
+                )
+        self.parts = list(parts)
+        self.classes = list(first.classes)
+        self.targets = torch.cat([p.targets for p in parts])
+        self._starts = torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        part = torch.searchsorted(self._starts, idx, right=True) - 1
+        images = torch.empty((len(idx), *self.image_shape))
+        for p in part.unique().tolist():
+            where = (part == p).nonzero().squeeze(1)
+            local = (idx[where] - self._starts[p]).tolist()
+            images[where] = self.parts[p].__getitems__(local)[0]
+        return images, self.targets[idx]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.parts[0].image_shape
+
+    def subset(self, indices: Sequence[int] | Tensor) -> LabelledImages:
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        if len(idx) == 0:
+            return self.parts[0].subset(idx)
+        part = torch.searchsorted(self._starts, idx, right=True) - 1
+        # Consecutive runs from one part keep the order of ``indices``.
+        breaks = (part[1:] != part[:-1]).nonzero().squeeze(1) + 1
+        runs = torch.tensor_split(torch.arange(len(idx)), breaks)
+        return ConcatImages(
+            [self.parts[int(part[r[0]])].subset(idx[r] - self._starts[part[r[0]]]) for r in runs]
+        )
+
+    def resized(self, image_size: tuple[int, int]) -> ConcatImages:
+        return ConcatImages([p.resized(image_size) for p in self.parts])
+
+
 def to_mode(img, mode: str):
     """Convert a PIL image to 'L' or 'RGB', scaling 16-bit and compositing alpha on white."""
     from PIL import Image

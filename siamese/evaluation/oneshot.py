@@ -1,0 +1,277 @@
+"""N-way K-shot one-shot classification accuracy on embeddings (Koch et al. 2015 protocol).
+
+An episode draws N classes, K support items of each and one query of one of them; the query
+is classified as the class whose support (the mean support embedding when K > 1) is
+nearest. Episodes are sampled and scored as whole arrays, so a seed fixes the result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from siamese.errors import ConfigError, DataError
+
+METRICS = ("l2", "ip")
+
+# Support embeddings gathered at once when scoring: (episodes, N, K, D) float64 elements,
+# so memory stays near 16 MB whatever the episode count.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+class Episodes(NamedTuple):
+    """Item indices of sampled episodes; position j of an episode is its j-th class."""
+
+    support: np.ndarray  # (E, N, K) int64 indices into the labels
+    query: np.ndarray  # (E,) int64 index of each episode's query
+    target: np.ndarray  # (E,) int64 position in [0, N) of the query's class
+
+
+def oneshot_accuracy(
+    embeddings: Any,
+    labels: Any,
+    *,
+    n_way: int = 5,
+    k_shot: int = 1,
+    episodes: int = 1000,
+    seed: int = 0,
+    metric: str = "l2",
+) -> dict[str, float]:
+    """Mean accuracy of nearest-support classification over random N-way K-shot episodes.
+
+    Episodes come from :func:`sample_episodes`. The query goes to the class with the
+    smallest euclidean distance ("l2") or the largest inner product ("ip"; normalise the
+    embeddings first for cosine) to its support mean. Ties go to the class that comes first
+    in the episode's class order, which is a random permutation drawn from the seed: the
+    result stays deterministic, and a tie among m classes that include the target is won
+    with probability 1/m, so a collapsed model (all embeddings equal) scores chance, 1/N.
+
+    Args:
+        embeddings: (M, D) embeddings of an evaluation split.
+        labels: (M,) class labels; only classes with at least ``k_shot + 1`` items are used.
+        n_way: classes per episode (N >= 2).
+        k_shot: support items per class (K >= 1).
+        episodes: number of episodes.
+        seed: seed of the numpy Generator; the same seed gives the same result every call.
+        metric: "l2" or "ip".
+
+    Returns:
+        ``accuracy``; ``ci95``, the half-width of the normal-approximation 95% confidence
+        interval, 1.96 * std / sqrt(episodes) with std = sqrt(p (1 - p)) the population
+        standard deviation of the per-episode 0/1 outcomes (so it is 0 when every episode
+        is right); ``episodes``, ``n_way`` and ``k_shot``, all as floats.
+    """
+    metric = _check_metric(metric)
+    x = _check_embeddings(embeddings)
+    eps = sample_episodes(_check_labels(labels, len(x)), n_way, k_shot, episodes, seed)
+    correct = _predict(x, eps, metric) == eps.target
+    return _summary(correct, n_way, k_shot)
+
+
+def oneshot_metrics(
+    embeddings: Any,
+    labels: Any,
+    *,
+    ways: Sequence[int] = (5, 20),
+    k_shot: int = 1,
+    episodes: int = 1000,
+    seed: int = 0,
+    metric: str = "l2",
+) -> dict[str, float]:
+    """One-shot accuracy for each N in ``ways`` that the split can support, as flat metrics.
+
+    Each N runs :func:`oneshot_accuracy` with the same ``seed``. An N larger than the number
+    of classes with at least ``k_shot + 1`` items is left out without a word (20-way on
+    MNIST's 10 classes), so the result may be empty.
+
+    Returns:
+        ``oneshot_<N>way_<K>shot`` (accuracy) and ``oneshot_<N>way_<K>shot_ci95`` for each
+        N that fits, in the order of ``ways``, and nothing else.
+    """
+    values = tuple(ways) if isinstance(ways, Sequence) else ()
+    if not values or any(_not_int(n) or n < 2 for n in values):
+        raise ConfigError(
+            f"ways {ways!r} must be a non-empty sequence of integers >= 2, e.g. (5, 20)"
+        )
+    metric = _check_metric(metric)
+    x = _check_embeddings(embeddings)
+    y = _check_labels(labels, len(x))
+    _check_counts(2, k_shot, episodes, seed)
+    eligible = _eligible_classes(y, int(k_shot))[0]
+    out: dict[str, float] = {}
+    for n in dict.fromkeys(int(n) for n in values):
+        if n > len(eligible):
+            continue
+        eps = sample_episodes(y, n, k_shot, episodes, seed)
+        summary = _summary(_predict(x, eps, metric) == eps.target, n, k_shot)
+        key = f"oneshot_{n}way_{int(k_shot)}shot"
+        out[key] = summary["accuracy"]
+        out[f"{key}_ci95"] = summary["ci95"]
+    return out
+
+
+def sample_episodes(
+    labels: Any,
+    n_way: int,
+    k_shot: int,
+    episodes: int,
+    seed: int = 0,
+) -> Episodes:
+    """Draw N-way K-shot episodes as item indices, the same ones for the same seed.
+
+    Each episode takes N distinct classes uniformly among those with at least K + 1 items,
+    in a uniformly random order; K + 1 distinct items of each class, uniformly; the target
+    position uniformly in [0, N). The first K items of every class are its support; the
+    (K + 1)-th item of the target class is the query, so it never coincides with a support.
+    """
+    labels = _check_labels(labels, None)
+    _check_counts(n_way, k_shot, episodes, seed)
+    n_way, k_shot, episodes = int(n_way), int(k_shot), int(episodes)
+    eligible, counts, starts, by_class = _eligible_classes(labels, k_shot)
+    if n_way > len(eligible):
+        raise ConfigError(
+            f"n_way={n_way} needs {n_way} classes with at least k_shot + 1 = {k_shot + 1} "
+            f"items, but the split has only {len(eligible)}; use n_way <= {len(eligible)} "
+            "(or a smaller k_shot)"
+        )
+    rng = np.random.default_rng(seed)
+
+    # N distinct classes per episode, then shuffled so the class order is uniform too.
+    picked = _floyd_sample(rng, np.full(episodes, len(eligible)), n_way)  # (E, N)
+    picked = np.take_along_axis(picked, rng.random(picked.shape).argsort(axis=1), axis=1)
+    classes = eligible[picked]  # (E, N) class codes
+    # K + 1 distinct positions within each class, shuffled, so any of them can be the query.
+    pos = _floyd_sample(rng, counts[classes], k_shot + 1)  # (E, N, K + 1)
+    pos = np.take_along_axis(pos, rng.random(pos.shape).argsort(axis=2), axis=2)
+    items = by_class[starts[classes][..., None] + pos]  # (E, N, K + 1)
+    target = rng.integers(0, n_way, size=episodes)
+    query = items[np.arange(episodes), target, k_shot]
+    return Episodes(support=items[..., :k_shot], query=query, target=target)
+
+
+def predict_episodes(embeddings: Any, episodes: Episodes, *, metric: str = "l2") -> np.ndarray:
+    """(E,) position of the class each episode's query is assigned to (first among ties)."""
+    return _predict(_check_embeddings(embeddings), episodes, _check_metric(metric))
+
+
+def _predict(x: np.ndarray, episodes: Episodes, metric: str) -> np.ndarray:
+    support, query = episodes.support, episodes.query
+    n_episodes, n_way, k_shot = support.shape
+    pred = np.empty(n_episodes, dtype=np.int64)
+    step = max(1, _CHUNK_ELEMENTS // (n_way * k_shot * x.shape[1]))
+    for s in range(0, n_episodes, step):
+        proto = x[support[s : s + step]].mean(axis=2)  # (B, N, D)
+        q = x[query[s : s + step]][:, None, :]  # (B, 1, D)
+        # Element-wise then a last-axis sum: identical prototypes get bit-identical scores,
+        # so exact ties really tie and argmin's first-index rule decides them. Squared l2
+        # keeps the order without a sqrt; ip is negated so that smaller is closer for both.
+        scores = ((proto - q) ** 2).sum(axis=2) if metric == "l2" else -(proto * q).sum(axis=2)
+        pred[s : s + step] = scores.argmin(axis=1)
+    return pred
+
+
+def _floyd_sample(rng: np.random.Generator, sizes: np.ndarray, m: int) -> np.ndarray:
+    """``sizes.shape + (m,)`` draws, m distinct ints uniformly from [0, size) for each entry.
+
+    Floyd's algorithm, vectorised: memory grows with m, not with the population size.
+    """
+    out = np.empty((*sizes.shape, m), dtype=np.int64)
+    for i in range(m):
+        j = sizes - m + i  # the population grows by one each step, up to size - 1
+        t = rng.integers(0, j + 1)
+        seen = (out[..., :i] == t[..., None]).any(axis=-1)
+        # j itself cannot be taken yet: every earlier draw was <= j - 1.
+        out[..., i] = np.where(seen, j, t)
+    return out
+
+
+def _eligible_classes(
+    labels: np.ndarray, k_shot: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(eligible class codes, items per class, first slot per class, items sorted by class)."""
+    _, codes = np.unique(labels, return_inverse=True)
+    codes = codes.reshape(-1)
+    counts = np.bincount(codes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    by_class = np.argsort(codes, kind="stable")
+    return np.flatnonzero(counts >= k_shot + 1), counts, starts, by_class
+
+
+def _summary(correct: np.ndarray, n_way: int, k_shot: int) -> dict[str, float]:
+    n = len(correct)
+    p = int(correct.sum()) / n
+    return {
+        "accuracy": p,
+        "ci95": 1.96 * math.sqrt(p * (1.0 - p)) / math.sqrt(n),
+        "episodes": float(n),
+        "n_way": float(n_way),
+        "k_shot": float(k_shot),
+    }
+
+
+def _not_int(value: Any) -> bool:
+    return isinstance(value, bool) or not isinstance(value, Integral)
+
+
+def _check_counts(n_way: int, k_shot: int, episodes: int, seed: int) -> None:
+    if _not_int(n_way) or n_way < 2:
+        raise ConfigError(f"n_way {n_way!r} must be an integer >= 2, e.g. 5")
+    if _not_int(k_shot) or k_shot < 1:
+        raise ConfigError(f"k_shot {k_shot!r} must be an integer >= 1, e.g. 1")
+    if _not_int(episodes) or episodes < 1:
+        raise ConfigError(f"episodes {episodes!r} must be an integer >= 1, e.g. 1000")
+    if _not_int(seed) or seed < 0:
+        raise ConfigError(f"seed {seed!r} must be a non-negative integer, e.g. 0")
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ConfigError(
+            f"metric {metric!r} is not supported; expected one of {METRICS} "
+            "(normalise the embeddings and use 'ip' for cosine)"
+        )
+    return metric
+
+
+def _check_embeddings(embeddings: Any) -> np.ndarray:
+    x = _to_numpy(embeddings)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise DataError(
+            f"embeddings has shape {tuple(x.shape)}; expected a non-empty 2-D array (M, D), "
+            "one row per item"
+        )
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise DataError(f"embeddings has dtype {x.dtype}; expected real-valued embeddings")
+    x = x.astype(np.float64)
+    bad = int((~np.isfinite(x)).sum())
+    if bad:
+        raise DataError(
+            f"embeddings has {bad} non-finite values (NaN or inf) out of {x.size}; "
+            "check the model output (a diverged loss?) before evaluating"
+        )
+    return x
+
+
+def _check_labels(labels: Any, n: int | None) -> np.ndarray:
+    y = _to_numpy(labels)
+    if y.ndim != 1 or (n is not None and len(y) != n) or len(y) == 0:
+        rows = "" if n is None else f" but embeddings has {n} rows"
+        raise DataError(
+            f"labels has shape {tuple(y.shape)}{rows}; "
+            "pass one label per embedding as a non-empty 1-D array"
+        )
+    return y
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    # Duck-typed so this module needs no torch: a tensor may live on a GPU or need grad.
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.double()  # numpy has no bfloat16
+        return x.numpy()
+    return np.asarray(x)

@@ -1,0 +1,396 @@
+"""Evaluation job: a checkpoint (+ data) -> embeddings -> retrieval, verification, one-shot.
+
+Writes into the run directory: metrics.json, embeddings/*.npy, index.faiss, model.ckpt (the
+checkpoint with the threshold calibrated here) and the plots roc.png, distances.png,
+embeddings_2d.png, retrieval.png.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from siamese.config import build
+from siamese.data.datasets import ConcatImages, LabelledImages
+from siamese.data.pairs import sample_pairs
+from siamese.errors import ConfigError, DataError
+from siamese.evaluation import (
+    build_index,
+    oneshot_metrics,
+    retrieval_metrics,
+    threshold_at_far,
+    verification_metrics,
+)
+from siamese.inference import load
+from siamese.module import SiameseModule
+from siamese.pipelines.report import print_table, write_metrics
+from siamese.pipelines.train import REPORTED as TRAIN_REPORTED
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("test", "val", "train", "all")
+GALLERIES = ("test", "train")
+PROJECTIONS = ("pca", "tsne")
+RECALL_KS = (1, 5, 10)
+REPORTED = (
+    *TRAIN_REPORTED,
+    "accuracy_at_threshold",
+    "oneshot_5way_1shot",
+    "oneshot_20way_1shot",
+    "approx_recall_at_10",
+)
+# Counts and confidence intervals: kept in metrics.json, left out of the printed table.
+NOT_PRINTED = ("num_", "_ci95", "target_far")
+
+
+def check_eval_config(ev: DictConfig) -> None:
+    """Fail at start, in one sentence, on eval options that cannot work."""
+    if ev.split not in SPLITS:
+        raise ConfigError(f"eval.split={ev.split!r} is unknown; expected one of {SPLITS}")
+    if ev.gallery not in GALLERIES:
+        raise ConfigError(
+            f"eval.gallery={ev.gallery!r} is unknown; expected test (leave-one-out within the "
+            "evaluated split) or train (search the train split)"
+        )
+    if ev.gallery == "train" and ev.split in ("train", "all"):
+        raise ConfigError(
+            f"eval.gallery=train searches the train split, so its queries cannot come from "
+            f"eval.split={ev.split}; use eval.split=test or val, or eval.gallery=test"
+        )
+    for key in ("k", "batch_size", "pairs", "grid_queries", "projection_points"):
+        value = ev.get(key)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < (2 if key == "pairs" else 1)
+        ):
+            raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
+    if ev.projection not in PROJECTIONS:
+        raise ConfigError(f"eval.projection={ev.projection!r} is unknown; expected pca or tsne")
+    far = ev.get("target_far")
+    if far is not None and (
+        isinstance(far, bool) or not isinstance(far, float | int) or not 0 < far < 1
+    ):
+        raise ConfigError(f"eval.target_far must be a rate in (0, 1) such as 1e-3, got {far!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"eval.device={name!r} is not a device; use auto, cpu or cuda[:N]"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"eval.device={name} but torch sees no CUDA device; use eval.device=cpu or auto"
+        )
+    return device
+
+
+def recall_ks(k: int) -> tuple[int, ...]:
+    """recall@1, 5, 10 up to ``k``, and recall@k itself."""
+    return tuple(sorted({kk for kk in RECALL_KS if kk <= k} | {k}))
+
+
+def load_model(cfg: DictConfig, device: torch.device) -> tuple[SiameseModule, Path]:
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise ConfigError(
+            "ckpt_path is required: python evaluate.py "
+            "ckpt_path=outputs/train/runs/<time>/checkpoints/best.ckpt"
+        )
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    return load(path, map_location=device), path
+
+
+def data_config(cfg: DictConfig, model: SiameseModule) -> dict[str, Any]:
+    """The data chosen on the command line, or else the one the checkpoint was trained on."""
+    if cfg.get("data") is not None:
+        return OmegaConf.to_container(cfg.data, resolve=True)
+    stored = (model.hparams.get("config") or {}).get("data")
+    if not stored:
+        raise ConfigError(
+            "the checkpoint does not say which data it was trained on; pass data=... "
+            "(e.g. data=mnist_subset or data=image_folder data.root=PATH)"
+        )
+    return stored
+
+
+def check_model_fits(model: SiameseModule, shape: tuple[int, int, int], data: str) -> None:
+    expected = tuple(model.tower.input_shape)
+    if tuple(shape) != expected:
+        c, h, w = expected
+        raise ConfigError(
+            f"the checkpoint's model takes {c}x{h}x{w} images but {data} gives "
+            f"{shape[0]}x{shape[1]}x{shape[2]}; set data.image_size=[{h},{w}] and the data's "
+            f"channels to {c} (data.source.channels for image_folder)"
+        )
+
+
+def pick_split(splits: Any, name: str) -> LabelledImages:
+    if name == "all":
+        return ConcatImages(list(splits.as_tuple()))
+    return getattr(splits, name)
+
+
+def check_eval_split(split: LabelledImages, name: str, data: str) -> None:
+    """Evaluation needs two classes, and a class with two items for any positive."""
+    if len(split) == 0:
+        raise DataError(f"the {name} split of {data} is empty; choose another eval.split")
+    classes, counts = torch.unique(split.targets, return_counts=True)
+    if len(classes) < 2:
+        raise DataError(
+            f"the {name} split of {data} has only one class ({len(split)} items), so nothing "
+            "can be told apart; evaluate a split with at least two classes"
+        )
+    if not bool((counts >= 2).any()):
+        raise DataError(
+            f"no class in the {name} split of {data} has two items, so no item has a match; "
+            "add images or evaluate another split"
+        )
+
+
+@torch.inference_mode()
+def embed_split(
+    model: SiameseModule, split: LabelledImages, batch_size: int, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) float32 embeddings in the split's own order, and (N,) labels; refuses NaN."""
+    device = model.device
+    chunks = []
+    starts = range(0, len(split), batch_size)
+    for start in tqdm(starts, desc=f"embed {name}", unit="batch", file=sys.stderr, disable=None):
+        images, _ = split.__getitems__(list(range(start, min(start + batch_size, len(split)))))
+        chunks.append(model(images.to(device)).float().cpu())
+    emb = torch.cat(chunks).numpy()
+    bad_rows = int((~np.isfinite(emb)).any(axis=1).sum())
+    if bad_rows:
+        raise DataError(
+            f"the model gave non-finite (NaN or inf) embeddings for {bad_rows} of the "
+            f"{len(emb)} {name} images; the checkpoint's weights have probably diverged, so "
+            "evaluate an earlier checkpoint"
+        )
+    return np.ascontiguousarray(emb, dtype=np.float32), split.targets.numpy().astype(np.int64)
+
+
+def pair_distances(
+    model: SiameseModule, emb: np.ndarray, labels: np.ndarray, num_pairs: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances of fixed-seed balanced pairs under the model's own distance (learned too)."""
+    pairs = sample_pairs(torch.from_numpy(labels), num_pairs, seed)
+    e = torch.from_numpy(emb).to(model.device)
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(pairs.first), 65536):
+            a = e[pairs.first[s : s + 65536].to(model.device)]
+            b = e[pairs.second[s : s + 65536].to(model.device)]
+            out.append(model.distance.to_distance(model.distance.paired(a, b)).float().cpu())
+    return torch.cat(out).numpy(), pairs.same.numpy()
+
+
+def save_model_with_threshold(src: Path, dst: Path, threshold: float, note: dict) -> None:
+    """A copy of the checkpoint whose model carries this threshold (``siamese.load(dst).same``)."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    ckpt["state_dict"]["threshold"] = torch.tensor(float(threshold))
+    ckpt["siamese_calibration"] = note
+    tmp = dst.with_suffix(".ckpt.tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(dst)
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate a checkpoint, write everything to the run directory; return metrics.json."""
+    ev = cfg.eval
+    check_eval_config(ev)
+    index_params = OmegaConf.to_container(cfg.index, resolve=True)
+    device = resolve_device(str(ev.device))
+    model, ckpt_path = load_model(cfg, device)
+    metric = model.distance.faiss_metric
+
+    data_cfg = data_config(cfg, model)
+    data_name = _data_name(data_cfg)
+    datamodule = build(data_cfg)
+    splits = datamodule.read_splits()
+    check_model_fits(model, splits.image_shape, data_name)
+    query_split = pick_split(splits, ev.split)
+    check_eval_split(query_split, ev.split, data_name)
+    gallery_split = splits.train if ev.gallery == "train" else None
+    if gallery_split is not None:
+        check_eval_split(gallery_split, "train", data_name)
+    retrievable = len(gallery_split) if gallery_split is not None else len(query_split) - 1
+    if ev.k > retrievable:
+        raise ConfigError(
+            f"eval.k={ev.k} is larger than the {retrievable} items each query can retrieve; "
+            f"use eval.k={min(10, retrievable)} or a larger gallery"
+        )
+
+    out_dir = Path(cfg.paths.output_dir)
+    query, query_labels = embed_split(model, query_split, ev.batch_size, ev.split)
+    if gallery_split is not None:
+        gallery, gallery_labels = embed_split(model, gallery_split, ev.batch_size, "train")
+    else:
+        gallery, gallery_labels = query, query_labels
+
+    # Retrieval: faiss over the gallery (leave-one-out when the gallery is the split itself).
+    kind = index_params.pop("kind", "flat")
+    index = build_index(gallery, metric=metric, kind=kind, **index_params)
+    leave_one_out = gallery_split is None
+    retrieval = retrieval_metrics(
+        query,
+        query_labels,
+        None if leave_one_out else gallery,
+        None if leave_one_out else gallery_labels,
+        metric=metric,
+        ks=recall_ks(ev.k),
+        index=index,
+    )
+
+    # Verification on fixed-seed balanced pairs of the evaluated split.
+    distances, same = pair_distances(model, query, query_labels, ev.pairs, ev.pairs_seed)
+    verification = verification_metrics(distances, same)
+    threshold = verification["threshold"]
+    if ev.target_far is not None:
+        threshold = threshold_at_far(distances, same, float(ev.target_far))
+        verification["threshold"] = threshold
+        verification["threshold_target_far"] = float(ev.target_far)
+        at = verification_metrics(distances, same, threshold=threshold)
+        verification["accuracy_at_threshold"] = at["accuracy_at_threshold"]
+
+    oneshot = oneshot_metrics(
+        query,
+        query_labels,
+        ways=tuple(ev.oneshot.ways),
+        k_shot=ev.oneshot.shot,
+        episodes=ev.oneshot.episodes,
+        seed=ev.oneshot.seed,
+        metric=metric,
+    )
+
+    protocol = (
+        f"leave-one-out over the {ev.split} split"
+        if leave_one_out
+        else f"{ev.split} split queries against the train split"
+    )
+    numbers = {**retrieval, **verification, **oneshot}
+    report: dict[str, Any] = {
+        "protocol": protocol,
+        "checkpoint": str(ckpt_path),
+        "data": data_name,
+        "split": ev.split,
+        "index": kind,
+        "distance": model.distance.name,
+        **{k: float(v) for k, v in numbers.items()},
+    }
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if ev.save_embeddings:
+        save_embeddings(out_dir / "embeddings", query, query_labels, gallery, gallery_labels)
+    if ev.save_index:
+        faiss.write_index(index, str(out_dir / "index.faiss"))
+    note = {"split": ev.split, "data": data_name, "target_far": ev.target_far}
+    save_model_with_threshold(ckpt_path, out_dir / "model.ckpt", threshold, note)
+    if ev.plots:
+        write_plots(
+            out_dir,
+            ev,
+            distances=distances,
+            same=same,
+            threshold=threshold,
+            query=(query, query_labels, query_split),
+            gallery=(gallery, gallery_labels, gallery_split or query_split),
+            index=index,
+            leave_one_out=leave_one_out,
+        )
+    write_metrics(out_dir / "metrics.json", report)
+    printed = {k: v for k, v in numbers.items() if not any(t in k for t in NOT_PRINTED)}
+    print_table(printed, prefix="", order=REPORTED, title="metric")
+    log.info("evaluation written to %s", out_dir)
+    return report
+
+
+def save_embeddings(
+    folder: Path,
+    query: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in (
+        ("query", query),
+        ("query_labels", query_labels),
+        ("gallery", gallery),
+        ("gallery_labels", gallery_labels),
+    ):
+        np.save(folder / f"{name}.npy", array)
+
+
+def write_plots(
+    out_dir: Path,
+    ev: DictConfig,
+    *,
+    distances: np.ndarray,
+    same: np.ndarray,
+    threshold: float,
+    query: tuple[np.ndarray, np.ndarray, LabelledImages],
+    gallery: tuple[np.ndarray, np.ndarray, LabelledImages],
+    index: faiss.Index,
+    leave_one_out: bool,
+) -> None:
+    from siamese.evaluation.plots import (
+        plot_distance_histograms,
+        plot_embeddings_2d,
+        plot_retrieval_grid,
+        plot_roc,
+    )
+
+    plot_roc(distances, same, out_dir / "roc.png", threshold=threshold)
+    plot_distance_histograms(distances, same, out_dir / "distances.png", threshold=threshold)
+    q_emb, q_labels, q_split = query
+    _, g_labels, g_split = gallery
+    plot_embeddings_2d(
+        q_emb,
+        q_labels,
+        out_dir / "embeddings_2d.png",
+        method=ev.projection,
+        max_points=ev.projection_points,
+        seed=0,
+    )
+    # A few fixed-seed queries and their top k, read back from the split's images.
+    rng = np.random.default_rng(0)
+    shown = np.sort(rng.choice(len(q_emb), size=min(ev.grid_queries, len(q_emb)), replace=False))
+    k = min(ev.k, 8)
+    _, found = index.search(q_emb[shown], k + leave_one_out)
+    neighbours = np.empty((len(shown), k), dtype=np.int64)
+    for row, (own, ids) in enumerate(zip(shown, found, strict=True)):
+        ids = ids[ids >= 0]
+        if leave_one_out:
+            ids = ids[ids != own]
+        neighbours[row] = ids[:k] if len(ids) >= k else np.resize(ids, k)
+    used, remapped = np.unique(neighbours, return_inverse=True)
+    q_images, _ = q_split.__getitems__(shown.tolist())
+    g_images, _ = g_split.__getitems__(used.tolist())
+    plot_retrieval_grid(
+        q_images.numpy(),
+        q_labels[shown],
+        g_images.numpy(),
+        g_labels[used],
+        remapped.reshape(neighbours.shape),
+        out_dir / "retrieval.png",
+        max_queries=len(shown),
+    )
+
+
+def _data_name(data_cfg: dict[str, Any]) -> str:
+    source = (data_cfg.get("source") or {}).get("_target_", "?").rsplit(".", 1)[-1]
+    root = data_cfg.get("root")
+    return f"{source}(root={root!r})" if root else source

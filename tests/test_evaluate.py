@@ -1,0 +1,253 @@
+"""evaluate.py end to end: files in the run directory, numbers that agree with train.py and
+with the exported arrays, the calibrated threshold, other data, and one-line bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, compose_eval, compose_train, run_script
+from fixtures_data import make_image_folder
+
+import siamese
+from siamese.data.pairs import sample_pairs
+from siamese.errors import ConfigError, DataError
+from siamese.evaluation import retrieval_metrics
+from siamese.pipelines.evaluate import REPORTED, recall_ks, run_evaluation
+from siamese.pipelines.train import run_training
+
+EVAL_FAST = ["eval.pairs=500", "eval.oneshot.episodes=200", "eval.projection_points=300"]
+FILES = [
+    "metrics.json",
+    "index.faiss",
+    "model.ckpt",
+    "roc.png",
+    "distances.png",
+    "embeddings_2d.png",
+    "retrieval.png",
+    *(f"embeddings/{n}.npy" for n in ("query", "query_labels", "gallery", "gallery_labels")),
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    cfg = compose_train([*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=10"], out)
+    run_training(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    ckpt = trained / "checkpoints" / "best.ckpt"
+    report = run_evaluation(compose_eval([f"ckpt_path={ckpt}", *EVAL_FAST], out))
+    return out, report
+
+
+def test_run_directory_holds_every_file_and_bare_metric_names(evaluated):
+    out, report = evaluated
+    for name in FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == report
+    assert on_disk["protocol"] == "leave-one-out over the test split"
+    assert on_disk["index"] == "flat" and on_disk["distance"] == "euclidean"
+    # The contract's names, bare; 20-way one-shot is left out: MNIST has 10 classes.
+    expected = set(REPORTED) - {"oneshot_20way_1shot", "approx_recall_at_10"}
+    expected -= {"accuracy_at_threshold"}
+    assert expected <= set(on_disk)
+    assert not any(k.startswith("test/") for k in on_disk)
+    for key in expected:
+        assert math.isfinite(on_disk[key]), key
+    assert 0.2 < on_disk["oneshot_5way_1shot"] <= 1.0
+    assert 0 < on_disk["oneshot_5way_1shot_ci95"] < 0.1
+    assert on_disk["num_queries"] == 1000.0
+
+
+def test_scores_agree_with_train_py_on_the_same_checkpoint(trained, evaluated):
+    """train.py tested best.ckpt on the same split with the same pair seed and count."""
+    _, report = evaluated
+    tested = json.loads((trained / "metrics.json").read_text())
+    for name in ("precision_at_1", "recall_at_5", "map_at_r", "r_precision"):
+        assert report[name] == pytest.approx(tested[f"test/{name}"], abs=2e-3), name
+    for name in ("roc_auc", "eer", "verification_accuracy", "tar_at_far_1e-2"):
+        assert report[name] == pytest.approx(tested[f"test/{name}"], abs=1e-3), name
+
+
+def test_exports_are_the_models_embeddings_and_give_the_reported_numbers(trained, evaluated):
+    out, report = evaluated
+    emb = out / "embeddings"
+    query, labels = np.load(emb / "query.npy"), np.load(emb / "query_labels.npy")
+    assert query.shape == (1000, 64) and query.dtype == np.float32
+    np.testing.assert_array_equal(np.load(emb / "gallery.npy"), query)  # leave-one-out
+    model = siamese.load(trained / "checkpoints" / "best.ckpt")
+    splits = model.hparams.config["data"]
+    from siamese.config import build
+
+    test = build(splits).read_splits().test
+    images, targets = test.__getitems__(list(range(len(test))))
+    np.testing.assert_array_equal(labels, targets.numpy())
+    np.testing.assert_allclose(query, model.embed(images).numpy(), atol=1e-5)
+    again = retrieval_metrics(query, labels, metric="l2", ks=recall_ks(10))
+    for name in ("precision_at_1", "recall_at_10", "map_at_r"):
+        assert again[name] == report[name]
+    index = faiss.read_index(str(out / "index.faiss"))
+    assert index.ntotal == 1000 and index.d == 64
+
+
+def test_model_ckpt_carries_the_calibrated_threshold(trained, evaluated):
+    out, report = evaluated
+    model = siamese.load(out / "model.ckpt")
+    assert float(model.threshold) == pytest.approx(report["threshold"])
+    # Fixed-seed pairs of the exported embeddings reproduce the reported accuracy there.
+    query = torch.from_numpy(np.load(out / "embeddings" / "query.npy"))
+    labels = torch.from_numpy(np.load(out / "embeddings" / "query_labels.npy"))
+    pairs = sample_pairs(labels, 500, 0)
+    d = (query[pairs.first] - query[pairs.second]).norm(dim=1)
+    accuracy = ((d <= report["threshold"]) == pairs.same).float().mean()
+    assert float(accuracy) == pytest.approx(report["verification_accuracy"], abs=1e-6)
+    # .same answers at that threshold; the original checkpoint keeps its own.
+    test = siamese.load(trained / "checkpoints" / "best.ckpt")
+    a, b = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    assert torch.equal(model.same(a, b), model.compare(a, b) <= report["threshold"])
+    assert torch.allclose(model.compare(a, b), test.compare(a, b))
+
+
+def test_target_far_picks_a_threshold_with_that_false_accept_rate(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "best.ckpt"
+    report = run_evaluation(
+        compose_eval(
+            [f"ckpt_path={ckpt}", *EVAL_FAST, "eval.target_far=0.01", "eval.plots=false"],
+            tmp_path,
+        )
+    )
+    query = torch.from_numpy(np.load(tmp_path / "embeddings" / "query.npy"))
+    labels = torch.from_numpy(np.load(tmp_path / "embeddings" / "query_labels.npy"))
+    pairs = sample_pairs(labels, 500, 0)
+    d = (query[pairs.first] - query[pairs.second]).norm(dim=1)
+    accepted = d <= report["threshold"]
+    far = float((accepted & ~pairs.same).sum() / (~pairs.same).sum())
+    assert far <= 0.01
+    assert report["threshold_target_far"] == 0.01
+    tar = float((accepted & pairs.same).sum() / pairs.same.sum())
+    assert report["accuracy_at_threshold"] == pytest.approx(
+        (tar * pairs.same.sum() + (1 - far) * (~pairs.same).sum()).item() / 500, abs=1e-6
+    )
+    assert not (tmp_path / "roc.png").exists()
+
+
+def test_train_gallery_and_approximate_indexes(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "best.ckpt"
+    base = [f"ckpt_path={ckpt}", *EVAL_FAST, "eval.plots=false"]
+    train = run_evaluation(compose_eval([*base, "eval.gallery=train"], tmp_path / "g"))
+    assert train["protocol"] == "test split queries against the train split"
+    assert np.load(tmp_path / "g" / "embeddings" / "gallery.npy").shape == (3500, 64)
+    assert faiss.read_index(str(tmp_path / "g" / "index.faiss")).ntotal == 3500
+
+    flat = run_evaluation(compose_eval(base, tmp_path / "flat"))
+    for kind in ("ivf", "hnsw"):
+        approx = run_evaluation(compose_eval([*base, f"index={kind}"], tmp_path / kind))
+        assert approx["index"] == kind
+        assert 0.9 <= approx["approx_recall_at_10"] <= 1.0
+        assert approx["precision_at_1"] == pytest.approx(flat["precision_at_1"], abs=0.02)
+        assert approx["roc_auc"] == flat["roc_auc"]  # verification does not use the index
+
+
+def test_an_image_folder_of_new_classes_all_splits(trained, tmp_path):
+    make_image_folder(tmp_path / "new", {"a": 6, "b": 6, "c": 5, "d": 6, "e": 6, "lonely": 1})
+    ckpt = trained / "checkpoints" / "best.ckpt"
+    folder = ["data=image_folder", f"data.root={tmp_path / 'new'}", "data.num_workers=0"]
+    with pytest.raises(ConfigError, match=r"takes 1x28x28 images but ImageFolder.* gives 3x64x64"):
+        run_evaluation(compose_eval([f"ckpt_path={ckpt}", *folder, *EVAL_FAST], tmp_path / "x"))
+
+    fitted = [*folder, "data.image_size=28", "data.source.channels=1", "eval.split=all"]
+    report = run_evaluation(
+        compose_eval([f"ckpt_path={ckpt}", *fitted, *EVAL_FAST, "eval.k=5"], tmp_path / "y")
+    )
+    assert report["num_queries"] == 30.0
+    assert report["num_queries_without_positive"] == 1.0  # "lonely": counted, not a crash
+    assert "recall_at_10" not in report and "recall_at_5" in report
+    assert "oneshot_5way_1shot" in report and "oneshot_20way_1shot" not in report
+    assert (tmp_path / "y" / "retrieval.png").is_file()
+
+
+def test_nan_weights_and_impossible_options_are_refused(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "best.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    name = next(k for k in state["state_dict"] if k.endswith("weight") and "tower" in k)
+    state["state_dict"][name] = torch.full_like(state["state_dict"][name], math.nan)
+    torch.save(state, tmp_path / "nan.ckpt")
+    with pytest.raises(DataError, match=r"non-finite .* for 1000 of the 1000 test images"):
+        run_evaluation(compose_eval([f"ckpt_path={tmp_path / 'nan.ckpt'}"], tmp_path / "a"))
+    with pytest.raises(ConfigError, match=r"eval.k=2000 is larger than the 999 items"):
+        run_evaluation(compose_eval([f"ckpt_path={ckpt}", "eval.k=2000"], tmp_path / "b"))
+    with pytest.raises(ConfigError, match="eval.gallery=train searches the train split"):
+        run_evaluation(
+            compose_eval([f"ckpt_path={ckpt}", "eval.gallery=train", "eval.split=all"], tmp_path)
+        )
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_evaluate_py_end_to_end_and_bad_input(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "best.ckpt"
+    proc = run_script(
+        "evaluate.py", f"ckpt_path={ckpt}", *EVAL_FAST, f"hydra.run.dir={tmp_path / 'ok'}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "precision_at_1" in proc.stdout and "oneshot_5way_1shot" in proc.stdout
+    assert (tmp_path / "ok" / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "ok" / "metrics.json").is_file()
+
+    (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
+    cases = [
+        ([], "ckpt_path is required"),
+        ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], "does not exist"),
+        ([f"ckpt_path={tmp_path / 'corrupt.ckpt'}"], "is not a readable checkpoint"),
+        ([f"ckpt_path={ckpt}", "index=annoy"], "unknown index=annoy; choose one of: flat, hnsw"),
+    ]
+    for i, (args, expected) in enumerate(cases):
+        proc = run_script("evaluate.py", *args, f"hydra.run.dir={tmp_path / str(i)}")
+        assert expected in one_line_error(proc), args
+
+
+def test_readme_example_load_embed_a_folder_search(trained, tmp_path):
+    make_image_folder(tmp_path / "photos", {"a": 3, "b": 4})
+    model = siamese.load(trained / "checkpoints" / "best.ckpt")
+    photos, paths = siamese.read_images(tmp_path / "photos", like=model)
+    assert photos.shape == (7, 1, 28, 28) and 0 <= photos.min() and photos.max() <= 1
+    assert paths == sorted(paths) and all(p.startswith(str(tmp_path)) for p in paths)
+    from siamese.evaluation import build_index
+
+    index = build_index(model.embed(photos), metric=model.distance.faiss_metric)
+    distances, ids = index.search(model.embed(photos[[4, 1]]).numpy(), 5)
+    assert ids[:, 0].tolist() == [4, 1]  # each photo finds itself first
+    assert distances[:, 0] == pytest.approx([0, 0], abs=1e-5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files in"):
+        siamese.read_images(tmp_path / "empty", like=model)
+
+
+def test_a_split_with_one_class_or_no_pair_is_refused():
+    from siamese.data.datasets import TensorImages
+    from siamese.pipelines.evaluate import check_eval_split
+
+    images = torch.zeros(4, 1, 8, 8)
+    one_class = TensorImages(images, torch.tensor([3, 3, 3, 3]), ["a", "b", "c", "d"])
+    with pytest.raises(DataError, match=r"the test split of X has only one class \(4 items\)"):
+        check_eval_split(one_class, "test", "X")
+    singletons = TensorImages(images, torch.tensor([0, 1, 2, 3]), ["a", "b", "c", "d"])
+    with pytest.raises(DataError, match="no class in the val split of X has two items"):
+        check_eval_split(singletons, "val", "X")
+    check_eval_split(TensorImages(images, torch.tensor([0, 0, 1, 2]), list("abcd")), "test", "X")

@@ -1,0 +1,254 @@
+"""One-shot episodes: hand-placed clusters, episode validity, and a loop implementation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from siamese.errors import ConfigError, DataError
+from siamese.evaluation.oneshot import (
+    Episodes,
+    oneshot_accuracy,
+    oneshot_metrics,
+    predict_episodes,
+    sample_episodes,
+)
+
+
+def clusters(n_classes: int, per_class: int, dim: int = 4, spread: float = 1e-3, seed: int = 0):
+    """Tight clusters around far-apart centres: every episode must be answered right."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, dim)) * 100
+    labels = np.repeat(np.arange(n_classes), per_class)
+    emb = centres[labels] + spread * rng.standard_normal((len(labels), dim))
+    return emb, labels
+
+
+def loop_predictions(emb, eps: Episodes, metric: str) -> np.ndarray:
+    """The definition, one episode and one class at a time."""
+    pred = []
+    for support, query in zip(eps.support, eps.query, strict=True):
+        q = emb[query]
+        scores = []
+        for items in support:
+            proto = emb[items].mean(axis=0)
+            if metric == "l2":
+                scores.append(-np.linalg.norm(q - proto))
+            else:
+                scores.append(float(q @ proto))
+        pred.append(int(np.argmax(scores)))
+    return np.array(pred)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("k_shot", [1, 3])
+def test_tight_clusters_are_always_right(metric, k_shot):
+    emb, labels = clusters(8, 5)
+    if metric == "ip":
+        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    got = oneshot_accuracy(emb, labels, n_way=5, k_shot=k_shot, episodes=300, metric=metric)
+    assert got == {"accuracy": 1.0, "ci95": 0.0, "episodes": 300.0, "n_way": 5.0, "k_shot": k_shot}
+
+
+def test_a_class_that_always_fails():
+    # 1-D points, five classes, so every 5-way episode holds all of them. Class 4 has one
+    # item at 0 and one at 100: its query sits on the other item's far side, nearer class 0
+    # (at 1) or class 3 (at 99), so exactly the episodes whose target is class 4 fail.
+    #   class: 0      1       2       3       4
+    #   items: 1, 1   30, 30  60, 60  99, 99  0, 100
+    emb = np.array([[1.0], [1], [30], [30], [60], [60], [99], [99], [0], [100]])
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    eps = sample_episodes(labels, 5, 1, 500, seed=3)
+    fails = labels[eps.query] == 4
+    assert 0.1 < fails.mean() < 0.3  # the target class is uniform among the five
+    got = oneshot_accuracy(emb, labels, n_way=5, episodes=500, seed=3)
+    p = 1 - fails.mean()
+    assert got["accuracy"] == p
+    std = math.sqrt(sum((float(ok) - p) ** 2 for ok in ~fails) / 500)  # population std
+    assert got["ci95"] == pytest.approx(1.96 * std / math.sqrt(500), rel=1e-12)
+
+
+def test_support_mean_decides_with_k_above_one():
+    # Class 0 supports at 0 and 10 (mean 5), class 1 at 6 and 6; a query at 4.5 is nearer
+    # class 1's nearest item (1.5 < 4.5) but nearer class 0's mean (0.5 < 1.5).
+    emb = np.array([[0.0], [10], [6], [6], [4.5]])
+    eps = Episodes(support=np.array([[[0, 1], [2, 3]]]), query=np.array([4]), target=np.array([0]))
+    assert predict_episodes(emb, eps).tolist() == [0]
+
+
+def test_metric_ip_takes_the_largest_inner_product():
+    # Query (1, 0): support A = (10, 0) has inner product 10 and distance 9, support
+    # B = (1, 0.1) inner product 1 and distance 0.1.
+    emb = np.array([[10.0, 0], [1, 0.1], [1, 0]])
+    eps = Episodes(support=np.array([[[0], [1]]]), query=np.array([2]), target=np.array([0]))
+    assert predict_episodes(emb, eps, metric="ip").tolist() == [0]
+    assert predict_episodes(emb, eps, metric="l2").tolist() == [1]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("k_shot", [1, 3])
+def test_matches_a_loop_on_random_data(metric, k_shot):
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((300, 16)).astype(np.float32)
+    labels = rng.integers(0, 25, 300)
+    eps = sample_episodes(labels, 10, k_shot, 200, seed=5)
+    expected = loop_predictions(emb.astype(np.float64), eps, metric)
+    np.testing.assert_array_equal(predict_episodes(emb, eps, metric=metric), expected)
+    got = oneshot_accuracy(
+        torch.from_numpy(emb), labels, n_way=10, k_shot=k_shot, episodes=200, seed=5, metric=metric
+    )
+    assert got["accuracy"] == np.mean(expected == eps.target)
+    assert 0.0 < got["accuracy"] < 0.5  # random embeddings: near chance, 1/10
+
+
+def test_episodes_are_valid():
+    rng = np.random.default_rng(2)
+    # Classes 0-9 have 3-9 items, class 10 has 2 and class 11 has 1: with k_shot=2 neither
+    # of the last two may appear.
+    labels = np.concatenate([np.repeat(np.arange(10), rng.integers(3, 10, 10)), [10, 10, 11]])
+    labels = rng.permutation(labels)
+    eps = sample_episodes(labels, 6, 2, 2000, seed=0)
+    assert eps.support.shape == (2000, 6, 2)
+    assert eps.query.shape == eps.target.shape == (2000,)
+
+    support_labels = labels[eps.support]  # (E, N, K)
+    assert (support_labels == support_labels[..., :1]).all()  # one class per slot
+    classes = support_labels[..., 0]  # (E, N)
+    assert (np.sort(classes, axis=1)[:, 1:] != np.sort(classes, axis=1)[:, :-1]).all()
+    assert set(np.unique(classes)) == set(range(10))  # every eligible class, no other
+    assert (labels[eps.query] == classes[np.arange(2000), eps.target]).all()
+    # Supports of a slot are distinct items, and the query is none of them.
+    assert (eps.support[..., 0] != eps.support[..., 1]).all()
+    assert not (eps.support == eps.query[:, None, None]).any()
+    # Target positions are uniform over the slots.
+    counts = np.bincount(eps.target, minlength=6)
+    assert counts.min() > 2000 / 6 * 0.8
+
+
+def test_query_and_supports_are_uniform_within_a_class():
+    # Two classes of three items, 1-shot 2-way: the query of class 0 must be each of its
+    # three items about equally often (an ordered draw could favour one position).
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    eps = sample_episodes(labels, 2, 1, 6000, seed=0)
+    class0 = labels[eps.query] == 0
+    freq = np.bincount(eps.query[class0], minlength=3) / class0.sum()
+    assert np.abs(freq - 1 / 3).max() < 0.03
+    freq = np.bincount(eps.support[..., 0].ravel(), minlength=6) / eps.support.size
+    assert np.abs(freq - 1 / 6).max() < 0.02
+
+
+def test_same_seed_same_result():
+    rng = np.random.default_rng(4)
+    emb, labels = rng.standard_normal((200, 8)), rng.integers(0, 12, 200)
+    a = sample_episodes(labels, 5, 1, 100, seed=7)
+    b = sample_episodes(labels, 5, 1, 100, seed=7)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    first = oneshot_accuracy(emb, labels, episodes=500, seed=7)
+    assert oneshot_accuracy(emb, labels, episodes=500, seed=7) == first
+    assert oneshot_accuracy(emb, labels, episodes=500, seed=8) != first
+
+
+def test_ties_go_to_the_first_class_of_a_random_order():
+    # All embeddings equal: every class ties, the first slot wins, and since the target's
+    # slot is uniform the accuracy is chance, not 0 or 1.
+    labels = np.repeat(np.arange(10), 3)
+    emb = np.zeros((30, 4))
+    eps = sample_episodes(labels, 5, 1, 1000, seed=0)
+    got = oneshot_accuracy(emb, labels, n_way=5, episodes=1000, seed=0)
+    assert got["accuracy"] == np.mean(eps.target == 0)
+    assert 0.15 < got["accuracy"] < 0.25
+
+
+def test_oneshot_metrics_keys():
+    emb, labels = clusters(10, 3)  # MNIST-like: 10 classes
+    assert oneshot_metrics(emb, labels, episodes=50) == {
+        "oneshot_5way_1shot": 1.0,
+        "oneshot_5way_1shot_ci95": 0.0,
+    }
+    emb, labels = clusters(25, 4)
+    got = oneshot_metrics(emb, labels, ways=(20, 5), k_shot=2, episodes=50, seed=1)
+    assert list(got) == [
+        "oneshot_20way_2shot",
+        "oneshot_20way_2shot_ci95",
+        "oneshot_5way_2shot",
+        "oneshot_5way_2shot_ci95",
+    ]
+    emb, labels = clusters(4, 3)  # fewer than 5 classes: nothing fits
+    assert oneshot_metrics(emb, labels) == {}
+
+
+def test_oneshot_metrics_equal_oneshot_accuracy():
+    rng = np.random.default_rng(6)
+    emb, labels = rng.standard_normal((400, 8)), rng.integers(0, 30, 400)
+    got = oneshot_metrics(emb, labels, episodes=300, seed=2, metric="ip")
+    for n in (5, 20):
+        one = oneshot_accuracy(emb, labels, n_way=n, episodes=300, seed=2, metric="ip")
+        assert got[f"oneshot_{n}way_1shot"] == one["accuracy"]
+        assert got[f"oneshot_{n}way_1shot_ci95"] == one["ci95"]
+
+
+def test_twenty_way_on_random_embeddings_is_at_chance():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((10_000, 64)).astype(np.float32)
+    labels = rng.integers(0, 200, 10_000)
+    out = oneshot_accuracy(emb, labels, n_way=20, episodes=1000)
+    # Embeddings that know nothing of the classes score 1/20 within a few standard errors.
+    assert abs(out["accuracy"] - 0.05) < 4 * math.sqrt(0.05 * 0.95 / 1000)
+
+
+def test_nan_embeddings():
+    emb, labels = clusters(6, 3)
+    emb[[1, 4], 0] = np.nan
+    with pytest.raises(DataError, match="2 non-finite values"):
+        oneshot_accuracy(emb, labels)
+
+
+@pytest.mark.parametrize(
+    ("emb", "labels", "match"),
+    [
+        (np.zeros((6, 2)), np.zeros(5), "labels has shape \\(5,\\) but embeddings has 6 rows"),
+        (np.zeros(6), np.zeros(6), "expected a non-empty 2-D array"),
+        (np.zeros((6, 2)), np.zeros((6, 1)), "1-D array"),
+    ],
+)
+def test_bad_shapes(emb, labels, match):
+    with pytest.raises(DataError, match=match):
+        oneshot_accuracy(emb, labels)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_way": 1}, "n_way 1 must be an integer >= 2"),
+        ({"k_shot": 0}, "k_shot 0 must be an integer >= 1"),
+        ({"episodes": 0}, "episodes 0 must be an integer >= 1"),
+        ({"seed": -1}, "seed -1"),
+        ({"metric": "cosine"}, "normalise the embeddings and use 'ip'"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    emb, labels = clusters(6, 3)
+    with pytest.raises(ConfigError, match=match):
+        oneshot_accuracy(emb, labels, **kwargs)
+
+
+def test_more_ways_than_classes():
+    emb, labels = clusters(6, 3)
+    labels[:2] = 99  # class 99 has 2 items, class 0 one left: 5 classes have >= 3 items
+    with pytest.raises(ConfigError, match="n_way=20 needs 20 classes") as err:
+        oneshot_accuracy(emb, labels, n_way=20)
+    assert "only 6" in str(err.value) and "n_way <= 6" in str(err.value)
+    with pytest.raises(ConfigError, match="only 5; use n_way <= 5"):
+        oneshot_accuracy(emb, labels, n_way=6, k_shot=2)
+
+
+def test_bad_ways():
+    emb, labels = clusters(6, 3)
+    with pytest.raises(ConfigError, match="ways"):
+        oneshot_metrics(emb, labels, ways=(1, 5))
+    with pytest.raises(ConfigError, match="ways"):
+        oneshot_metrics(emb, labels, ways=())

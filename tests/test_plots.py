@@ -1,0 +1,198 @@
+"""Evaluation plots: each writes a readable PNG, the PCA helper by hand, and bad inputs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+from siamese.errors import ConfigError, DataError
+from siamese.evaluation.plots import (
+    plot_distance_histograms,
+    plot_embeddings_2d,
+    plot_retrieval_grid,
+    plot_roc,
+    project_2d,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_png(path: Path, expected: Path) -> np.ndarray:
+    """Check the file is the PNG asked for and return its pixels, (H, W, channels)."""
+    assert path == expected
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    pixels = imread(path)
+    assert pixels.ndim == 3
+    assert 100 <= pixels.shape[0] <= 2000 and 100 <= pixels.shape[1] <= 2000
+    assert pixels.std() > 0  # something was drawn
+    return pixels
+
+
+def pairs(n: int = 400, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    same = rng.random(n) < 0.3
+    distances = np.where(same, rng.normal(0.5, 0.2, n), rng.normal(1.2, 0.3, n))
+    return distances, same
+
+
+@pytest.fixture(autouse=True)
+def no_pyplot_figures():
+    """Plots must not leave figures in pyplot's global registry (nor import it at all)."""
+    yield
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    assert pyplot is None or pyplot.get_fignums() == []
+
+
+def test_roc(tmp_path):
+    distances, same = pairs()
+    out = tmp_path / "sub" / "roc.png"
+    pixels = read_png(plot_roc(distances, same, out, threshold=0.8), out)
+    assert pixels.shape[:2] == (450, 600)
+
+
+def test_roc_with_far_zero_points(tmp_path):
+    # Perfectly separated: TAR reaches 1 at FAR 0, which a log axis cannot show as such;
+    # also a FAR target of 0 and a threshold with FAR 0.
+    distances = np.array([0.1, 0.2, 0.3, 0.9, 1.0])
+    same = np.array([True, True, True, False, False])
+    out = tmp_path / "roc.png"
+    read_png(plot_roc(distances, same, out, threshold=0.5, target_fars=(0.0, 1e-3)), out)
+
+
+def test_roc_accepts_tensors_and_a_string_path(tmp_path):
+    distances, same = pairs()
+    out = plot_roc(
+        torch.from_numpy(distances).float(), torch.from_numpy(same), str(tmp_path / "r.png")
+    )
+    read_png(out, tmp_path / "r.png")
+
+
+def test_distance_histograms(tmp_path):
+    distances, same = pairs()
+    out = tmp_path / "distances.png"
+    read_png(plot_distance_histograms(distances, same, out, threshold=0.9), out)
+
+
+def test_distance_histograms_all_equal(tmp_path):
+    out = tmp_path / "d.png"
+    read_png(plot_distance_histograms(np.ones(6), np.arange(6) % 2 == 0, out), out)
+
+
+@pytest.mark.parametrize("n_classes", [3, 30])  # with and without a legend
+def test_embeddings_2d_pca(tmp_path, n_classes):
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((300, 16))
+    labels = rng.integers(0, n_classes, 300)
+    out = tmp_path / "emb.png"
+    read_png(plot_embeddings_2d(emb, labels, out, max_points=100), out)
+
+
+def test_embeddings_2d_tsne(tmp_path):
+    rng = np.random.default_rng(0)
+    emb = np.concatenate([rng.normal(0, 0.1, (12, 5)), rng.normal(3, 0.1, (12, 5))])
+    labels = np.array(["a"] * 12 + ["b"] * 12)
+    out = tmp_path / "tsne.png"
+    read_png(plot_embeddings_2d(torch.from_numpy(emb), labels, out, method="tsne"), out)
+    xy = project_2d(emb, method="tsne", seed=1)
+    assert xy.shape == (24, 2)
+    np.testing.assert_array_equal(xy, project_2d(emb, method="tsne", seed=1))
+
+
+def test_pca_of_points_on_a_line():
+    # Points c + t v with |v| = 3: the first component is 3 (t - mean t), up to a sign
+    # fixed by the direction's largest entry (v's last entry, 2, is positive), the second 0.
+    t = np.array([-2.0, 0.0, 1.0, 5.0])
+    v = np.array([1.0, -2.0, 2.0, 0.0])
+    c = np.array([10.0, 3.0, -1.0, 7.0])
+    xy = project_2d(c + t[:, None] * v)
+    np.testing.assert_allclose(xy[:, 0], 3 * (t - t.mean()), atol=1e-12)
+    np.testing.assert_allclose(xy[:, 1], 0.0, atol=1e-12)
+
+
+def test_pca_of_a_rectangle():
+    # A 4 x 1 rectangle's corners in 3-D, rotated: the long side is the first component.
+    corners = np.array([[-2.0, -0.5], [2, -0.5], [2, 0.5], [-2, 0.5]])
+    a = np.pi / 6
+    rotation = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    points = np.c_[corners, np.zeros(4)] @ rotation.T + 5.0
+    xy = project_2d(points)
+    np.testing.assert_allclose(np.abs(xy), np.abs(corners), atol=1e-12)
+    assert project_2d(np.array([[1.0], [2.0], [4.0]]))[:, 1].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_retrieval_grid(tmp_path, channels):
+    rng = np.random.default_rng(0)
+    queries = rng.random((10, channels, 8, 8)).astype(np.float32)
+    gallery = torch.rand(20, channels, 12, 12)
+    neighbours = rng.integers(0, 20, (10, 4))
+    out = tmp_path / "retrieval.png"
+    written = plot_retrieval_grid(
+        queries, np.arange(10) % 3, gallery, torch.arange(20) % 3, neighbours, out, max_queries=3
+    )
+    pixels = read_png(written, out)
+    assert pixels.shape[1] > pixels.shape[0]  # 3 rows of 5 images: wider than tall
+    # Right retrievals are framed green, wrong ones red: both colours appear.
+    rgb = (pixels[..., :3] * 255).round().astype(int)
+    assert (np.abs(rgb - [44, 160, 44]).sum(axis=-1) < 10).any()  # tab:green
+    assert (np.abs(rgb - [214, 39, 40]).sum(axis=-1) < 10).any()  # tab:red
+
+
+def test_bad_pairs(tmp_path):
+    with pytest.raises(DataError, match="both same and different pairs"):
+        plot_roc(np.ones(3), np.ones(3, dtype=bool), tmp_path / "x.png")
+    with pytest.raises(DataError, match="non-finite"):
+        plot_distance_histograms(
+            np.array([np.nan, 1.0]), np.array([True, False]), tmp_path / "x.png"
+        )
+    with pytest.raises(ConfigError, match="threshold"):
+        plot_roc(*pairs(), tmp_path / "x.png", threshold=float("nan"))
+    with pytest.raises(ConfigError, match="false accept rate"):
+        plot_roc(*pairs(), tmp_path / "x.png", target_fars=(2.0,))
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_embeddings(tmp_path):
+    emb = np.zeros((5, 3))
+    with pytest.raises(ConfigError, match="method 'umap' is not supported"):
+        plot_embeddings_2d(emb, np.zeros(5), tmp_path / "x.png", method="umap")
+    with pytest.raises(DataError, match="labels has shape \\(4,\\) but embeddings has 5 rows"):
+        plot_embeddings_2d(emb, np.zeros(4), tmp_path / "x.png")
+    emb[0, 0] = np.inf
+    with pytest.raises(DataError, match="1 non-finite values"):
+        plot_embeddings_2d(emb, np.zeros(5), tmp_path / "x.png")
+    with pytest.raises(ConfigError, match="max_points 0"):
+        plot_embeddings_2d(emb, np.zeros(5), tmp_path / "x.png", max_points=0)
+
+
+def test_tsne_without_scikit_learn(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # import raises ImportError
+    with pytest.raises(ConfigError, match="pip install scikit-learn"):
+        project_2d(np.zeros((5, 2)), method="tsne")
+
+
+def test_bad_retrieval_inputs(tmp_path):
+    images, labels = np.full((4, 1, 6, 6), 0.5), np.arange(4)
+    pixels_0_255 = np.linspace(0, 255, 4 * 36).reshape(4, 1, 6, 6)
+    nb = np.zeros((4, 2), dtype=int)
+    out = tmp_path / "x.png"
+    with pytest.raises(DataError, match=r"images\[:, None\]"):
+        plot_retrieval_grid(images[:, 0], labels, images, labels, nb, out)
+    with pytest.raises(DataError, match="C = 1 or 3"):
+        plot_retrieval_grid(np.zeros((4, 2, 6, 6)), labels, images, labels, nb, out)
+    with pytest.raises(DataError, match="from 0 to 255; expected floats in \\[0, 1\\]"):
+        plot_retrieval_grid(pixels_0_255, labels, images, labels, nb, out)
+    with pytest.raises(DataError, match="gallery has 4 images"):
+        plot_retrieval_grid(images, labels, images, labels, nb + 4, out)
+    with pytest.raises(DataError, match="neighbours has shape \\(3, 2\\) for 4 queries"):
+        plot_retrieval_grid(images, labels, images, labels, nb[:3], out)
+    with pytest.raises(DataError, match="query_labels has shape"):
+        plot_retrieval_grid(images, labels[:3], images, labels, nb, out)
+    with pytest.raises(ConfigError, match="max_queries"):
+        plot_retrieval_grid(images, labels, images, labels, nb, out, max_queries=0)
