@@ -251,3 +251,16 @@ def test_a_split_with_one_class_or_no_pair_is_refused():
     with pytest.raises(DataError, match="no class in the val split of X has two items"):
         check_eval_split(singletons, "val", "X")
     check_eval_split(TensorImages(images, torch.tensor([0, 0, 1, 2]), list("abcd")), "test", "X")
+
+
+def test_a_train_gallery_needs_the_same_classes():
+    from siamese.data.datasets import TensorImages
+    from siamese.pipelines.evaluate import check_shared_classes
+
+    images, labels = torch.zeros(4, 1, 8, 8), torch.tensor([0, 0, 1, 1])
+    train = TensorImages(images, labels, ["Latin/a", "Latin/b"])
+    check_shared_classes(TensorImages(images, labels, ["Latin/a", "Latin/b"]), train, "test", "X")
+    # Same label numbers, other characters: a label match would not be a true match.
+    other = TensorImages(images, labels, ["Tengwar/a", "Tengwar/b"])
+    with pytest.raises(ConfigError, match="numbers its classes differently from its train split"):
+        check_shared_classes(other, train, "test", "X")

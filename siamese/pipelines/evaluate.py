@@ -160,6 +160,18 @@ def check_eval_split(split: LabelledImages, name: str, data: str) -> None:
         )
 
 
+def check_shared_classes(
+    query: LabelledImages, gallery: LabelledImages, name: str, data: str
+) -> None:
+    """Labels only match across splits that number their classes from one list."""
+    if list(query.classes) != list(gallery.classes):
+        raise ConfigError(
+            f"the {name} split of {data} numbers its classes differently from its train "
+            "split, so labels cannot be matched across them; use eval.gallery=test "
+            "(leave-one-out within the split)"
+        )
+
+
 @torch.inference_mode()
 def embed_split(
     model: SiameseModule, split: LabelledImages, batch_size: int, name: str
@@ -226,6 +238,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     gallery_split = splits.train if ev.gallery == "train" else None
     if gallery_split is not None:
         check_eval_split(gallery_split, "train", data_name)
+        check_shared_classes(query_split, gallery_split, ev.split, data_name)
     retrievable = len(gallery_split) if gallery_split is not None else len(query_split) - 1
     if ev.k > retrievable:
         raise ConfigError(
