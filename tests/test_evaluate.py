@@ -161,7 +161,7 @@ def test_train_gallery_and_approximate_indexes(trained, tmp_path):
 def test_an_image_folder_of_new_classes_all_splits(trained, tmp_path):
     make_image_folder(tmp_path / "new", {"a": 6, "b": 6, "c": 5, "d": 6, "e": 6, "lonely": 1})
     ckpt = trained / "checkpoints" / "best.ckpt"
-    folder = ["data=image_folder", f"data.root={tmp_path / 'new'}", "data.num_workers=0"]
+    folder = ["data=image_folder", f"data.root={tmp_path / 'new'}", "data.num_workers=1"]
     with pytest.raises(ConfigError, match=r"takes 1x28x28 images but ImageFolder.* gives 3x64x64"):
         run_evaluation(compose_eval([f"ckpt_path={ckpt}", *folder, *EVAL_FAST], tmp_path / "x"))
 

@@ -16,10 +16,11 @@ import faiss
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from siamese.config import build
-from siamese.data.datasets import ConcatImages, LabelledImages
+from siamese.data.datasets import ConcatImages, LabelledImages, identity_collate
 from siamese.data.pairs import sample_pairs
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation import (
@@ -174,15 +175,24 @@ def check_shared_classes(
 
 @torch.inference_mode()
 def embed_split(
-    model: SiameseModule, split: LabelledImages, batch_size: int, name: str
+    model: SiameseModule,
+    split: LabelledImages,
+    batch_size: int,
+    name: str,
+    num_workers: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) float32 embeddings in the split's own order, and (N,) labels; refuses NaN."""
-    device = model.device
+    batches = [
+        list(range(s, min(s + batch_size, len(split)))) for s in range(0, len(split), batch_size)
+    ]
+    loader = DataLoader(
+        split, batch_sampler=batches, collate_fn=identity_collate, num_workers=num_workers
+    )
     chunks = []
-    starts = range(0, len(split), batch_size)
-    for start in tqdm(starts, desc=f"embed {name}", unit="batch", file=sys.stderr, disable=None):
-        images, _ = split.__getitems__(list(range(start, min(start + batch_size, len(split)))))
-        chunks.append(model(images.to(device)).float().cpu())
+    for images, _ in tqdm(
+        loader, desc=f"embed {name}", unit="batch", file=sys.stderr, disable=None
+    ):
+        chunks.append(model(images.to(model.device)).float().cpu())
     emb = torch.cat(chunks).numpy()
     bad_rows = int((~np.isfinite(emb)).any(axis=1).sum())
     if bad_rows:
@@ -247,9 +257,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         )
 
     out_dir = Path(cfg.paths.output_dir)
-    query, query_labels = embed_split(model, query_split, ev.batch_size, ev.split)
+    workers = int(getattr(datamodule, "num_workers", 0))
+    query, query_labels = embed_split(model, query_split, ev.batch_size, ev.split, workers)
     if gallery_split is not None:
-        gallery, gallery_labels = embed_split(model, gallery_split, ev.batch_size, "train")
+        gallery, gallery_labels = embed_split(model, gallery_split, ev.batch_size, "train", workers)
     else:
         gallery, gallery_labels = query, query_labels
 
