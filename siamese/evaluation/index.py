@@ -15,7 +15,8 @@ import faiss
 import numpy as np
 import torch
 
-from siamese.errors import ConfigError, DataError
+from siamese.errors import ConfigError
+from siamese.evaluation.arrays import as_embeddings
 
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("l2", "ip")
@@ -28,8 +29,6 @@ _IVF_TRAIN_ITERATIONS = 10
 _DEFAULT_NPROBE = 32
 _HNSW_EF_CONSTRUCTION = 100
 _HNSW_EF_SEARCH = 128
-# Rows checked for NaN at once: a (N, D) bool temporary would be a quarter of the gallery.
-_CHECK_CHUNK_ROWS = 1 << 16
 
 
 def build_index(
@@ -172,40 +171,3 @@ def _ivf(
 def _check_positive_int(name: str, value: Any, hint: str) -> None:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ConfigError(f"{name} {value!r} must be a positive integer ({hint})")
-
-
-def to_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A numpy view of an array or tensor (bfloat16 and float16 become float32, exactly)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
-def as_embeddings(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
-    """Embeddings as a C-contiguous float32 (N, D) array, after checking shape and values."""
-    arr = to_numpy(x)
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise DataError(
-            f"{name} has shape {tuple(arr.shape)}; expected a non-empty 2-D array (N, D) "
-            "of embeddings, one row per item"
-        )
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise DataError(f"{name} has dtype {arr.dtype}; expected real-valued embeddings")
-    x32 = np.ascontiguousarray(arr, dtype=np.float32)
-    bad = _count_non_finite(x32)
-    if bad:
-        raise DataError(
-            f"{name} has {bad} non-finite values (NaN or inf, or too large for float32) "
-            f"out of {x32.size}; check the model output (a diverged loss?) before evaluating"
-        )
-    return x32
-
-
-def _count_non_finite(x: np.ndarray) -> int:
-    return sum(
-        int((~np.isfinite(x[s : s + _CHECK_CHUNK_ROWS])).sum())
-        for s in range(0, len(x), _CHECK_CHUNK_ROWS)
-    )

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from siamese.errors import ConfigError, DataError
+from siamese.evaluation.arrays import as_embeddings, to_numpy
 
 METRICS = ("l2", "ip")
 
@@ -66,7 +67,7 @@ def oneshot_accuracy(
         is right); ``episodes``, ``n_way`` and ``k_shot``, all as floats.
     """
     metric = _check_metric(metric)
-    x = _check_embeddings(embeddings)
+    x = as_embeddings(embeddings, "embeddings", np.float64)
     eps = sample_episodes(_check_labels(labels, len(x)), n_way, k_shot, episodes, seed)
     correct = _predict(x, eps, metric) == eps.target
     return _summary(correct, n_way, k_shot)
@@ -98,7 +99,7 @@ def oneshot_metrics(
             f"ways {ways!r} must be a non-empty sequence of integers >= 2, e.g. (5, 20)"
         )
     metric = _check_metric(metric)
-    x = _check_embeddings(embeddings)
+    x = as_embeddings(embeddings, "embeddings", np.float64)
     y = _check_labels(labels, len(x))
     _check_counts(2, k_shot, episodes, seed)
     eligible = _eligible_classes(y, int(k_shot))[0]
@@ -155,7 +156,9 @@ def sample_episodes(
 
 def predict_episodes(embeddings: Any, episodes: Episodes, *, metric: str = "l2") -> np.ndarray:
     """(E,) position of the class each episode's query is assigned to (first among ties)."""
-    return _predict(_check_embeddings(embeddings), episodes, _check_metric(metric))
+    return _predict(
+        as_embeddings(embeddings, "embeddings", np.float64), episodes, _check_metric(metric)
+    )
 
 
 def _predict(x: np.ndarray, episodes: Episodes, metric: str) -> np.ndarray:
@@ -237,27 +240,8 @@ def _check_metric(metric: str) -> str:
     return metric
 
 
-def _check_embeddings(embeddings: Any) -> np.ndarray:
-    x = _to_numpy(embeddings)
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise DataError(
-            f"embeddings has shape {tuple(x.shape)}; expected a non-empty 2-D array (M, D), "
-            "one row per item"
-        )
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise DataError(f"embeddings has dtype {x.dtype}; expected real-valued embeddings")
-    x = x.astype(np.float64)
-    bad = int((~np.isfinite(x)).sum())
-    if bad:
-        raise DataError(
-            f"embeddings has {bad} non-finite values (NaN or inf) out of {x.size}; "
-            "check the model output (a diverged loss?) before evaluating"
-        )
-    return x
-
-
 def _check_labels(labels: Any, n: int | None) -> np.ndarray:
-    y = _to_numpy(labels)
+    y = to_numpy(labels)
     if y.ndim != 1 or (n is not None and len(y) != n) or len(y) == 0:
         rows = "" if n is None else f" but embeddings has {n} rows"
         raise DataError(
@@ -265,13 +249,3 @@ def _check_labels(labels: Any, n: int | None) -> np.ndarray:
             "pass one label per embedding as a non-empty 1-D array"
         )
     return y
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    # Duck-typed so this module needs no torch: a tensor may live on a GPU or need grad.
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        if x.is_floating_point():
-            x = x.double()  # numpy has no bfloat16
-        return x.numpy()
-    return np.asarray(x)

@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from siamese.errors import ConfigError, DataError
+from siamese.evaluation.arrays import as_embeddings, to_numpy
 from siamese.evaluation.verification import _check_far, _check_pairs, _Roc, format_far
 
 PathLike = str | os.PathLike[str]
@@ -150,8 +151,8 @@ def plot_embeddings_2d(
         raise ConfigError(f"method {method!r} is not supported; expected one of {PROJECTIONS}")
     if isinstance(max_points, bool) or not isinstance(max_points, Integral) or max_points < 1:
         raise ConfigError(f"max_points {max_points!r} must be a positive integer, e.g. 5000")
-    x = _check_embeddings(embeddings)
-    y = _to_numpy(labels)
+    x = as_embeddings(embeddings, "embeddings", np.float64)
+    y = to_numpy(labels)
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(
             f"labels has shape {tuple(y.shape)} but embeddings has {len(x)} rows; "
@@ -197,7 +198,7 @@ def project_2d(embeddings: Any, *, method: str = "pca", seed: int = 0) -> np.nda
     """
     if method not in PROJECTIONS:
         raise ConfigError(f"method {method!r} is not supported; expected one of {PROJECTIONS}")
-    x = _check_embeddings(embeddings)
+    x = as_embeddings(embeddings, "embeddings", np.float64)
     if method == "tsne":
         return _tsne(x, seed)
     centred = x - x.mean(axis=0)
@@ -239,7 +240,7 @@ def plot_retrieval_grid(
     n_gallery = _check_image_shape(gallery_images, "gallery_images")
     q_lab = _check_image_labels(query_labels, n_queries, "query")
     g_lab = _check_image_labels(gallery_labels, n_gallery, "gallery")
-    nb = _to_numpy(neighbours)
+    nb = to_numpy(neighbours)
     if nb.ndim != 2 or len(nb) != n_queries or nb.shape[1] == 0:
         raise DataError(
             f"neighbours has shape {tuple(nb.shape)} for {n_queries} queries; expected "
@@ -324,25 +325,6 @@ def _check_threshold(threshold: float | None) -> float | None:
     return float(threshold)
 
 
-def _check_embeddings(embeddings: Any) -> np.ndarray:
-    x = _to_numpy(embeddings)
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise DataError(
-            f"embeddings has shape {tuple(x.shape)}; expected a non-empty 2-D array (M, D), "
-            "one row per item"
-        )
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise DataError(f"embeddings has dtype {x.dtype}; expected real-valued embeddings")
-    x = x.astype(np.float64)
-    bad = int((~np.isfinite(x)).sum())
-    if bad:
-        raise DataError(
-            f"embeddings has {bad} non-finite values (NaN or inf) out of {x.size}; "
-            "check the model output before plotting"
-        )
-    return x
-
-
 def _check_image_shape(images: Any, name: str) -> int:
     """Number of images, after checking for (N, C, H, W) with C = 1 or 3."""
     shape = tuple(getattr(images, "shape", np.shape(images)))
@@ -355,7 +337,7 @@ def _check_image_shape(images: Any, name: str) -> int:
 def _pixels(images: Any, idx: np.ndarray, name: str) -> np.ndarray:
     """The images at ``idx`` as float64 in [0, 1], after checking their values."""
     images = images if hasattr(images, "detach") else np.asarray(images)
-    x = _to_numpy(images[idx])
+    x = to_numpy(images[idx])
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise DataError(f"{name} has dtype {x.dtype}; expected real pixel values")
     x = x.astype(np.float64)
@@ -372,20 +354,10 @@ def _pixels(images: Any, idx: np.ndarray, name: str) -> np.ndarray:
 
 
 def _check_image_labels(labels: Any, n: int, name: str) -> np.ndarray:
-    y = _to_numpy(labels)
+    y = to_numpy(labels)
     if y.ndim != 1 or len(y) != n:
         raise DataError(
             f"{name}_labels has shape {tuple(y.shape)} but {name}_images has {n} images; "
             "pass one label per image as a 1-D array"
         )
     return y
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    # Duck-typed so this module needs no torch: a tensor may live on a GPU or need grad.
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        if x.is_floating_point():
-            x = x.double()  # numpy has no bfloat16
-        return x.numpy()
-    return np.asarray(x)

@@ -30,14 +30,8 @@ import numpy as np
 import torch
 
 from siamese.errors import ConfigError, DataError
-from siamese.evaluation.index import (
-    KINDS,
-    METRICS,
-    as_embeddings,
-    build_index,
-    index_kind,
-    to_numpy,
-)
+from siamese.evaluation.arrays import as_embeddings, to_numpy
+from siamese.evaluation.index import KINDS, METRICS, build_index, index_kind
 
 ArrayLike = np.ndarray | torch.Tensor
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from siamese.errors import ConfigError, DataError
+from siamese.evaluation.arrays import to_numpy
 
 
 def verification_metrics(
@@ -169,8 +170,8 @@ class _Roc:
 
 
 def _check_pairs(distances: Any, same: Any) -> tuple[np.ndarray, np.ndarray]:
-    d = _to_numpy(distances)
-    s = _to_numpy(same)
+    d = to_numpy(distances)
+    s = to_numpy(same)
     if d.ndim != 1 or s.ndim != 1 or len(d) != len(s):
         raise DataError(
             f"distances has shape {d.shape} and same has shape {s.shape}; "
@@ -205,13 +206,3 @@ def _check_far(far: float) -> float:
     if isinstance(far, bool) or not isinstance(far, Real) or not 0.0 <= far <= 1.0:
         raise ConfigError(f"false accept rate {far!r} must be a number in [0, 1], e.g. 1e-3")
     return float(far)
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    # Duck-typed so this module needs no torch: a tensor may live on a GPU or need grad.
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        if x.is_floating_point():
-            x = x.double()  # numpy has no bfloat16
-        return x.numpy()
-    return np.asarray(x)
