@@ -15,6 +15,7 @@ import inspect
 import math
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
@@ -164,13 +165,27 @@ class SiameseModule(pl.LightningModule):
         retrieval = retrieval_metrics(
             emb.cpu().numpy(), labels.cpu().numpy(), metric=self.distance.faiss_metric, ks=ks
         )
-        pairs = sample_pairs(labels, self.hparams.eval_pairs, self.hparams.eval_seed)
-        first, second = pairs.first.to(emb.device), pairs.second.to(emb.device)
-        dist = self.distance.to_distance(self.distance.paired(emb[first], emb[second]))
-        verification = verification_metrics(dist.float().cpu().numpy(), pairs.same.numpy())
+        dist, same = self.pair_distances(
+            emb, labels, self.hparams.eval_pairs, self.hparams.eval_seed
+        )
+        verification = verification_metrics(dist, same)
         counts = ("num_queries", "num_queries_without_positive", "num_pairs", "num_same")
         merged = {**retrieval, **verification}
         return {k: float(v) for k, v in merged.items() if k not in counts}
+
+    @torch.no_grad()
+    def pair_distances(
+        self, emb: Tensor, labels: Tensor, num_pairs: int, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Distances (this model's Φ, a learned head too) and same flags of ``num_pairs``
+        fixed-seed balanced pairs of a split's embeddings, as numpy."""
+        pairs = sample_pairs(labels, num_pairs, seed)
+        out = []
+        for s in range(0, len(pairs.first), 65536):  # bounded memory for a learned head
+            a = emb[pairs.first[s : s + 65536].to(emb.device)]
+            b = emb[pairs.second[s : s + 65536].to(emb.device)]
+            out.append(self.distance.to_distance(self.distance.paired(a, b)).float().cpu())
+        return torch.cat(out).numpy(), pairs.same.numpy()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A one-cycle schedule is planned for a fixed number of steps: resuming it with a

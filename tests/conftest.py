@@ -29,22 +29,22 @@ FAST = [
 ]
 
 
-def compose_train(overrides: Sequence[str], output_dir: Path) -> DictConfig:
+def compose_config(name: str, overrides: Sequence[str], output_dir: Path) -> DictConfig:
+    """``conf/<name>.yaml`` with overrides, its run directory pointed at ``output_dir``."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("train", overrides=list(overrides))
+        cfg = compose(name, overrides=list(overrides))
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir)
     return cfg
+
+
+def compose_train(overrides: Sequence[str], output_dir: Path) -> DictConfig:
+    return compose_config("train", overrides, output_dir)
 
 
 def compose_eval(overrides: Sequence[str], output_dir: Path) -> DictConfig:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("evaluate", overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir)
-    return cfg
+    return compose_config("evaluate", overrides, output_dir)
 
 
 @pytest.fixture
@@ -53,6 +53,15 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         return compose_train([*(FAST if fast else []), *overrides], tmp_path / "run")
 
     return make
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The single ``error: ...`` line of a run that failed as bad input (exit 2, no traceback)."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
 
 
 def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 300):

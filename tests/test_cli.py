@@ -6,18 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import FAST, run_script
+from conftest import FAST, one_line_error, run_script
 
 from siamese.errors import ConfigError
 from siamese.pipelines.train import run_training
-
-
-def one_line_error(proc) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize(

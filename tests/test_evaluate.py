@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, compose_eval, compose_train, run_script
+from conftest import FAST, compose_eval, compose_train, one_line_error, run_script
 from fixtures_data import make_image_folder
 
 import siamese
@@ -190,14 +190,6 @@ def test_nan_weights_and_impossible_options_are_refused(trained, tmp_path):
         run_evaluation(
             compose_eval([f"ckpt_path={ckpt}", "eval.gallery=train", "eval.split=all"], tmp_path)
         )
-
-
-def one_line_error(proc) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 def test_evaluate_py_end_to_end_and_bad_input(trained, tmp_path):

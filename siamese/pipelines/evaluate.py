@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from siamese.config import build
 from siamese.data.datasets import ConcatImages, LabelledImages, identity_collate
-from siamese.data.pairs import sample_pairs
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation import (
     build_index,
@@ -204,21 +203,6 @@ def embed_split(
     return np.ascontiguousarray(emb, dtype=np.float32), split.targets.numpy().astype(np.int64)
 
 
-def pair_distances(
-    model: SiameseModule, emb: np.ndarray, labels: np.ndarray, num_pairs: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Distances of fixed-seed balanced pairs under the model's own distance (learned too)."""
-    pairs = sample_pairs(torch.from_numpy(labels), num_pairs, seed)
-    e = torch.from_numpy(emb).to(model.device)
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(pairs.first), 65536):
-            a = e[pairs.first[s : s + 65536].to(model.device)]
-            b = e[pairs.second[s : s + 65536].to(model.device)]
-            out.append(model.distance.to_distance(model.distance.paired(a, b)).float().cpu())
-    return torch.cat(out).numpy(), pairs.same.numpy()
-
-
 def save_model_with_threshold(src: Path, dst: Path, threshold: float, note: dict) -> None:
     """A copy of the checkpoint whose model carries this threshold (``siamese.load(dst).same``)."""
     ckpt = torch.load(src, map_location="cpu", weights_only=True)
@@ -279,7 +263,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     )
 
     # Verification on fixed-seed balanced pairs of the evaluated split.
-    distances, same = pair_distances(model, query, query_labels, ev.pairs, ev.pairs_seed)
+    distances, same = model.pair_distances(
+        torch.from_numpy(query).to(device), torch.from_numpy(query_labels), ev.pairs, ev.pairs_seed
+    )
     verification = verification_metrics(distances, same)
     threshold = verification["threshold"]
     if ev.target_far is not None:
