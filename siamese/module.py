@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,9 +25,52 @@ from siamese.config import build
 from siamese.data.pairs import sample_pairs
 from siamese.errors import ConfigError
 from siamese.evaluation import retrieval_metrics, verification_metrics
+from siamese.evaluation.oneshot import oneshot_metrics
 from siamese.losses import LossOutput
 
 RECALL_KS = (1, 5, 10)
+# N-way 1-shot accuracy reported on the test split where it has N classes (Koch et al.).
+ONESHOT_WAYS = (5, 20)
+ONESHOT_EPISODES = 1000
+
+# What validation and test log under val/ and test/ (recalls and one-shot where the split
+# allows them); sweeps check ``optimized_metric`` against this list before training.
+EVAL_METRICS = (
+    "loss",
+    "precision_at_1",
+    "recall_at_1",
+    "recall_at_5",
+    "recall_at_10",
+    "r_precision",
+    "map_at_r",
+    "roc_auc",
+    "eer",
+    "tar_at_far_1e-3",
+    "tar_at_far_1e-2",
+    "verification_accuracy",
+    "threshold",
+    "pos_distance",
+    "neg_distance",
+)
+TEST_ONLY_METRICS = tuple(f"oneshot_{n}way_1shot" for n in ONESHOT_WAYS)
+TRAIN_METRICS = ("loss", "active_fraction", "pos_distance", "neg_distance")
+
+
+@dataclass
+class EvalOutputs:
+    """One evaluated split as the metrics saw it, kept for dashboards (plots, projector).
+
+    Rows of ``embeddings``/``labels`` follow the split's item order when the loader gave item
+    indices (``item_order``), so ``split[i]`` is the image of row i.
+    """
+
+    stage: str  # "val" or "test"
+    embeddings: Tensor  # (N, D) float32, on the CPU
+    labels: Tensor  # (N,)
+    item_order: bool
+    distances: np.ndarray  # (P,) verification pair distances, lower means more alike
+    same: np.ndarray  # (P,) bool
+    metrics: dict[str, float]
 
 
 class SiameseModule(pl.LightningModule):
@@ -63,6 +107,8 @@ class SiameseModule(pl.LightningModule):
         # Verification threshold calibrated on the last validation epoch (travels in ckpt).
         self.register_buffer("threshold", torch.tensor(math.nan))
         self._outputs: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        # The last evaluated split (callbacks draw their pictures from it).
+        self.last_eval: EvalOutputs | None = None
 
     # -- inference -------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
@@ -137,41 +183,64 @@ class SiameseModule(pl.LightningModule):
         self._outputs.append((emb.detach().float(), labels.detach(), index))
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self._epoch_metrics()
+        metrics = self._epoch_metrics("val")
         if metrics and not self.trainer.sanity_checking:
             self.threshold.fill_(metrics["threshold"])
         self.log_dict({f"val/{k}": v for k, v in metrics.items()})
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({f"test/{k}": v for k, v in self._epoch_metrics().items()})
+        self.log_dict({f"test/{k}": v for k, v in self._epoch_metrics("test").items()})
 
-    def _epoch_metrics(self) -> dict[str, float]:
+    def _epoch_metrics(self, stage: str) -> dict[str, float]:
         if not self._outputs:
             return {}
         emb = torch.cat([e for e, _, _ in self._outputs])
         labels = torch.cat([y for _, y, _ in self._outputs])
-        if all(i is not None for _, _, i in self._outputs):
+        item_order = all(i is not None for _, _, i in self._outputs)
+        if item_order:
             # Item order, as evaluate.py embeds a split: the same pairs and tie-breaks.
             order = torch.argsort(torch.cat([i for _, _, i in self._outputs]).to(emb.device))
             emb, labels = emb[order], labels[order.to(labels.device)]
         self._outputs.clear()
-        return self.embedding_metrics(emb, labels)
+        metrics, dist, same = self._split_metrics(emb, labels, oneshot=stage == "test")
+        self.last_eval = EvalOutputs(
+            stage, emb.cpu(), labels.cpu(), item_order, dist, same, metrics
+        )
+        return metrics
 
     @torch.no_grad()
     def embedding_metrics(self, emb: Tensor, labels: Tensor) -> dict[str, float]:
         """Retrieval (leave-one-out) and verification metrics of one split's embeddings."""
+        return self._split_metrics(emb, labels)[0]
+
+    def _split_metrics(
+        self, emb: Tensor, labels: Tensor, oneshot: bool = False
+    ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
         # A tiny split cannot rank 10 neighbours: report the recalls it can (k < N).
         ks = tuple(k for k in RECALL_KS if k < len(emb)) or (1,)
-        retrieval = retrieval_metrics(
-            emb.cpu().numpy(), labels.cpu().numpy(), metric=self.distance.faiss_metric, ks=ks
-        )
+        emb_np, labels_np = emb.cpu().numpy(), labels.cpu().numpy()
+        retrieval = retrieval_metrics(emb_np, labels_np, metric=self.distance.faiss_metric, ks=ks)
         dist, same = self.pair_distances(
             emb, labels, self.hparams.eval_pairs, self.hparams.eval_seed
         )
         verification = verification_metrics(dist, same)
         counts = ("num_queries", "num_queries_without_positive", "num_pairs", "num_same")
         merged = {**retrieval, **verification}
-        return {k: float(v) for k, v in merged.items() if k not in counts}
+        metrics = {k: float(v) for k, v in merged.items() if k not in counts}
+        # Mean same/different pair distance: two lines that meet when the embedding collapses.
+        metrics["pos_distance"] = float(dist[same].mean()) if same.any() else math.nan
+        metrics["neg_distance"] = float(dist[~same].mean()) if (~same).any() else math.nan
+        if oneshot:
+            shots = oneshot_metrics(
+                emb_np,
+                labels_np,
+                ways=ONESHOT_WAYS,
+                episodes=ONESHOT_EPISODES,
+                seed=self.hparams.eval_seed,
+                metric=self.distance.faiss_metric,
+            )
+            metrics.update({k: v for k, v in shots.items() if not k.endswith("_ci95")})
+        return metrics, dist, same
 
     @torch.no_grad()
     def pair_distances(

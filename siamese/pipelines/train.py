@@ -34,6 +34,8 @@ REPORTED = (
     "tar_at_far_1e-2",
     "verification_accuracy",
     "threshold",
+    "oneshot_5way_1shot",
+    "oneshot_20way_1shot",
 )
 
 
