@@ -15,9 +15,10 @@ from siamese.cli import check_group_overrides, report_errors
 def main(cfg: DictConfig) -> float | None:
     # Imported here so that a typo in the command line is reported before torch loads.
     from siamese.pipelines.train import run_training
+    from siamese.sweeps import optimized_value
 
-    metrics = run_training(cfg)
-    return metrics.get(cfg.get("optimized_metric"))
+    # A sweeper (Optuna) maximises or minimises this value.
+    return optimized_value(cfg.get("optimized_metric"), run_training(cfg))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def check_group_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> Non
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue
         key, value = arg.split("=", 1)
-        if "." in key or "(" in value or "*" in value:
+        # hydra/... groups also take options that plugins register (hydra/launcher=submitit_local).
+        if "." in key or key.startswith("hydra/") or "(" in value or "*" in value:
             continue
         options = group_options(key, conf_dir)
         if options is None:

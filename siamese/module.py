@@ -27,47 +27,24 @@ from siamese.errors import ConfigError
 from siamese.evaluation import retrieval_metrics, verification_metrics
 from siamese.evaluation.oneshot import oneshot_metrics
 from siamese.losses import LossOutput
+from siamese.metric_names import ONESHOT_WAYS
 
 RECALL_KS = (1, 5, 10)
-# N-way 1-shot accuracy reported on the test split where it has N classes (Koch et al.).
-ONESHOT_WAYS = (5, 20)
 ONESHOT_EPISODES = 1000
-
-# What validation and test log under val/ and test/ (recalls and one-shot where the split
-# allows them); sweeps check ``optimized_metric`` against this list before training.
-EVAL_METRICS = (
-    "loss",
-    "precision_at_1",
-    "recall_at_1",
-    "recall_at_5",
-    "recall_at_10",
-    "r_precision",
-    "map_at_r",
-    "roc_auc",
-    "eer",
-    "tar_at_far_1e-3",
-    "tar_at_far_1e-2",
-    "verification_accuracy",
-    "threshold",
-    "pos_distance",
-    "neg_distance",
-)
-TEST_ONLY_METRICS = tuple(f"oneshot_{n}way_1shot" for n in ONESHOT_WAYS)
-TRAIN_METRICS = ("loss", "active_fraction", "pos_distance", "neg_distance")
 
 
 @dataclass
 class EvalOutputs:
     """One evaluated split as the metrics saw it, kept for dashboards (plots, projector).
 
-    Rows of ``embeddings``/``labels`` follow the split's item order when the loader gave item
-    indices (``item_order``), so ``split[i]`` is the image of row i.
+    When the loader gave item indices, rows are sorted by item and ``items[i]`` is the split
+    index of row i (all of them in order unless the split was evaluated in part).
     """
 
     stage: str  # "val" or "test"
     embeddings: Tensor  # (N, D) float32, on the CPU
     labels: Tensor  # (N,)
-    item_order: bool
+    items: Tensor | None  # (N,) int64 split indices, or None when the loader gave none
     distances: np.ndarray  # (P,) verification pair distances, lower means more alike
     same: np.ndarray  # (P,) bool
     metrics: dict[str, float]
@@ -100,7 +77,7 @@ class SiameseModule(pl.LightningModule):
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run config is logged once, by RunRecord
         self.tower = build(tower)
         self.distance = build(distance)
         self.loss_fn = build(loss, distance=self.distance)
@@ -196,15 +173,22 @@ class SiameseModule(pl.LightningModule):
             return {}
         emb = torch.cat([e for e, _, _ in self._outputs])
         labels = torch.cat([y for _, y, _ in self._outputs])
-        item_order = all(i is not None for _, _, i in self._outputs)
-        if item_order:
+        items = None
+        if all(i is not None for _, _, i in self._outputs):
             # Item order, as evaluate.py embeds a split: the same pairs and tie-breaks.
-            order = torch.argsort(torch.cat([i for _, _, i in self._outputs]).to(emb.device))
-            emb, labels = emb[order], labels[order.to(labels.device)]
+            items = torch.cat([i for _, _, i in self._outputs]).to(emb.device)
+            order = torch.argsort(items)
+            emb, labels, items = emb[order], labels[order.to(labels.device)], items[order]
         self._outputs.clear()
         metrics, dist, same = self._split_metrics(emb, labels, oneshot=stage == "test")
         self.last_eval = EvalOutputs(
-            stage, emb.cpu(), labels.cpu(), item_order, dist, same, metrics
+            stage,
+            emb.cpu(),
+            labels.cpu(),
+            None if items is None else items.cpu(),
+            dist,
+            same,
+            metrics,
         )
         return metrics
 

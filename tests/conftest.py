@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -75,3 +77,28 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 300):
         text=True,
         timeout=timeout,
     )
+
+
+def wandb_records(path: Path) -> list[Any]:
+    """The protobuf records of a ``run-<id>.wandb`` file (a LevelDB-style log).
+
+    A 7-byte header (``:W&B``, magic, version), then 32 KiB blocks of chunks, each with a
+    7-byte header (crc32c, little-endian length, type: 1 full, 2 first, 3 middle, 4 last).
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32 * 1024
+    assert data[:4] == b":W&B", data[:7]
+    records, pos, pending = [], 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        assert pos + 7 + length <= len(data), f"{path} ends inside a record"
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -69,6 +70,18 @@ def test_multirun_runs_each_job_in_its_own_directory(tmp_path):
         assert 0.0 <= report["test/precision_at_1"] <= 1.0
     overrides = (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
     assert "loss=triplet" in overrides
+    # The summary: one row per run with its overrides and final metrics, also printed.
+    with (sweep / "sweep_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["loss"], r["status"]) for r in rows] == [
+        ("0", "contrastive", "done"),
+        ("1", "triplet", "done"),
+    ]
+    for row in rows:
+        report = json.loads((sweep / row["job"] / "metrics.json").read_text())
+        assert float(row["test/map_at_r"]) == pytest.approx(report["test/map_at_r"])
+        assert float(row["val/precision_at_1"]) == pytest.approx(report["val/precision_at_1"])
+    assert "sweep summary (2 runs" in proc.stdout
 
 
 def test_resume_from_last_continues_at_the_saved_epoch(make_cfg):

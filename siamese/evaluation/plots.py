@@ -1,7 +1,9 @@
-"""Evaluation plots as PNG files: ROC, distance histograms, 2-D embeddings, retrieval grid.
+"""Evaluation plots: ROC, distance histograms, 2-D embeddings, retrieval and pair grids.
 
-Every function draws on its own ``matplotlib.figure.Figure`` with the Agg canvas and never
-touches pyplot, so no global figure state or backend choice leaks into the caller.
+Each picture has a ``*_figure`` function returning a ``matplotlib.figure.Figure`` (for
+dashboards: ``figure_to_rgb`` turns it into pixels) and a ``plot_*`` function writing it as
+a PNG. Every figure is drawn with the Agg canvas and never touches pyplot, so no global
+figure state or backend choice leaks into the caller.
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ def plot_roc(
     threshold: float | None = None,
     target_fars: Sequence[float] = (1e-3, 1e-2),
 ) -> Path:
+    """``roc_figure`` written as a PNG at ``path``."""
+    return _save(roc_figure(distances, same, threshold=threshold, target_fars=target_fars), path)
+
+
+def roc_figure(
+    distances: Any,
+    same: Any,
+    *,
+    threshold: float | None = None,
+    target_fars: Sequence[float] = (1e-3, 1e-2),
+) -> Figure:
     """ROC curve, TAR against FAR on a log axis, with its AUC and TAR at each target FAR.
 
     A log axis cannot show FAR 0, so those points are drawn at the left edge, half the
@@ -46,7 +59,6 @@ def plot_roc(
     Args:
         distances: (P,) distance per pair, lower means more alike.
         same: (P,) bool, True where both items share a class.
-        path: where to write the PNG.
         threshold: if given, the operating point of accepting distance <= threshold.
         target_fars: FARs marked with a dotted line and the TAR reached there.
     """
@@ -93,12 +105,19 @@ def plot_roc(
     ax.set_title(f"ROC: {roc.num_same} same, {roc.num_diff} different pairs")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
-    return _save(fig, path)
+    return fig
 
 
 def plot_distance_histograms(
     distances: Any, same: Any, path: PathLike, *, threshold: float | None = None
 ) -> Path:
+    """``distance_histograms_figure`` written as a PNG at ``path``."""
+    return _save(distance_histograms_figure(distances, same, threshold=threshold), path)
+
+
+def distance_histograms_figure(
+    distances: Any, same: Any, *, threshold: float | None = None
+) -> Figure:
     """Density histograms of same-pair and different-pair distances on shared bins."""
     threshold = _check_threshold(threshold)
     d, s = _check_pairs(distances, same)
@@ -125,7 +144,7 @@ def plot_distance_histograms(
     ax.set_ylabel("density")
     ax.set_title("pair distances")
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return fig
 
 
 def plot_embeddings_2d(
@@ -137,12 +156,24 @@ def plot_embeddings_2d(
     max_points: int = 5000,
     seed: int = 0,
 ) -> Path:
+    """``embeddings_2d_figure`` written as a PNG at ``path``."""
+    fig = embeddings_2d_figure(embeddings, labels, method=method, max_points=max_points, seed=seed)
+    return _save(fig, path)
+
+
+def embeddings_2d_figure(
+    embeddings: Any,
+    labels: Any,
+    *,
+    method: str = "pca",
+    max_points: int = 5000,
+    seed: int = 0,
+) -> Figure:
     """Scatter of a 2-D projection of the embeddings coloured by class.
 
     Args:
         embeddings: (M, D) embeddings.
         labels: (M,) class labels; a legend is drawn for at most 20 classes.
-        path: where to write the PNG.
         method: "pca" (numpy SVD) or "tsne" (scikit-learn, seeded).
         max_points: at most this many points, a random subset fixed by ``seed``.
         seed: seed of the subset and of t-SNE.
@@ -186,7 +217,7 @@ def plot_embeddings_2d(
     ax.set_title(f"{name} of {shown}")
     ax.set_xticks([])
     ax.set_yticks([])
-    return _save(fig, path)
+    return fig
 
 
 def project_2d(embeddings: Any, *, method: str = "pca", seed: int = 0) -> np.ndarray:
@@ -221,6 +252,28 @@ def plot_retrieval_grid(
     *,
     max_queries: int = 8,
 ) -> Path:
+    """``retrieval_grid_figure`` written as a PNG at ``path``."""
+    fig = retrieval_grid_figure(
+        query_images,
+        query_labels,
+        gallery_images,
+        gallery_labels,
+        neighbours,
+        max_queries=max_queries,
+    )
+    return _save(fig, path)
+
+
+def retrieval_grid_figure(
+    query_images: Any,
+    query_labels: Any,
+    gallery_images: Any,
+    gallery_labels: Any,
+    neighbours: Any,
+    *,
+    max_queries: int = 8,
+    distances: Any = None,
+) -> Figure:
     """One row per query: the query, then its retrieved gallery images in rank order.
 
     Retrieved images of the query's class get a green frame, others a red one.
@@ -231,8 +284,8 @@ def plot_retrieval_grid(
         gallery_images: (M, C, H, W) like the queries.
         gallery_labels: (M,) labels.
         neighbours: (Q, k) gallery indices, nearest first.
-        path: where to write the PNG.
         max_queries: rows drawn, the first queries.
+        distances: optional (Q, k) distances of the neighbours, shown under their labels.
     """
     if isinstance(max_queries, bool) or not isinstance(max_queries, Integral) or max_queries < 1:
         raise ConfigError(f"max_queries {max_queries!r} must be a positive integer, e.g. 8")
@@ -254,6 +307,13 @@ def plot_retrieval_grid(
             f"{n_gallery} images; pass indices into gallery_images"
         )
 
+    dist = None if distances is None else to_numpy(distances).astype(np.float64)
+    if dist is not None and dist.shape != nb.shape:
+        raise DataError(
+            f"distances has shape {tuple(dist.shape)} but neighbours has {tuple(nb.shape)}; "
+            "pass one distance per retrieved neighbour"
+        )
+
     rows, k = min(n_queries, int(max_queries)), nb.shape[1]
     nb = nb[:rows]
     # Only the images drawn are converted, so a large gallery costs no extra memory.
@@ -267,8 +327,103 @@ def plot_retrieval_grid(
         _show(axes[r, 0], q_img[r], _QUERY, f"query {q_lab[r]}")
         for j, g in enumerate(nb[r]):
             colour = _RIGHT if g_lab[g] == q_lab[r] else _WRONG
-            _show(axes[r, j + 1], g_img[r, j], colour, f"{j + 1}: {g_lab[g]}")
+            title = f"{j + 1}: {g_lab[g]}"
+            if dist is not None:
+                title += f"\n{dist[r, j]:.3g}"
+            _show(axes[r, j + 1], g_img[r, j], colour, title)
+    return fig
+
+
+def plot_pair_grid(
+    first: Any,
+    second: Any,
+    distances: Any,
+    same: Any,
+    path: PathLike,
+    *,
+    threshold: float | None = None,
+    max_pairs: int = 16,
+) -> Path:
+    """``pair_grid_figure`` written as a PNG at ``path``."""
+    fig = pair_grid_figure(first, second, distances, same, threshold=threshold, max_pairs=max_pairs)
     return _save(fig, path)
+
+
+def pair_grid_figure(
+    first: Any,
+    second: Any,
+    distances: Any,
+    same: Any,
+    *,
+    threshold: float | None = None,
+    max_pairs: int = 16,
+    title: str | None = None,
+) -> Figure:
+    """Image pairs as columns (first image above the second) with their distance.
+
+    With a threshold, a pair is framed green when the decision ``distance <= threshold``
+    matches its label and red when it does not; without one, same pairs are framed green
+    and different pairs red. At most 8 pairs a band; bands are stacked.
+
+    Args:
+        first: (P, C, H, W) floats in [0, 1], C = 1 or 3; array or tensor.
+        second: (P, C, H, W) like ``first``.
+        distances: (P,) distance of each pair, lower means more alike.
+        same: (P,) bool, True where both images share a class.
+        threshold: the verification threshold, if any.
+        max_pairs: pairs drawn, the first ones.
+        title: a line above the grid.
+    """
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, Integral) or max_pairs < 1:
+        raise ConfigError(f"max_pairs {max_pairs!r} must be a positive integer, e.g. 16")
+    threshold = _check_threshold(threshold)
+    n = _check_image_shape(first, "first")
+    n_second = _check_image_shape(second, "second")
+    d = to_numpy(distances).astype(np.float64)
+    s = to_numpy(same)
+    if n_second != n or d.shape != (n,) or s.shape != (n,):
+        raise DataError(
+            f"first has {n} images, second {n_second}, distances shape {tuple(d.shape)} "
+            f"and same shape {tuple(s.shape)}; pass one distance and one label per pair"
+        )
+    if s.dtype != np.bool_:
+        raise DataError(f"same has dtype {s.dtype}; expected bool")
+
+    shown = min(n, int(max_pairs))
+    a = _pixels(first, np.arange(shown), "first")
+    b = _pixels(second, np.arange(shown), "second")
+    cols = min(shown, 8)
+    bands = -(-shown // cols)
+    fig = Figure(figsize=(max(1.3 * cols, 6.0), 2.7 * bands + 0.3), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2 * bands, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i in range(shown):
+        band, col = divmod(i, cols)
+        top, bottom = axes[2 * band, col], axes[2 * band + 1, col]
+        if threshold is None:
+            colour = _RIGHT if s[i] else _WRONG
+        else:
+            colour = _RIGHT if (d[i] <= threshold) == s[i] else _WRONG
+        kind = "same" if s[i] else "different"
+        for ax, image in ((top, a[i]), (bottom, b[i])):
+            ax.set_axis_on()
+            _show(ax, image, colour, "")
+        top.set_title(f"{kind}\nd = {d[i]:.3g}", fontsize="small", color=colour)
+    if threshold is not None:
+        rule = f"threshold {threshold:.3g}: green decided right, red wrong"
+        title = f"{title} ({rule})" if title else rule
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    return fig
+
+
+def figure_to_rgb(fig: Figure) -> np.ndarray:
+    """The figure rendered by its Agg canvas at its own dpi: (H, W, 3) uint8 pixels."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _show(ax: Any, image: np.ndarray, colour: str, title: str) -> None:

@@ -11,12 +11,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from siamese.callbacks import select_callbacks
 from siamese.config import build
 from siamese.errors import ConfigError
 from siamese.inference import check_checkpoint
+from siamese.loggers import build_loggers
 from siamese.losses import PairLoss
 from siamese.module import SiameseModule
 from siamese.pipelines.report import print_table, write_metrics
+from siamese.sweeps import check_optimized_metric
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.get("eval_pairs", 1) < 2:
         raise ConfigError(f"eval_pairs must be at least 2, got {cfg.eval_pairs}")
+    check_optimized_metric(cfg.get("optimized_metric"))
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -115,8 +119,11 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build(cfg.data)
     module = build_module(cfg, datamodule)
-    callbacks = instantiate_all(cfg.get("callbacks"))
-    loggers = instantiate_all(cfg.get("logger"))
+    loggers, logger_callbacks = build_loggers(cfg, ckpt_path)
+    # Progress bar / model summary callbacks go when the trainer flags turn them off.
+    callbacks = select_callbacks(
+        [*instantiate_all(cfg.get("callbacks")), *logger_callbacks], cfg.trainer
+    )
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -128,19 +135,31 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = scalar_metrics(trainer.callback_metrics)
+    # The monitored metric is reported at its best epoch, the checkpoint that gets tested
+    # (what a sweeper should compare), not at the last epoch.
+    if checkpoint.monitor and checkpoint.best_model_score is not None:
+        metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
 
+    report: dict[str, Any] = {}
     if cfg.get("test", True):
         best = checkpoint.best_model_path or checkpoint.last_model_path or None
         if not best:
             log.warning("no checkpoint was written; testing the weights in memory")
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-        tested = scalar_metrics(trainer.callback_metrics)
+        tested = {
+            k: v
+            for k, v in scalar_metrics(trainer.callback_metrics).items()
+            if k.startswith("test/")
+        }
         metrics.update(tested)
+        report = {"protocol": "leave-one-out over the test split", "checkpoint": best, **tested}
         if trainer.is_global_zero:
-            report = {"protocol": "leave-one-out over the test split", "checkpoint": best}
-            report.update({k: v for k, v in tested.items() if k.startswith("test/")})
-            write_metrics(output_dir / "metrics.json", report)
             print_table(tested, prefix="test/", order=REPORTED)
+    optimized = cfg.get("optimized_metric")
+    if optimized in metrics:  # the sweep objective, e.g. the best val/precision_at_1
+        report.update({"optimized_metric": optimized, optimized: metrics[optimized]})
+    if report and trainer.is_global_zero:
+        write_metrics(output_dir / "metrics.json", report)
     return metrics
 
 

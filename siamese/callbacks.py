@@ -1,0 +1,551 @@
+"""Callbacks for what a run shows: training throughput and dashboard pictures.
+
+``Throughput`` logs ``train/images_per_sec`` at the trainer's logging points.
+``DashboardPlots`` draws pictures of the evaluated split (sample pairs with their distances,
+same/different distance histograms, ROC, a 2-D projection, a retrieval grid) after
+validation every few epochs, after the last validation of ``fit`` and after ``test``; each
+picture becomes a PNG under ``save_dir`` and goes to every attached logger in its own form
+(TensorBoard images and embedding projector, W&B images and a neighbour table).
+``select_callbacks`` drops the progress bar and model summary the trainer flags switch off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from numbers import Integral
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.image import imsave
+from pytorch_lightning.callbacks import Callback, ModelSummary, ProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from torch import Tensor
+
+from siamese.data.pairs import sample_pairs
+from siamese.errors import ConfigError
+from siamese.evaluation.index import build_index
+from siamese.evaluation.plots import (
+    PROJECTIONS,
+    distance_histograms_figure,
+    embeddings_2d_figure,
+    figure_to_rgb,
+    pair_grid_figure,
+    retrieval_grid_figure,
+    roc_figure,
+)
+
+log = logging.getLogger(__name__)
+
+# Picture names: the PNG files of each folder, and the last part of each logger key.
+PICTURES = ("pairs", "distances", "roc", "embeddings_2d", "retrieval")
+# TensorBoard's projector reads one sprite sheet, at most 8192 pixels a side.
+_SPRITE_SIDE = 8192
+_THUMBNAIL_MAX = 64
+_SEED = 0  # fixed queries and pairs, so pictures of successive epochs compare
+
+
+def select_callbacks(
+    callbacks: Iterable[Callback], trainer_cfg: Mapping[str, Any]
+) -> list[Callback]:
+    """The callbacks the trainer flags allow.
+
+    Lightning refuses a progress-bar callback when ``enable_progress_bar`` is false and
+    would still print a configured model summary when ``enable_model_summary`` is false, so
+    both are dropped where their flag is off.
+    """
+    bar = bool(trainer_cfg.get("enable_progress_bar", True))
+    summary = bool(trainer_cfg.get("enable_model_summary", True))
+    return [
+        c
+        for c in callbacks
+        if not (isinstance(c, ProgressBar) and not bar)
+        and not (isinstance(c, ModelSummary) and not summary)
+    ]
+
+
+def batch_images(batch: Any) -> int:
+    """Images a batch embeds: ``2 * len(x1)`` for ``(x1, x2, same)``, else ``len(images)``."""
+    if len(batch) == 3:
+        return 2 * len(batch[0])
+    return len(batch[0])
+
+
+class Throughput(Callback):
+    """Log ``train/images_per_sec``: images embedded per second of training wall clock.
+
+    The rate is measured over the steps between two logging points (every
+    ``trainer.log_every_n_steps`` optimizer steps), data loading included and validation
+    left out, without synchronising the device (queued GPU work lands in a later window, so
+    windows average out). Under DDP it is this process's rate times the world size.
+
+    Args:
+        prog_bar: also show the rate in the progress bar.
+    """
+
+    def __init__(self, prog_bar: bool = False) -> None:
+        super().__init__()
+        self.prog_bar = prog_bar
+        self._images = 0
+        self._elapsed = 0.0
+        self._started: float | None = None  # clock at the start of the running stretch
+        self._last_step = 0
+
+    def _resume(self) -> None:
+        if self._started is None:
+            self._started = time.perf_counter()
+
+    def _pause(self) -> None:
+        if self._started is not None:
+            self._elapsed += time.perf_counter() - self._started
+            self._started = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._images, self._elapsed, self._started = 0, 0.0, None
+        self._last_step = trainer.global_step  # resumed runs go on from their step
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._resume()
+        self._images += batch_images(batch)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        # After the optimizer step global_step is the step Lightning is about to log at;
+        # an unchanged step means gradient accumulation is still going on.
+        step, every = trainer.global_step, trainer.log_every_n_steps
+        if every < 1 or step == self._last_step or step % every:
+            return
+        self._last_step = step
+        self._pause()
+        if self._elapsed > 0:
+            rate = self._images * trainer.world_size / self._elapsed
+            pl_module.log(
+                "train/images_per_sec",
+                rate,
+                on_step=True,
+                on_epoch=False,
+                prog_bar=self.prog_bar,
+                batch_size=1,
+            )
+        self._images, self._elapsed = 0, 0.0
+        self._resume()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Validation (and what other callbacks do after it) is not training time: the clock
+        # stops here and goes on at the next training batch.
+        self._pause()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause()
+
+
+class DashboardPlots(Callback):
+    """Pictures of the evaluated split for TensorBoard, W&B and the run directory.
+
+    Drawn after validation on every ``every_n_epochs``-th epoch, after the last validation
+    of ``fit`` (whatever stopped it) and after ``test``, on global rank zero only:
+
+    - ``pairs``: sample pairs and their distances (after validation in ``fit``: pairs from
+      the first training batch of the epoch, augmented, embedded in eval mode; otherwise
+      balanced pairs of the evaluated split), framed green where the verification
+      threshold decides them right;
+    - ``distances``: histograms of same-pair and different-pair distances;
+    - ``roc``: the ROC curve with the threshold's operating point;
+    - ``embeddings_2d``: a 2-D projection of up to ``max_points`` embeddings by class;
+    - ``retrieval``: ``max_queries`` fixed queries and their ``top_k`` nearest neighbours
+      (leave-one-out over the split).
+
+    Each is written to ``<save_dir>/<folder>/<name>.png``, where the folder is
+    ``val_epoch<NNN>`` (NNN = epochs completed when validation ran, from 001) or ``test``,
+    and logged under the key ``<stage>/plots/<name>``: TensorBoard ``add_image`` and W&B
+    images at the trainer's global step. After the last validation of ``fit`` and after
+    ``test`` TensorBoard also gets the embedding projector (up to ``max_points`` evenly
+    spaced embeddings with their images as sprites, tag = stage), and W&B a table
+    ``<stage>/plots/neighbours`` of the queries with their neighbours.
+
+    Pictures that need the split's images are skipped (with a warning) when the split was
+    evaluated in part (``limit_val_batches``/``limit_test_batches``).
+
+    Args:
+        every_n_epochs: draw after the validation of every n-th epoch.
+        max_points: embeddings in the 2-D projection and in the TensorBoard projector.
+        max_queries: queries in the retrieval grid and the W&B table.
+        top_k: neighbours shown per query.
+        num_pairs: pairs in the pair grid.
+        projection: ``pca`` (cheap) or ``tsne`` (scikit-learn, slower).
+        projector: send the embeddings to TensorBoard's projector.
+        save_dir: folder of the PNG files; None: ``<trainer.default_root_dir>/plots``.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 5,
+        max_points: int = 2000,
+        max_queries: int = 8,
+        top_k: int = 5,
+        num_pairs: int = 8,
+        projection: str = "pca",
+        projector: bool = True,
+        save_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for key, value, example in (
+            ("every_n_epochs", every_n_epochs, 5),
+            ("max_points", max_points, 2000),
+            ("max_queries", max_queries, 8),
+            ("top_k", top_k, 5),
+            ("num_pairs", num_pairs, 8),
+        ):
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ConfigError(
+                    f"callbacks.plots.{key}={value!r} is not allowed; expected a positive "
+                    f"integer, e.g. {example}"
+                )
+        if projection not in PROJECTIONS:
+            raise ConfigError(
+                f"callbacks.plots.projection={projection!r} is not supported; expected one "
+                f"of {', '.join(PROJECTIONS)}"
+            )
+        self.every_n_epochs = int(every_n_epochs)
+        self.max_points = int(max_points)
+        self.max_queries = int(max_queries)
+        self.top_k = int(top_k)
+        self.num_pairs = int(num_pairs)
+        self.projection = projection
+        self.projector = bool(projector)
+        self.save_dir = save_dir
+        self._train_pairs: tuple[Tensor, Tensor, Tensor] | None = None
+        self._val_epoch = 0  # epochs completed at the last validation
+        self._drawn: Any = None  # the last EvalOutputs drawn
+        self._warned: set[str] = set()
+
+    # -- hooks -----------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_pairs, self._val_epoch, self._drawn = None, 0, None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx == 0 and trainer.is_global_zero:
+            self._train_pairs = self._pick_train_pairs(batch)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        self._val_epoch = trainer.current_epoch + 1
+        ev = _last_eval(pl_module, "val")
+        if ev is None:
+            return
+        if trainer.state.fn != "fit":  # trainer.validate: that is the end
+            self._draw(trainer, pl_module, ev, final=True)
+        elif self._val_epoch % self.every_n_epochs == 0:
+            self._draw(trainer, pl_module, ev, final=False)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        ev = _last_eval(pl_module, "val")
+        # The last validation, whether max_epochs, max_steps or a callback stopped fit (none
+        # ran past the sanity check when _val_epoch is 0).
+        if ev is not None and self._val_epoch > 0:
+            self._draw(trainer, pl_module, ev, final=True)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        ev = _last_eval(pl_module, "test")
+        if ev is not None:
+            self._draw(trainer, pl_module, ev, final=True)
+
+    # -- drawing ---------------------------------------------------------------------------
+    def _pick_train_pairs(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """``num_pairs`` pairs of a training batch, same pairs first, copied to the CPU."""
+        if len(batch) == 3:
+            x1, x2, same = batch
+            same = same.bool().cpu()
+            where_same, where_diff = same.nonzero().squeeze(1), (~same).nonzero().squeeze(1)
+            # Half and half where the batch allows, topped up from the other kind.
+            n_diff = min(len(where_diff), self.num_pairs // 2)
+            n_same = min(len(where_same), self.num_pairs - n_diff)
+            n_diff = min(len(where_diff), self.num_pairs - n_same)
+            first = second = torch.cat([where_same[:n_same], where_diff[:n_diff]])
+        else:
+            images, labels = batch
+            x1 = x2 = images
+            pairs = sample_pairs(labels, self.num_pairs, _SEED)
+            order = torch.argsort((~pairs.same).to(torch.uint8), stable=True)
+            first, second, same = pairs.first[order], pairs.second[order], pairs.same[order]
+        # Augmentation may overshoot [0, 1] by interpolation; the grid shows pixels as seen.
+        return (
+            x1[first.to(x1.device)].detach().float().clamp(0, 1).cpu(),
+            x2[second.to(x2.device)].detach().float().clamp(0, 1).cpu(),
+            same[first] if len(batch) == 3 else same,
+        )
+
+    def _draw(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ev: Any, final: bool
+    ) -> None:
+        stage, step = ev.stage, trainer.global_step
+        split = self._split_images(trainer, ev)
+        names = _class_names(ev.labels, split)
+        emb = ev.embeddings.float()
+        if self._drawn is not ev:
+            self._drawn = ev
+            folder = "test" if stage == "test" else f"val_epoch{self._val_epoch:03d}"
+            out_dir = Path(self.save_dir or Path(trainer.default_root_dir) / "plots") / folder
+            figures = self._figures(trainer, pl_module, ev, split, names, emb)
+            self._publish(trainer, stage, step, out_dir, figures)
+        if not final or split is None:
+            return
+        if self.projector:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    self._add_projector(logger, stage, step, emb, names, split)
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if wandb_loggers:
+            columns, rows = self._neighbour_table(pl_module, emb, names, split)
+            for logger in wandb_loggers:
+                logger.log_table(f"{stage}/plots/neighbours", columns, rows, step=step)
+
+    def _figures(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        ev: Any,
+        split: Any,
+        names: np.ndarray,
+        emb: Tensor,
+    ) -> dict[str, Figure]:
+        threshold = _threshold(pl_module, ev)
+        figures: dict[str, Figure] = {}
+        pairs = self._pairs(trainer, pl_module, ev, split, emb)
+        if pairs is not None:
+            x1, x2, dist, same, title = pairs
+            figures["pairs"] = pair_grid_figure(
+                x1, x2, dist, same, threshold=threshold, max_pairs=self.num_pairs, title=title
+            )
+        figures["distances"] = distance_histograms_figure(
+            ev.distances, ev.same, threshold=threshold
+        )
+        figures["roc"] = roc_figure(ev.distances, ev.same, threshold=threshold)
+        figures["embeddings_2d"] = embeddings_2d_figure(
+            emb, names, method=self.projection, max_points=self.max_points, seed=_SEED
+        )
+        if split is not None and len(emb) >= 2:
+            queries, nb, nb_dist = self._retrieve(pl_module, emb)
+            shown, slot = np.unique(nb, return_inverse=True)
+            q_images, _ = split.__getitems__(queries.tolist())
+            g_images, _ = split.__getitems__(shown.tolist())
+            figures["retrieval"] = retrieval_grid_figure(
+                q_images.float().clamp(0, 1),
+                names[queries],
+                g_images.float().clamp(0, 1),
+                names[shown],
+                slot.reshape(nb.shape),
+                max_queries=len(queries),
+                distances=nb_dist,
+            )
+        return figures
+
+    def _pairs(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ev: Any, split: Any, emb: Tensor
+    ) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray, str] | None:
+        """Pairs for the grid: the epoch's training pairs in fit, else pairs of the split."""
+        if ev.stage == "val" and trainer.state.fn == "fit" and self._train_pairs is not None:
+            x1, x2, same = self._train_pairs
+            dist = pl_module.compare(x1, x2).float().cpu().numpy()
+            title = f"training pairs (augmented), epoch {self._val_epoch}"
+            return x1, x2, dist, same.numpy(), title
+        if split is None:
+            return None
+        pairs = sample_pairs(ev.labels, self.num_pairs, _SEED)
+        order = torch.argsort((~pairs.same).to(torch.uint8), stable=True)
+        first, second, same = pairs.first[order], pairs.second[order], pairs.same[order]
+        dist = _distances(pl_module, emb[first], emb[second])
+        x1, _ = split.__getitems__(first.tolist())
+        x2, _ = split.__getitems__(second.tolist())
+        title = f"{ev.stage} pairs"
+        return x1.float().clamp(0, 1), x2.float().clamp(0, 1), dist, same.numpy(), title
+
+    def _retrieve(
+        self, pl_module: pl.LightningModule, emb: Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fixed queries, their ``top_k`` nearest other items (Q, k) and distances (Q, k)."""
+        n = len(emb)
+        queries = np.sort(
+            np.random.default_rng(_SEED).choice(n, min(self.max_queries, n), replace=False)
+        )
+        k = min(self.top_k, n - 1)
+        x = emb.numpy().astype(np.float32)
+        index = build_index(x, metric=pl_module.distance.faiss_metric)
+        # Queries are in the gallery: search one more and drop each query's own entry.
+        _, found = index.search(x[queries], k + 1)
+        nb = np.empty((len(queries), k), dtype=np.int64)
+        for row, (own, ids) in enumerate(zip(queries, found, strict=True)):
+            ids = ids[(ids >= 0) & (ids != own)]
+            nb[row] = ids[:k] if len(ids) >= k else np.resize(ids, k)
+        q = emb[torch.from_numpy(np.repeat(queries, k))]
+        dist = _distances(pl_module, q, emb[torch.from_numpy(nb.reshape(-1))]).reshape(nb.shape)
+        return queries, nb, dist
+
+    def _publish(
+        self,
+        trainer: pl.Trainer,
+        stage: str,
+        step: int,
+        out_dir: Path,
+        figures: dict[str, Figure],
+    ) -> None:
+        """Each figure as a PNG file, a TensorBoard image and a W&B image, then freed."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        media: dict[str, Any] = {}
+        for name, fig in figures.items():
+            rgb = figure_to_rgb(fig)  # (H, W, 3) uint8, rendered once
+            fig.clear()
+            path = out_dir / f"{name}.png"
+            imsave(path, rgb, format="png")
+            key = f"{stage}/plots/{name}"
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_image(key, rgb, step, dataformats="HWC")
+            media[key] = path
+        figures.clear()
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if wandb_loggers:
+            import wandb
+
+            # One history row per stage, on Lightning's trainer/global_step axis.
+            images = {key: wandb.Image(str(path)) for key, path in media.items()}
+            for logger in wandb_loggers:
+                logger.log_metrics(images, step=step)
+
+    def _add_projector(
+        self,
+        logger: TensorBoardLogger,
+        stage: str,
+        step: int,
+        emb: Tensor,
+        names: np.ndarray,
+        split: Any,
+    ) -> None:
+        n = len(emb)
+        m = min(self.max_points, n)
+        idx = np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))  # evenly spaced
+        images, _ = split.__getitems__(idx.tolist())
+        logger.experiment.add_embedding(
+            emb[torch.from_numpy(idx)],
+            metadata=[str(v) for v in names[idx]],
+            label_img=_thumbnails(images.float().clamp(0, 1), len(idx)),
+            global_step=step,
+            tag=stage,
+        )
+
+    def _neighbour_table(
+        self, pl_module: pl.LightningModule, emb: Tensor, names: np.ndarray, split: Any
+    ) -> tuple[list[str], list[list[Any]]]:
+        """W&B table: one row per query, with each neighbour's image, label, distance, hit."""
+        import wandb
+
+        queries, nb, dist = self._retrieve(pl_module, emb)
+        k = nb.shape[1]
+        columns = ["query", "query_label", "hits"]
+        for r in range(1, k + 1):
+            columns += [f"neighbour_{r}", f"label_{r}", f"distance_{r}", f"hit_{r}"]
+        q_images, _ = split.__getitems__(queries.tolist())
+        shown, slot = np.unique(nb, return_inverse=True)
+        g_images, _ = split.__getitems__(shown.tolist())
+        g_pixels = [wandb.Image(_uint8(img)) for img in g_images]
+        slot = slot.reshape(nb.shape)
+        rows = []
+        for row, q in enumerate(queries):
+            hits = [bool(names[g] == names[q]) for g in nb[row]]
+            cells: list[Any] = [wandb.Image(_uint8(q_images[row])), str(names[q]), sum(hits)]
+            for j, g in enumerate(nb[row]):
+                cells += [g_pixels[slot[row, j]], str(names[g]), float(dist[row, j]), hits[j]]
+            rows.append(cells)
+        return columns, rows
+
+    def _split_images(self, trainer: pl.Trainer, ev: Any) -> Any:
+        """The images of the evaluated rows (row i's image at i), else None."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "load_splits"):
+            return None
+        split = getattr(datamodule.load_splits(), ev.stage)
+        if ev.items is not None and len(ev.items) == len(ev.embeddings):
+            # Part of a split (trainer.limit_*_batches) is still matched to its own images.
+            return split if len(ev.items) == len(split) else split.subset(ev.items)
+        if ev.stage not in self._warned:
+            self._warned.add(ev.stage)
+            log.warning(
+                "callbacks.plots: the %s loader gave no item indices, so pictures that need "
+                "the %s images are skipped",
+                ev.stage,
+                ev.stage,
+            )
+        return None
+
+
+def _last_eval(pl_module: pl.LightningModule, stage: str) -> Any:
+    ev = getattr(pl_module, "last_eval", None)
+    return ev if ev is not None and ev.stage == stage and len(ev.embeddings) > 0 else None
+
+
+def _threshold(pl_module: pl.LightningModule, ev: Any) -> float | None:
+    """The calibrated threshold (from validation), else the split's own best one."""
+    for value in (getattr(pl_module, "threshold", None), ev.metrics.get("threshold")):
+        if value is not None and math.isfinite(float(value)):
+            return float(value)
+    return None
+
+
+@torch.no_grad()
+def _distances(pl_module: pl.LightningModule, a: Tensor, b: Tensor) -> np.ndarray:
+    """The module's Φ between embedding rows, lower means more alike, as numpy."""
+    distance = pl_module.distance
+    a, b = a.to(pl_module.device), b.to(pl_module.device)
+    return distance.to_distance(distance.paired(a, b)).float().cpu().numpy()
+
+
+def _class_names(labels: Tensor, split: Any) -> np.ndarray:
+    """Class names of the labels where the split names its classes, else the labels."""
+    y = labels.cpu().numpy()
+    classes = getattr(split, "classes", None)
+    if classes is not None and len(y) and 0 <= y.min() and y.max() < len(classes):
+        return np.asarray([str(c) for c in classes], dtype=object)[y]
+    return y
+
+
+def _thumbnails(images: Tensor, n: int) -> Tensor:
+    """Images shrunk so that ``n`` of them fit one sprite sheet (and at most 64 pixels)."""
+    per_side = math.ceil(math.sqrt(n))
+    side = min(_THUMBNAIL_MAX, _SPRITE_SIDE // per_side)
+    h, w = images.shape[-2:]
+    if max(h, w) <= side:
+        return images
+    scale = side / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(images, size=size, mode="area")
+
+
+def _uint8(image: Tensor) -> np.ndarray:
+    """A (C, H, W) image in [0, 1] as (H, W) or (H, W, 3) uint8 pixels for wandb.Image."""
+    x = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)

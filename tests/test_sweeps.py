@@ -1,0 +1,202 @@
+"""Sweeps: the optimised metric, sweep_summary.csv, Optuna and the submitit launcher."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from conftest import FAST, one_line_error, run_script
+
+from siamese.errors import ConfigError
+from siamese.metric_names import available_metrics
+from siamese.pipelines.train import run_training
+from siamese.sweeps import (
+    check_optimized_metric,
+    format_table,
+    optimized_value,
+    summarize,
+    summary_rows,
+)
+
+TINY = [*FAST, "trainer.limit_train_batches=1"]
+
+
+def write_job(sweep, name, overrides, report=None):
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if report is not None:
+        (job / "metrics.json").write_text(json.dumps(report))
+
+
+def test_summary_has_one_row_per_job_with_overrides_and_metrics(tmp_path):
+    write_job(
+        tmp_path,
+        "1",
+        ["loss=triplet", "optimizer.lr=0.001"],
+        {
+            "protocol": "p",
+            "test/precision_at_1": 0.5,
+            "optimized_metric": "val/precision_at_1",
+            "val/precision_at_1": 0.4,
+        },
+    )
+    write_job(
+        tmp_path, "0", ["loss=contrastive", "optimizer.lr=0.01"], {"test/precision_at_1": 0.75}
+    )
+    write_job(tmp_path, "10", ["loss=bce", "optimizer.lr=0.1"])  # failed: no metrics.json
+    (tmp_path / "notes").mkdir()  # not a job
+
+    text = summarize(tmp_path, "val/precision_at_1")
+    with (tmp_path / "sweep_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["0", "1", "10"]  # numeric order, not "0", "1", "10" by luck
+    assert [r["loss"] for r in rows] == ["contrastive", "triplet", "bce"]
+    assert [r["status"] for r in rows] == ["done", "done", "no metrics.json"]
+    assert [r["test/precision_at_1"] for r in rows] == ["0.75", "0.5", ""]
+    assert rows[1]["val/precision_at_1"] == "0.4" and rows[0]["val/precision_at_1"] == ""
+    assert "protocol" not in rows[0]  # strings of metrics.json are not metrics
+    lines = text.splitlines()
+    assert lines[0].startswith("sweep summary (3 runs")
+    assert lines[1].split() == [
+        "job",
+        "status",
+        "loss",
+        "optimizer.lr",
+        "val/precision_at_1",
+        "test/precision_at_1",
+    ]
+    assert lines[3].split() == ["0", "done", "contrastive", "0.01", "0.7500"]
+    assert lines[4].split() == ["1", "done", "triplet", "0.001", "0.4000", "0.5000"]
+
+
+def test_summary_rows_order_metrics_as_asked(tmp_path):
+    write_job(tmp_path, "0", ["seed=1"], {"test/b": 2.0, "test/a": 1.0, "test/c": 3.0})
+    row = summary_rows(tmp_path, ["test/c", "test/a"])[0]
+    assert list(row) == ["job", "status", "seed", "test/c", "test/a", "test/b"]
+
+
+def test_format_table_aligns_columns():
+    table = format_table([{"a": "x", "b": 0.123456}, {"a": "long", "b": float("nan")}], ["a", "b"])
+    assert table.splitlines() == ["a     b     ", "----  ------", "x     0.1235", "long  nan   "]
+
+
+def test_unknown_metric_names_the_closest_and_every_available():
+    check_optimized_metric("val/precision_at_1")
+    check_optimized_metric(None)
+    with pytest.raises(ConfigError) as err:
+        check_optimized_metric("val/precison_at_1")
+    message = str(err.value)
+    assert "did you mean val/precision_at_1?" in message
+    assert all(name in message for name in available_metrics())
+
+
+def test_optimized_value_missing_after_training_lists_logged_metrics():
+    assert optimized_value("val/x", {"val/x": 0.5, "epoch": 1}) == 0.5
+    assert optimized_value(None, {}) is None
+    with pytest.raises(ConfigError, match=r"val/recall_at_10.*logged: val/x"):
+        optimized_value("val/recall_at_10", {"val/x": 0.5})
+
+
+def test_sweep_with_unknown_metric_stops_before_any_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_script(
+        "train.py", "-m", "seed=1,2", "optimized_metric=val/acc", f"hydra.sweep.dir={sweep}"
+    )
+    line = one_line_error(proc)
+    assert "optimized_metric='val/acc'" in line and "val/precision_at_1" in line
+    assert not sweep.exists()
+
+
+def test_the_optimised_value_is_the_best_epoch_that_was_tested(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.max_epochs=3", "trainer.limit_train_batches=2")
+    metrics = run_training(cfg)
+    out = tmp_path / "run"
+    with (out / "csv" / "metrics.csv").open() as f:
+        per_epoch = [
+            float(r["val/precision_at_1"]) for r in csv.DictReader(f) if r.get("val/precision_at_1")
+        ]
+    assert len(per_epoch) == 3
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["optimized_metric"] == "val/precision_at_1"
+    assert report["val/precision_at_1"] == pytest.approx(max(per_epoch))
+    assert metrics["val/precision_at_1"] == pytest.approx(max(per_epoch))
+
+
+def test_optuna_sweep_of_two_trials_completes(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_script(
+        "train.py",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    with (sweep / "sweep_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] == "done" for r in rows)
+    values = [float(r["val/precision_at_1"]) for r in rows]
+    assert result["best_value"] == pytest.approx(max(values))
+    assert set(result["best_params"]) == {
+        "optimizer.lr",
+        "loss.margin",
+        "model.embedding_dim",
+        "data.samples_per_class",
+    }
+    for row in rows:  # each trial ran with its own sampled values
+        assert 1e-4 <= float(row["optimizer.lr"]) <= 1e-2
+        assert 0.5 <= float(row["loss.margin"]) <= 1.5
+    assert "sweep summary (2 runs" in proc.stdout
+
+
+def test_submitit_local_launcher_runs_the_grid(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_script(
+        "train.py",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "loss=contrastive,triplet",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (sweep / "sweep_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["loss"] for r in rows] == ["contrastive", "triplet"]
+    for job in ("0", "1"):
+        report = json.loads((sweep / job / "metrics.json").read_text())
+        assert float(rows[int(job)]["test/precision_at_1"]) == pytest.approx(
+            report["test/precision_at_1"]
+        )
+    assert (sweep / ".submitit").is_dir()
+
+
+def test_slurm_launcher_config_composes_with_its_key_settings(tmp_path):
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu"
+    for key in (
+        "timeout_min",
+        "nodes",
+        "gpus_per_node",
+        "tasks_per_node",
+        "cpus_per_task",
+        "mem_gb",
+        "max_num_timeout",
+        "account",
+        "qos",
+    ):
+        assert key in launcher
