@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from siamese.config import build
 from siamese.data.pairs import sample_pairs
+from siamese.distances import LearnedDistance
 from siamese.errors import ConfigError
 from siamese.evaluation import retrieval_metrics, verification_metrics
 from siamese.evaluation.oneshot import oneshot_metrics
@@ -128,6 +130,14 @@ class SiameseModule(pl.LightningModule):
         images, labels = batch
         return self.loss_fn(self(images), labels), len(images)
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning calls set_epoch only on a loader's sampler, not on a batch_sampler: without
+        # this every epoch would train on the same class-balanced batches (or pairs).
+        loader = self.trainer.train_dataloader
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if hasattr(batch_sampler, "set_epoch"):
+            batch_sampler.set_epoch(self.current_epoch)
+
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         out, bs = self._shared_step(batch)
         self.log("train/loss", out.loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
@@ -222,9 +232,25 @@ class SiameseModule(pl.LightningModule):
                 episodes=ONESHOT_EPISODES,
                 seed=self.hparams.eval_seed,
                 metric=self.distance.faiss_metric,
+                scorer=self.episode_scorer(),
             )
             metrics.update({k: v for k, v in shots.items() if not k.endswith("_ci95")})
         return metrics, dist, same
+
+    def episode_scorer(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """One-shot scoring by a learned head (Koch et al.): queries (B, 1, D) and prototypes
+        (B, N, D) as numpy -> (B, N) head distances; None for a geometric distance, which
+        one-shot scores with the faiss metric of its embeddings."""
+        if not isinstance(self.distance, LearnedDistance):
+            return None
+
+        @torch.no_grad()
+        def score(query: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+            p = torch.as_tensor(prototypes, dtype=torch.float32, device=self.device)
+            q = torch.as_tensor(query, dtype=torch.float32, device=self.device).expand_as(p)
+            return self.distance.to_distance(self.distance.paired(q, p)).double().cpu().numpy()
+
+        return score
 
     @torch.no_grad()
     def pair_distances(
@@ -266,6 +292,12 @@ class SiameseModule(pl.LightningModule):
         for name in ("total_steps", "T_max"):
             if name in params and name not in make.keywords:
                 extra[name] = int(self.trainer.estimated_stepping_batches)
+        pct = make.keywords.get("pct_start")
+        steps = extra.get("total_steps", make.keywords.get("total_steps"))
+        if pct is not None and steps and float(pct) * steps == 1.0 and steps > 2:
+            # torch's one-cycle divides by (pct_start * total_steps - 1): a one-step warm-up
+            # (0.2 x 5 steps in a quick check) crashes it, so warm up for two steps instead.
+            extra["pct_start"] = 2.0 / steps
         scheduler = make(optimizer, **extra)
         return {
             "optimizer": optimizer,

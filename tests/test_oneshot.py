@@ -252,3 +252,57 @@ def test_bad_ways():
         oneshot_metrics(emb, labels, ways=(1, 5))
     with pytest.raises(ConfigError, match="ways"):
         oneshot_metrics(emb, labels, ways=())
+
+
+def test_a_scorer_replaces_the_metric():
+    """A model's own pair score (Koch's head) decides; here one that prefers far classes."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 5)
+    emb = np.eye(6)[labels] * 10 + rng.normal(0, 0.01, (30, 6))  # tight, far-apart clusters
+
+    def squared_l2(q, proto):
+        assert q.shape[1] == 1 and q.shape[0] == proto.shape[0]
+        return ((proto - q) ** 2).sum(axis=2)
+
+    plain = oneshot_metrics(emb, labels, ways=(5,), episodes=200)
+    same = oneshot_metrics(emb, labels, ways=(5,), episodes=200, scorer=squared_l2)
+    assert plain == same and plain["oneshot_5way_1shot"] == 1.0
+    farthest = oneshot_metrics(
+        emb, labels, ways=(5,), episodes=200, scorer=lambda q, p: -squared_l2(q, p)
+    )
+    assert farthest["oneshot_5way_1shot"] == 0.0
+    with pytest.raises(DataError, match="scorer returned shape"):
+        oneshot_metrics(
+            emb, labels, ways=(5,), episodes=10, scorer=lambda q, p: p.sum(axis=2)[:, :1]
+        )
+
+
+def test_a_learned_head_scores_one_shot_episodes_with_its_logits():
+    from siamese.module import SiameseModule
+
+    def module(distance):
+        return SiameseModule(
+            tower={
+                "_target_": "siamese.models.ConvTower",
+                "layers": [],
+                "embedding_dim": 4,
+                "in_channels": 1,
+                "image_size": [2, 2],
+                "input_mean": 0.0,
+                "input_std": 1.0,
+            },
+            distance=distance,
+            loss={"_target_": "siamese.losses.ContrastiveLoss"},
+            optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+        )
+
+    assert module({"_target_": "siamese.distances.EuclideanDistance"}).episode_scorer() is None
+    learned = module({"_target_": "siamese.distances.LearnedDistance", "embedding_dim": 4})
+    with torch.no_grad():
+        learned.distance.head.weight.copy_(torch.tensor([[-1.0, -2.0, 0.0, 0.5]]))
+        learned.distance.head.bias.fill_(0.25)
+    q = np.array([[[1.0, 0.0, 2.0, 1.0]]])  # (1, 1, D)
+    proto = np.array([[[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 2.0, 3.0]]])  # (1, 2, D)
+    # logit = 0.25 - |dq0| - 2|dq1| + 0.5|dq3|; distance = -logit
+    expected = -np.array([[0.25 - 1 + 0.5, 0.25 - 2 + 1.0]])
+    np.testing.assert_allclose(learned.episode_scorer()(q, proto), expected, rtol=1e-6)

@@ -144,3 +144,35 @@ def test_load_refuses_missing_and_corrupt_checkpoints(tmp_path):
     truncated.write_bytes(b"PK\x03\x04" + b"\x00" * 20)
     with pytest.raises(ConfigError, match="truncated.ckpt' is not a readable checkpoint"):
         siamese.load(truncated)
+
+
+@pytest.mark.parametrize("reshuffle", [True, False])
+def test_each_epoch_draws_new_batches_unless_reshuffle_is_off(make_cfg, reshuffle, monkeypatch):
+    """Lightning gives set_epoch to a loader's sampler only; the module hands it to ours."""
+    import pytorch_lightning as pl
+
+    import siamese.pipelines.train as train_pipeline
+
+    firsts: list[torch.Tensor] = []
+
+    class FirstBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                firsts.append(batch[0].detach().clone())
+
+    original = train_pipeline.instantiate_all
+    monkeypatch.setattr(
+        train_pipeline, "instantiate_all", lambda group: [*original(group), FirstBatch()]
+    )
+    cfg = make_cfg(
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=1",
+        "test=false",
+        "~callbacks.plots",
+        "data.augment=null",
+        f"data.reshuffle={reshuffle}",
+    )
+    run_training(cfg)
+    assert len(firsts) == 3
+    repeats = [torch.equal(firsts[0], other) for other in firsts[1:]]
+    assert repeats == ([False, False] if reshuffle else [True, True])

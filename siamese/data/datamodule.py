@@ -52,6 +52,8 @@ class SiameseDataModule(pl.LightningDataModule):
             source's own size. Tensor data is resized once, files as they are read.
         augment: a batch-wise module applied to training images, or None.
         seed: seeds the batch order (epoch ``e`` uses ``seed + e``).
+        reshuffle: draw new training batches every epoch; False repeats the first epoch's
+            batches (``debug=overfit``: ``trainer.overfit_batches=1`` then sees one batch).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class SiameseDataModule(pl.LightningDataModule):
         image_size: int | Sequence[int] | None = None,
         augment: nn.Module | None = None,
         seed: int = 0,
+        reshuffle: bool = True,
     ) -> None:
         super().__init__()
         if pair_mode not in PAIR_MODES:
@@ -90,6 +93,7 @@ class SiameseDataModule(pl.LightningDataModule):
         self.image_size = _size(image_size)
         self.augment = augment
         self.seed = seed
+        self.reshuffle = reshuffle
         self.splits: DataSplits | None = None
         self._read: DataSplits | None = None
 
@@ -140,10 +144,14 @@ class SiameseDataModule(pl.LightningDataModule):
         train = self.load_splits().train
         if self.pair_mode == "in_batch":
             return ClassBalancedBatchSampler(
-                train.targets, self.batch_size, self.samples_per_class, self.seed
+                train.targets, self.batch_size, self.samples_per_class, self.seed, self.reshuffle
             )
         return PairBatchSampler(
-            train.targets, self.batch_size, self.pairs_per_epoch or len(train), self.seed
+            train.targets,
+            self.batch_size,
+            self.pairs_per_epoch or len(train),
+            self.seed,
+            self.reshuffle,
         )
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:

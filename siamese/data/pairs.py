@@ -81,17 +81,28 @@ def _sample_with_replacement(labels: Tensor, n_same: int, n_diff: int, g: torch.
 
 
 class PairBatchSampler(Sampler[list[tuple[int, int, bool]]]):
-    """Explicit balanced pairs, redrawn each epoch from ``seed + epoch``, ``batch_size`` a batch."""
+    """Explicit balanced pairs, redrawn each epoch from ``seed + epoch``, ``batch_size`` a batch.
 
-    def __init__(self, targets: Tensor, batch_size: int, num_pairs: int, seed: int = 0) -> None:
+    ``reshuffle=False`` ignores ``set_epoch``: every epoch repeats epoch 0's pairs.
+    """
+
+    def __init__(
+        self,
+        targets: Tensor,
+        batch_size: int,
+        num_pairs: int,
+        seed: int = 0,
+        reshuffle: bool = True,
+    ) -> None:
         self.targets = torch.as_tensor(targets).reshape(-1)
         self.batch_size = batch_size
         self.num_pairs = num_pairs
         self.seed = seed
+        self.reshuffle = reshuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = epoch if self.reshuffle else 0
 
     def __len__(self) -> int:
         return -(-self.num_pairs // self.batch_size)

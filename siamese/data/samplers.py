@@ -1,8 +1,9 @@
 """Batch samplers: class-balanced batches for in-batch pairs, fixed batches for evaluation.
 
 Samplers yield lists of indices that the DataLoader hands to ``__getitems__`` in one call.
-They draw from their own generator seeded by ``seed + epoch`` (Lightning calls
-``set_epoch``), so an epoch's batches are reproducible and a resumed run sees the same ones.
+They draw from their own generator seeded by ``seed + epoch`` (``SiameseModule`` calls
+``set_epoch`` at each epoch start, as Lightning only reaches a loader's sampler), so an
+epoch's batches are reproducible and a resumed run sees the same ones.
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     Every image is used about once per epoch: each class keeps a shuffled queue that is
     refilled when empty; classes are visited in shuffled rounds. A class with fewer images
     than ``samples_per_class`` is sampled with replacement (augmentation makes repeats
-    distinct views). One epoch has ``len(targets) // batch_size`` batches.
+    distinct views). One epoch has ``len(targets) // batch_size`` batches. ``reshuffle=False``
+    ignores ``set_epoch``: every epoch repeats epoch 0's batches (``debug=overfit``).
     """
 
     def __init__(
-        self, targets: Tensor, batch_size: int, samples_per_class: int, seed: int = 0
+        self,
+        targets: Tensor,
+        batch_size: int,
+        samples_per_class: int,
+        seed: int = 0,
+        reshuffle: bool = True,
     ) -> None:
         targets = torch.as_tensor(targets).reshape(-1)
         if samples_per_class < 2:
@@ -58,10 +65,11 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.samples_per_class = samples_per_class
         self.num_batches = max(1, len(targets) // batch_size)
         self.seed = seed
+        self.reshuffle = reshuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = epoch if self.reshuffle else 0
 
     def __len__(self) -> int:
         return self.num_batches

@@ -8,7 +8,7 @@ nearest. Episodes are sampled and scored as whole arrays, so a seed fixes the re
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Integral
 from typing import Any, NamedTuple
 
@@ -18,6 +18,10 @@ from siamese.errors import ConfigError, DataError
 from siamese.evaluation.arrays import as_embeddings, to_numpy
 
 METRICS = ("l2", "ip")
+
+# scorer(query (B, 1, D), prototypes (B, N, D)) -> (B, N) distances, lower = closer: a model's
+# own pair score (a learned head) instead of ``metric``.
+Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 # Support embeddings gathered at once when scoring: (episodes, N, K, D) float64 elements,
 # so memory stays near 16 MB whatever the episode count.
@@ -82,8 +86,12 @@ def oneshot_metrics(
     episodes: int = 1000,
     seed: int = 0,
     metric: str = "l2",
+    scorer: Scorer | None = None,
 ) -> dict[str, float]:
     """One-shot accuracy for each N in ``ways`` that the split can support, as flat metrics.
+
+    ``scorer`` (optional) replaces ``metric``: it gets the queries (B, 1, D) and the class
+    prototypes (B, N, D) and returns (B, N) distances, e.g. Koch et al.'s learned L1 head.
 
     Each N runs :func:`oneshot_accuracy` with the same ``seed``. An N larger than the number
     of classes with at least ``k_shot + 1`` items is left out without a word (20-way on
@@ -108,7 +116,7 @@ def oneshot_metrics(
         if n > len(eligible):
             continue
         eps = sample_episodes(y, n, k_shot, episodes, seed)
-        summary = _summary(_predict(x, eps, metric) == eps.target, n, k_shot)
+        summary = _summary(_predict(x, eps, metric, scorer) == eps.target, n, k_shot)
         key = f"oneshot_{n}way_{int(k_shot)}shot"
         out[key] = summary["accuracy"]
         out[f"{key}_ci95"] = summary["ci95"]
@@ -161,7 +169,9 @@ def predict_episodes(embeddings: Any, episodes: Episodes, *, metric: str = "l2")
     )
 
 
-def _predict(x: np.ndarray, episodes: Episodes, metric: str) -> np.ndarray:
+def _predict(
+    x: np.ndarray, episodes: Episodes, metric: str, scorer: Scorer | None = None
+) -> np.ndarray:
     support, query = episodes.support, episodes.query
     n_episodes, n_way, k_shot = support.shape
     pred = np.empty(n_episodes, dtype=np.int64)
@@ -172,7 +182,17 @@ def _predict(x: np.ndarray, episodes: Episodes, metric: str) -> np.ndarray:
         # Element-wise then a last-axis sum: identical prototypes get bit-identical scores,
         # so exact ties really tie and argmin's first-index rule decides them. Squared l2
         # keeps the order without a sqrt; ip is negated so that smaller is closer for both.
-        scores = ((proto - q) ** 2).sum(axis=2) if metric == "l2" else -(proto * q).sum(axis=2)
+        if scorer is not None:
+            scores = np.asarray(scorer(q, proto), dtype=np.float64)
+            if scores.shape != proto.shape[:2]:
+                raise DataError(
+                    f"scorer returned shape {scores.shape}; expected {proto.shape[:2]} "
+                    "(episodes, N) distances"
+                )
+        elif metric == "l2":
+            scores = ((proto - q) ** 2).sum(axis=2)
+        else:
+            scores = -(proto * q).sum(axis=2)
         pred[s : s + step] = scores.argmin(axis=1)
     return pred
 

@@ -71,6 +71,8 @@ class ConvTower(Tower):
 
     The flattened size before the first Linear follows from the conv output formula, so any
     input size and layer list works; a list that shrinks the image below 1x1 fails at build.
+    ``output_activation`` (None: the last Linear's output as is) squashes the embedding, e.g.
+    ``sigmoid`` for Koch et al. 2015's 4096-unit embedding.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class ConvTower(Tower):
         embedding_dim: int = 64,
         activation: str = "relu",
         dropout: float = 0.0,
+        output_activation: str | None = None,
         in_channels: int | None = None,
         image_size: int | Sequence[int] | None = None,
         input_mean: float | Sequence[float] | None = None,
@@ -89,6 +92,11 @@ class ConvTower(Tower):
         if activation not in ACTIVATIONS:
             raise ConfigError(
                 f"model.activation {activation!r} is unknown; expected one of {sorted(ACTIVATIONS)}"
+            )
+        if output_activation is not None and output_activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"model.output_activation {output_activation!r} is unknown; expected null or "
+                f"one of {sorted(ACTIVATIONS)}"
             )
         shape = self.input_shape
         modules: list[nn.Module] = []
@@ -108,6 +116,8 @@ class ConvTower(Tower):
                 head.append(nn.Dropout(dropout))
             width = int(hidden)
         head.append(nn.Linear(width, embedding_dim))
+        if output_activation is not None:
+            head.append(ACTIVATIONS[output_activation]())
         self.head = nn.Sequential(*head)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,13 +128,14 @@ class ResNet18Tower(Tower):
     """torchvision's ResNet-18 (random init, no download) with its fc replaced by Linear(512, D).
 
     ``small_input`` swaps the 7x7/2 stem and max-pool for a 3x3/1 conv, the usual choice for
-    28x28 or 32x32 images.
+    28x28 or 32x32 images. ``dropout`` applies to the pooled features before that Linear.
     """
 
     def __init__(
         self,
         embedding_dim: int = 64,
         small_input: bool = True,
+        dropout: float = 0.0,
         in_channels: int | None = None,
         image_size: int | Sequence[int] | None = None,
         input_mean: float | Sequence[float] | None = None,
@@ -139,7 +150,10 @@ class ResNet18Tower(Tower):
             net.maxpool = nn.Identity()
         else:
             net.conv1 = nn.Conv2d(self.in_channels, 64, 7, 2, 3, bias=False)
-        net.fc = nn.Linear(net.fc.in_features, embedding_dim)
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
+        fc = nn.Linear(net.fc.in_features, embedding_dim)
+        net.fc = nn.Sequential(nn.Dropout(dropout), fc) if dropout > 0 else fc
         self.net = net
 
     def forward(self, x: Tensor) -> Tensor:

@@ -283,6 +283,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         episodes=ev.oneshot.episodes,
         seed=ev.oneshot.seed,
         metric=metric,
+        scorer=model.episode_scorer(),  # a learned head scores its own episodes
     )
 
     protocol = (
