@@ -86,6 +86,22 @@ def test_resnet18_tower_any_channels_no_download(channels):
     assert big(torch.rand(2, channels, 64, 64)).shape == (2, 5)
 
 
+def test_resnet18_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    tower = ResNet18Tower(embedding_dim=8, dropout=0.5, in_channels=1, image_size=28)
+    x = torch.rand(2, 1, 28, 28)
+    tower.train()
+    assert not torch.equal(tower(x), tower(x))  # a new dropout mask each call
+    tower.eval()
+    assert torch.equal(tower(x), tower(x))
+    assert isinstance(tower.net.fc[0], torch.nn.Dropout) and tower.net.fc[0].p == 0.5
+    assert isinstance(
+        ResNet18Tower(embedding_dim=8, in_channels=1, image_size=28).net.fc, torch.nn.Linear
+    )
+    with pytest.raises(ConfigError, match=r"model.dropout must be in \[0, 1\), got 1.0"):
+        ResNet18Tower(embedding_dim=8, dropout=1.0, in_channels=1, image_size=28)
+
+
 def test_input_normalisation_is_applied_and_saved():
     tower = ConvTower(
         LAYERS, embedding_dim=4, in_channels=1, image_size=28, input_mean=0.5, input_std=0.25

@@ -179,13 +179,13 @@ def test_conv_tower_output_activation():
         ConvTower(layers, output_activation="softmax", **kwargs)
 
 
-def test_debug_fast_trains_ten_batches_and_tests(tmp_path):
+def test_debug_fast_trains_five_batches_and_tests(tmp_path):
     cfg = compose_train(["debug=fast", *CPU], tmp_path / "run")
     metrics = run_training(cfg)
     check_test_metrics(metrics)
     out = Path(cfg.paths.output_dir)
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert last["global_step"] == 10 and last["epoch"] == 0
+    assert last["global_step"] == 5 and last["epoch"] == 0
     assert (out / "metrics.json").is_file()
 
 
