@@ -20,7 +20,7 @@ CONF = ROOT / "conf"
 os.environ.setdefault("WANDB_MODE", "offline")
 
 # A few batches of everything: enough to exercise every stage in seconds.
-FAST = [
+FAST_WITH_PLOTS = [
     "trainer.max_epochs=1",
     "trainer.accelerator=cpu",
     "trainer.devices=1",
@@ -29,6 +29,8 @@ FAST = [
     "trainer.enable_progress_bar=false",
     "eval_pairs=500",
 ]
+# Dashboard pictures cost ~3 s a run; tests/test_callbacks.py checks them with FAST_WITH_PLOTS.
+FAST = [*FAST_WITH_PLOTS, "~callbacks.plots"]
 
 
 def compose_config(name: str, overrides: Sequence[str], output_dir: Path) -> DictConfig:
@@ -51,8 +53,9 @@ def compose_eval(overrides: Sequence[str], output_dir: Path) -> DictConfig:
 
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    def make(*overrides: str, fast: bool = True) -> DictConfig:
-        return compose_train([*(FAST if fast else []), *overrides], tmp_path / "run")
+    def make(*overrides: str, fast: bool = True, plots: bool = False) -> DictConfig:
+        quick = (FAST_WITH_PLOTS if plots else FAST) if fast else []
+        return compose_train([*quick, *overrides], tmp_path / "run")
 
     return make
 

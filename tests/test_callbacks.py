@@ -203,7 +203,7 @@ def test_pair_grid_rejects_mismatched_inputs():
     ],
 )
 def test_bad_plot_settings_name_the_key(make_cfg, key, value, expected):
-    cfg = make_cfg(f"callbacks.plots.{key}={value}")
+    cfg = make_cfg(f"callbacks.plots.{key}={value}", plots=True)
     with pytest.raises(ConfigError, match=rf"callbacks\.plots\.{key}=.*{expected}"):
         build(cfg.callbacks.plots)
 
@@ -213,7 +213,8 @@ def test_select_callbacks_follows_the_trainer_flags(make_cfg):
     kinds = {type(c) for c in callbacks}
     assert {RichProgressBar, RichModelSummary, Throughput, DashboardPlots} <= kinds
     assert select_callbacks(callbacks, {}) == callbacks  # Lightning's defaults: both on
-    kept = select_callbacks(callbacks, make_cfg().trainer)  # FAST: progress bar and summary off
+    # FAST turns the progress bar and the summary off.
+    kept = select_callbacks(callbacks, make_cfg(plots=True).trainer)
     assert not any(isinstance(c, (ProgressBar, RichModelSummary)) for c in kept)
     assert {type(c) for c in kept} == kinds - {RichProgressBar, RichModelSummary}
     assert any(isinstance(c, ModelCheckpoint) for c in kept)
@@ -224,10 +225,10 @@ def test_select_callbacks_follows_the_trainer_flags(make_cfg):
 @pytest.fixture(scope="module")
 def dashboard_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import wandb
-    from conftest import FAST, compose_train
+    from conftest import FAST_WITH_PLOTS, compose_train
 
     out = tmp_path_factory.mktemp("dashboard") / "run"
-    run_training(compose_train([*FAST, *DASHBOARD], out))
+    run_training(compose_train([*FAST_WITH_PLOTS, *DASHBOARD], out))
     wandb.teardown()  # waits until wandb-core has closed the offline run file
     return out
 
@@ -364,10 +365,11 @@ def test_explicit_pairs_without_test_draw_the_last_validation(make_cfg, no_rich)
         "test=false",
         "trainer.log_every_n_steps=1",
         "callbacks.plots.projector=false",
+        plots=True,
     )
     metrics = run_training(cfg)
     plots = Path(cfg.paths.output_dir) / "plots"
-    # One epoch, every_n_epochs=5: drawn only because it is the last validation of fit.
+    # One epoch, every_n_epochs=10: drawn only because it is the last validation of fit.
     assert {p.name for p in plots.iterdir()} == {"val_epoch001"}
     assert {p.name for p in (plots / "val_epoch001").iterdir()} == {f"{n}.png" for n in PICTURES}
     assert metrics["train/images_per_sec"] > 0
@@ -379,6 +381,7 @@ def test_partly_evaluated_split_still_draws_its_own_images(make_cfg, no_rich, ca
         "data.eval_batch_size=100",
         "trainer.limit_val_batches=2",  # 200 of the 500 validation items, in shuffled batches
         "callbacks.plots.projector=false",
+        plots=True,
     )
     with caplog.at_level("WARNING", logger="siamese.callbacks"):
         run_training(cfg)

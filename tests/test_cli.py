@@ -16,7 +16,10 @@ from siamese.pipelines.train import run_training
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["model=transformer"], "unknown model=transformer; choose one of: convnet, resnet18"),
+        (
+            ["model=transformer"],
+            "unknown model=transformer; choose one of: convnet, koch, resnet18",
+        ),
         (["-m", "loss=contrastive,tripplet"], "unknown loss=tripplet; choose one of: bce, "),
         (["loss=bce"], "loss=bce needs the logits of distance=learned, but distance=euclidean"),
         (["data=image_folder", "data.root=/no/such/folder"], "/no/such/folder"),

@@ -19,7 +19,7 @@ from siamese.loggers import build_loggers, git_info, wandb_offline_reason
 from siamese.pipelines.train import run_training
 
 # One epoch of three batches; the test split is still scored (test/ metrics).
-TINY = ["trainer.log_every_n_steps=1", "~callbacks.plots"]
+TINY = ["trainer.log_every_n_steps=1"]
 STOP_AFTER_FIRST_EPOCH = [  # a run planned for 2 epochs that stops after one, as if killed
     "+callbacks.stop._target_=pytorch_lightning.callbacks.EarlyStopping",
     "+callbacks.stop.monitor=val/precision_at_1",

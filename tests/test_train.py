@@ -12,7 +12,9 @@ import siamese
 from siamese.errors import ConfigError, DataError
 from siamese.pipelines.train import REPORTED, run_training
 
-CONTRACT_KEYS = {f"test/{k}" for k in REPORTED}
+# The embedded digits have 10 classes: 20-way one-shot is left out (DESIGN: "where the
+# split has at least 20 classes"); test_presets checks it on 20 Omniglot characters.
+CONTRACT_KEYS = {f"test/{k}" for k in REPORTED if k != "oneshot_20way_1shot"}
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +170,6 @@ def test_each_epoch_draws_new_batches_unless_reshuffle_is_off(make_cfg, reshuffl
         "trainer.max_epochs=3",
         "trainer.limit_train_batches=1",
         "test=false",
-        "~callbacks.plots",
         "data.augment=null",
         f"data.reshuffle={reshuffle}",
     )
