@@ -11,6 +11,7 @@ import csv
 import difflib
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,8 @@ def write_summary(sweep_dir: Path, metric_order: Sequence[str] = ()) -> Path | N
         return None
     columns = list(dict.fromkeys(k for row in rows for k in row))
     path = sweep_dir / SUMMARY_NAME
-    tmp = path.with_suffix(".csv.tmp")
+    # Jobs of a parallel launcher (submitit) may rewrite it at once: a temp file each.
+    tmp = path.with_suffix(f".csv.{os.getpid()}.tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
