@@ -177,3 +177,25 @@ def test_each_epoch_draws_new_batches_unless_reshuffle_is_off(make_cfg, reshuffl
     assert len(firsts) == 3
     repeats = [torch.equal(firsts[0], other) for other in firsts[1:]]
     assert repeats == ([False, False] if reshuffle else [True, True])
+
+
+def test_trainer_check_refuses_missing_devices_and_moves_fp16_off_the_cpu(make_cfg, caplog):
+    import os
+
+    from siamese.pipelines.train import check_trainer
+
+    cfg = make_cfg("trainer.precision=16-mixed", "trainer.accelerator=cpu")
+    with caplog.at_level("WARNING", logger="siamese.pipelines.train"):
+        checked = check_trainer(cfg.trainer)
+    assert checked.precision == "bf16-mixed" and cfg.trainer.precision == "16-mixed"
+    assert checked.default_root_dir == cfg.trainer.default_root_dir  # resolved, not lost
+    assert [r.getMessage() for r in caplog.records] == [
+        "trainer.precision=16-mixed needs a GPU; training in bf16-mixed on the CPU instead"
+    ]
+    assert check_trainer(make_cfg().trainer).precision == "32-true"
+    too_many = (os.cpu_count() or 1) + 1
+    with pytest.raises(ConfigError, match=rf"trainer.devices={too_many} but this machine has"):
+        check_trainer(make_cfg(f"trainer.devices={too_many}").trainer)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="trainer.accelerator=gpu but no CUDA GPU"):
+            check_trainer(make_cfg("trainer.accelerator=gpu").trainer)

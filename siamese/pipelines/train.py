@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,41 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("eval_pairs", 1) < 2:
         raise ConfigError(f"eval_pairs must be at least 2, got {cfg.eval_pairs}")
     check_optimized_metric(cfg.get("optimized_metric"))
+
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def check_trainer(trainer_cfg: DictConfig) -> DictConfig:
+    """Refuse devices that are not there; 16-bit mixed precision on a CPU becomes bf16.
+
+    Returns the trainer config to build (a copy when the precision is changed).
+    """
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    devices = trainer_cfg.get("devices", "auto")
+    gpus = torch.cuda.device_count()
+    on_gpu = accelerator in GPU_ACCELERATORS or (accelerator == "auto" and gpus > 0)
+    if accelerator in GPU_ACCELERATORS and gpus == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible on this machine; "
+            "use trainer.accelerator=cpu (or auto, which picks a GPU when there is one)"
+        )
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        available = gpus if on_gpu else os.cpu_count() or 1
+        kind = "GPUs" if on_gpu else "CPU cores"
+        if devices > available:
+            raise ConfigError(
+                f"trainer.devices={devices} but this machine has {available} {kind}; use "
+                f"trainer.devices={available} or fewer (or auto)"
+            )
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    if not on_gpu and precision in ("16-mixed", "16", "16-true"):
+        log.warning(
+            "trainer.precision=%s needs a GPU; training in bf16-mixed on the CPU instead", precision
+        )
+        trainer_cfg = OmegaConf.create(OmegaConf.to_container(trainer_cfg, resolve=True))
+        trainer_cfg.precision = "bf16-mixed"
+    return trainer_cfg
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -112,6 +148,7 @@ def instantiate_all(group: DictConfig | None) -> list[Any]:
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write metrics.json; return every logged metric."""
     check_config(cfg)
+    trainer_cfg = check_trainer(cfg.trainer)  # before any data is read
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if cfg.get("seed") is not None:
@@ -132,7 +169,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             "callbacks has no ModelCheckpoint; keep callbacks.model_checkpoint so the run "
             "writes checkpoints/best.ckpt and checkpoints/last.ckpt"
         )
-    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = build(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = scalar_metrics(trainer.callback_metrics)
     # The monitored metric is reported at its best epoch, the checkpoint that gets tested
