@@ -203,13 +203,11 @@ class SiameseModule(pl.LightningModule):
         return metrics
 
     @torch.no_grad()
-    def embedding_metrics(self, emb: Tensor, labels: Tensor) -> dict[str, float]:
-        """Retrieval (leave-one-out) and verification metrics of one split's embeddings."""
-        return self._split_metrics(emb, labels)[0]
-
     def _split_metrics(
         self, emb: Tensor, labels: Tensor, oneshot: bool = False
     ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+        """Retrieval (leave-one-out), verification (and one-shot) metrics of one split's
+        embeddings, with the verification pairs' distances and same flags."""
         # A tiny split cannot rank 10 neighbours: report the recalls it can (k < N).
         ks = tuple(k for k in RECALL_KS if k < len(emb)) or (1,)
         emb_np, labels_np = emb.cpu().numpy(), labels.cpu().numpy()

@@ -88,11 +88,8 @@ def summary_rows(sweep_dir: Path, metric_order: Sequence[str] = ()) -> list[dict
     return rows
 
 
-def write_summary(sweep_dir: Path, metric_order: Sequence[str] = ()) -> Path | None:
-    """Write ``sweep_summary.csv`` in ``sweep_dir`` (via a temporary file); None if no jobs."""
-    rows = summary_rows(sweep_dir, metric_order)
-    if not rows:
-        return None
+def write_summary(sweep_dir: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Write ``rows`` as ``sweep_summary.csv`` in ``sweep_dir`` (via a temporary file)."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     path = sweep_dir / SUMMARY_NAME
     # Jobs of a parallel launcher (submitit) may rewrite it at once: a temp file each.
@@ -133,10 +130,10 @@ PRINTED_METRICS = ("test/precision_at_1", "test/map_at_r", "test/roc_auc", "test
 def summarize(sweep_dir: Path, optimized_metric: str | None = None) -> str | None:
     """Write ``sweep_summary.csv`` and return it as a printable table (None: no jobs yet)."""
     order = [f"test/{n}" for n in (*EVAL_METRICS, *TEST_ONLY_METRICS)]
-    path = write_summary(sweep_dir, order)
-    if path is None:
-        return None
     rows = summary_rows(sweep_dir, order)
+    if not rows:
+        return None
+    path = write_summary(sweep_dir, rows)
     override_keys = list(
         dict.fromkeys(k for r in rows for k in r if k not in ("job", "status") and "/" not in k)
     )

@@ -18,28 +18,18 @@ from siamese.errors import ConfigError
 from siamese.inference import check_checkpoint
 from siamese.loggers import build_loggers
 from siamese.losses import PairLoss
+from siamese.metric_names import EVAL_METRICS, TEST_ONLY_METRICS
 from siamese.module import SiameseModule
 from siamese.pipelines.report import print_table, write_metrics
 from siamese.sweeps import check_optimized_metric
 
 log = logging.getLogger(__name__)
 
-# Reported after training (as test/<name>), in this order.
+# Reported after training (as test/<name>), in this order: what the module logs, less the
+# loss and the mean pair distances.
 REPORTED = (
-    "precision_at_1",
-    "recall_at_1",
-    "recall_at_5",
-    "recall_at_10",
-    "r_precision",
-    "map_at_r",
-    "roc_auc",
-    "eer",
-    "tar_at_far_1e-3",
-    "tar_at_far_1e-2",
-    "verification_accuracy",
-    "threshold",
-    "oneshot_5way_1shot",
-    "oneshot_20way_1shot",
+    *(n for n in EVAL_METRICS if n not in ("loss", "pos_distance", "neg_distance")),
+    *TEST_ONLY_METRICS,
 )
 
 
