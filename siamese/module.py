@@ -25,6 +25,7 @@ from torch import Tensor
 from siamese.config import build
 from siamese.data.pairs import sample_pairs
 from siamese.distances import LearnedDistance
+from siamese.distributed import gather_uneven, gather_with_grad, is_distributed
 from siamese.errors import ConfigError
 from siamese.evaluation import retrieval_metrics, verification_metrics
 from siamese.evaluation.oneshot import oneshot_metrics
@@ -65,6 +66,16 @@ class SiameseModule(pl.LightningModule):
         eval_pairs: number of balanced verification pairs drawn from each evaluated split.
         eval_seed: seed of those pairs (fixed, so a checkpoint always scores the same).
         config: the run's resolved config, kept in the checkpoint for evaluation.
+        channels_last: hold the tower's weights and the images in ``torch.channels_last``
+            memory format (faster convolutions on GPUs, with mixed precision above all).
+        compile: ``torch.compile`` the tower for training steps: ``True``, or a dict of
+            ``torch.compile`` keywords (``{mode: max-autotune}``). Evaluation runs eagerly
+            (its last batch has another shape), and checkpoints keep the plain weights.
+
+    Under DDP the in-batch pairs and mining span the global batch: each process embeds its
+    part, and the embeddings are gathered with their gradients (``siamese.distributed``), so
+    N devices with batch B train like one device with batch N*B. Validation and test gather
+    every process's embeddings before faiss, so their metrics equal one process's.
     """
 
     def __init__(
@@ -77,12 +88,25 @@ class SiameseModule(pl.LightningModule):
         eval_pairs: int = 50_000,
         eval_seed: int = 0,
         config: dict[str, Any] | None = None,
+        channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run config is logged once, by RunRecord
         self.tower = build(tower)
         self.distance = build(distance)
         self.loss_fn = build(loss, distance=self.distance)
+        if not isinstance(compile, bool | dict):
+            raise ConfigError(
+                f"model.compile must be true, false or a dict of torch.compile options, got "
+                f"{compile!r}"
+            )
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.tower.to(memory_format=torch.channels_last)
+        # Built at the first training step (after DDP's layer sync has swapped batch norms);
+        # kept out of the module tree, so state_dict and checkpoints have plain tower keys.
+        self.__dict__["_compiled_tower"] = None
         # Verification threshold calibrated on the last validation epoch (travels in ckpt).
         self.register_buffer("threshold", torch.tensor(math.nan))
         self._outputs: list[tuple[Tensor, Tensor, Tensor | None]] = []
@@ -92,7 +116,19 @@ class SiameseModule(pl.LightningModule):
     # -- inference -------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
         """Images (B, C, H, W) in [0, 1] -> embeddings (B, D) as the distance sees them."""
-        return self.distance.prepare(self.tower(images))
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        tower = self.tower
+        if self.hparams.get("compile") and self.training:
+            tower = self._compiled()
+        return self.distance.prepare(tower(images))
+
+    def _compiled(self) -> Any:
+        if self.__dict__["_compiled_tower"] is None:
+            options = self.hparams.compile
+            options = dict(options) if isinstance(options, dict) else {}
+            self.__dict__["_compiled_tower"] = torch.compile(self.tower, **options)
+        return self.__dict__["_compiled_tower"]
 
     @torch.no_grad()
     def embed(self, images: Tensor, batch_size: int = 1024) -> Tensor:
@@ -124,11 +160,16 @@ class SiameseModule(pl.LightningModule):
     def _shared_step(self, batch: tuple[Tensor, ...]) -> tuple[LossOutput, int]:
         """The loss of a batch and how many images it embedded."""
         if len(batch) == 3:  # explicit (x1, x2, same): one forward over both sides
+            # The pair loss is a mean over pairs: DDP's gradient averaging over equal parts
+            # already gives the global batch's gradient, so nothing is gathered.
             x1, x2, same = batch
             e1, e2 = self(torch.cat([x1, x2])).split(len(x1))
             return self.loss_fn.forward_pairs(e1, e2, same), 2 * len(x1)
         images, labels = batch
-        return self.loss_fn(self(images), labels), len(images)
+        emb = self(images)
+        if is_distributed():  # every pair of the global batch (gradients flow back to each part)
+            emb, labels = gather_with_grad(emb), gather_with_grad(labels)
+        return self.loss_fn(emb, labels), len(emb)
 
     def on_train_epoch_start(self) -> None:
         # Lightning calls set_epoch only on a loader's sampler, not on a batch_sampler: without
@@ -140,7 +181,11 @@ class SiameseModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         out, bs = self._shared_step(batch)
-        self.log("train/loss", out.loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        # Nothing here reads a value back from the device: the step loss reaches the loggers
+        # every trainer.log_every_n_steps, and nothing goes to the progress bar per step (a
+        # progress-bar value is read back, which would synchronise a GPU at every step). The
+        # in-batch loss is the gathered global batch's, the same on every process.
+        self.log("train/loss", out.loss, on_step=True, on_epoch=True, batch_size=bs)
         self.log_dict(
             {
                 "train/active_fraction": out.active_fraction,
@@ -150,6 +195,7 @@ class SiameseModule(pl.LightningModule):
             on_step=False,
             on_epoch=True,
             batch_size=bs,
+            sync_dist=True,  # reduced once, at the epoch's end
         )
         return out.loss
 
@@ -165,7 +211,9 @@ class SiameseModule(pl.LightningModule):
         emb = self(images)
         if len(labels) > 1:
             out = self.loss_fn(emb, labels)
-            self.log(f"{stage}/loss", out.loss, on_epoch=True, batch_size=len(labels))
+            self.log(
+                f"{stage}/loss", out.loss, on_epoch=True, batch_size=len(labels), sync_dist=True
+            )
         index = batch[2] if len(batch) > 2 else None
         self._outputs.append((emb.detach().float(), labels.detach(), index))
 
@@ -173,23 +221,26 @@ class SiameseModule(pl.LightningModule):
         metrics = self._epoch_metrics("val")
         if metrics and not self.trainer.sanity_checking:
             self.threshold.fill_(metrics["threshold"])
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()})
+        # Every process computed the same values from the gathered split: the reduction is a
+        # formality that keeps Lightning from warning about unsynced epoch metrics.
+        shown = ("precision_at_1", "roc_auc")  # on the progress bar, once an epoch
+        for on_bar in (False, True):
+            self.log_dict(
+                {f"val/{k}": v for k, v in metrics.items() if (k in shown) == on_bar},
+                prog_bar=on_bar,
+                sync_dist=True,
+            )
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({f"test/{k}": v for k, v in self._epoch_metrics("test").items()})
+        metrics = self._epoch_metrics("test")
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
     def _epoch_metrics(self, stage: str) -> dict[str, float]:
-        if not self._outputs:
+        outputs, self._outputs = self._outputs, []
+        split = self._collect(outputs)
+        if split is None:
             return {}
-        emb = torch.cat([e for e, _, _ in self._outputs])
-        labels = torch.cat([y for _, y, _ in self._outputs])
-        items = None
-        if all(i is not None for _, _, i in self._outputs):
-            # Item order, as evaluate.py embeds a split: the same pairs and tie-breaks.
-            items = torch.cat([i for _, _, i in self._outputs]).to(emb.device)
-            order = torch.argsort(items)
-            emb, labels, items = emb[order], labels[order.to(labels.device)], items[order]
-        self._outputs.clear()
+        emb, labels, items = split
         metrics, dist, same = self._split_metrics(emb, labels, oneshot=stage == "test")
         self.last_eval = EvalOutputs(
             stage,
@@ -201,6 +252,36 @@ class SiameseModule(pl.LightningModule):
             metrics,
         )
         return metrics
+
+    def _collect(
+        self, outputs: list[tuple[Tensor, Tensor, Tensor | None]]
+    ) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """The evaluated split's embeddings, labels and item indices, in item order (as
+        evaluate.py embeds a split: the same pairs and tie-breaks). Under DDP every process
+        holds part of the split: the parts are gathered first, so all get the whole."""
+        has_items = all(i is not None for _, _, i in outputs)
+        if is_distributed():
+            if not has_items:
+                raise RuntimeError("DDP evaluation needs item indices from the loader")
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            emb = torch.cat([e for e, _, _ in outputs]) if outputs else None
+            if emb is None:  # this process had no batch: still take part in the gathers
+                emb = torch.zeros(0, self.tower.embedding_dim, device=self.device)
+            labels = torch.cat([y for _, y, _ in outputs]) if outputs else empty
+            items = torch.cat([i for _, _, i in outputs]) if outputs else empty
+            emb, labels, items = (gather_uneven(t.to(self.device)) for t in (emb, labels, items))
+        elif not outputs:
+            return None
+        else:
+            emb = torch.cat([e for e, _, _ in outputs])
+            labels = torch.cat([y for _, y, _ in outputs])
+            items = torch.cat([i for _, _, i in outputs]) if has_items else None
+        if len(emb) == 0:
+            return None
+        if items is None:
+            return emb, labels, None
+        order = torch.argsort(items.to(emb.device))
+        return emb[order], labels[order.to(labels.device)], items.to(emb.device)[order]
 
     @torch.no_grad()
     def _split_metrics(

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from siamese.cli import group_options
 from siamese.errors import ConfigError
-from siamese.pipelines.train import check_config
+from siamese.pipelines.train import check_config, split_model_config
 
 
 def test_default_config_matches_the_contract(make_cfg):
@@ -66,7 +66,7 @@ def test_every_model_config_builds_for_its_image_size(make_cfg, model):
 
     size = SIZES.get(model, 28)
     cfg = make_cfg(f"model={model}", "model.in_channels=1", f"model.image_size=[{size},{size}]")
-    tower = instantiate(cfg.model)
+    tower = instantiate(split_model_config(cfg.model)[0])
     assert tower(torch.rand(2, 1, size, size)).shape == (2, cfg.model.embedding_dim)
 
 

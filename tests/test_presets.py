@@ -17,7 +17,7 @@ from siamese.data.pairs import PairBatchSampler
 from siamese.data.samplers import ClassBalancedBatchSampler
 from siamese.errors import ConfigError
 from siamese.models import ConvTower
-from siamese.pipelines.train import build_module, run_training
+from siamese.pipelines.train import build_module, run_training, split_model_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 DEBUGS = sorted(p.stem for p in (CONF / "debug").glob("*.yaml"))
@@ -145,7 +145,7 @@ def test_experiments_pick_their_data_loss_and_distance(tmp_path):
 def test_koch_tower_is_the_papers():
     """64@10x10, 128@7x7, 128@4x4, 256@4x4 -> 256x6x6 at 105x105 -> 4096 sigmoid units."""
     cfg = compose_train(["model=koch"], Path("unused"))
-    spec = {k: v for k, v in cfg.model.items() if k != "_target_"}
+    spec = {k: v for k, v in split_model_config(cfg.model)[0].items() if k != "_target_"}
     tower = ConvTower(**{**spec, "in_channels": 1, "image_size": 105})
     assert tower.feature_shape == (256, 6, 6)
     convs = [m for m in tower.features if isinstance(m, torch.nn.Conv2d)]

@@ -19,14 +19,25 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from siamese.data.datasets import DataSplits, LabelledImages, WithIndices, identity_collate
+from siamese.data.datasets import (
+    DataSplits,
+    LabelledImages,
+    TensorImages,
+    WithIndices,
+    identity_collate,
+)
 from siamese.data.pairs import PairBatchSampler, PairView
 from siamese.data.samplers import ClassBalancedBatchSampler, EvalBatchSampler
+from siamese.distributed import rank_and_world
 from siamese.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 PAIR_MODES = ("in_batch", "explicit")
+ON_DEVICE = ("auto", True, False)
+# on_device=auto moves tensor splits to a GPU when they take less than this share of its
+# free memory.
+ON_DEVICE_SHARE = 0.25
 
 
 class Source(Protocol):
@@ -54,6 +65,14 @@ class SiameseDataModule(pl.LightningDataModule):
         seed: seeds the batch order (epoch ``e`` uses ``seed + e``).
         reshuffle: draw new training batches every epoch; False repeats the first epoch's
             batches (``debug=overfit``: ``trainer.overfit_batches=1`` then sees one batch).
+        on_device: keep in-memory (tensor) splits on the training GPU, so batches are sliced
+            there and nothing crosses the bus per step: ``auto`` does it when the trainer
+            runs on a GPU and the splits take under a quarter of its free memory, ``true``
+            whatever their size, ``false`` never. Files are always read on the CPU.
+
+    Under DDP ``batch_size`` and ``eval_batch_size`` are per process: each process draws its
+    part of the same global class-balanced batch, and evaluation splits its batches between
+    processes (the module gathers the embeddings back).
     """
 
     def __init__(
@@ -71,6 +90,7 @@ class SiameseDataModule(pl.LightningDataModule):
         augment: nn.Module | None = None,
         seed: int = 0,
         reshuffle: bool = True,
+        on_device: bool | str = "auto",
     ) -> None:
         super().__init__()
         if pair_mode not in PAIR_MODES:
@@ -81,6 +101,10 @@ class SiameseDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.batch_size must be at least 2, got {batch_size}")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        if on_device not in ON_DEVICE:
+            raise ConfigError(
+                f"data.on_device={on_device!r} is unknown; expected auto, true or false"
+            )
         self.source = source
         self.root = str(Path(root).expanduser().resolve()) if root else None
         self.batch_size = batch_size
@@ -94,8 +118,12 @@ class SiameseDataModule(pl.LightningDataModule):
         self.augment = augment
         self.seed = seed
         self.reshuffle = reshuffle
+        self.on_device = on_device
         self.splits: DataSplits | None = None
         self._read: DataSplits | None = None
+        # What the loaders read: ``splits``, or copies of them on the training device.
+        self._loader_splits: DataSplits | None = None
+        self._loader_splits_device: torch.device | None = None
 
     # -- data ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -103,7 +131,57 @@ class SiameseDataModule(pl.LightningDataModule):
         self.load_splits()
 
     def setup(self, stage: str | None = None) -> None:
-        self.load_splits()
+        splits = self.load_splits()
+        self.check_batches()  # fail at start, not at the first batch
+        device = self._device()
+        if self._loader_splits is None or self._loader_splits_device != device:
+            self._loader_splits = splits
+            self._loader_splits_device = device
+            if device.type != "cpu" and self._wants_device(splits, device):
+                self._loader_splits = DataSplits(
+                    *(s.to(device) for s in splits.as_tuple())  # type: ignore[attr-defined]
+                )
+                log.info(
+                    "data: the splits are held on %s (data.on_device=%s)", device, self.on_device
+                )
+
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        if trainer is None:
+            return torch.device("cpu")
+        return trainer.strategy.root_device
+
+    def _wants_device(self, splits: DataSplits, device: torch.device) -> bool:
+        """Whether the loaders should read copies of ``splits`` held on ``device``."""
+        if self.on_device is False:
+            return False
+        in_memory = all(isinstance(s, TensorImages) for s in splits.as_tuple())
+        if not in_memory:
+            if self.on_device is True:
+                raise ConfigError(
+                    "data.on_device=true needs in-memory (tensor) data, but this source reads "
+                    "image files per batch; use data.on_device=auto or false"
+                )
+            return False
+        if self.on_device is True:
+            return True
+        size = sum(s.images.numel() * s.images.element_size() for s in splits.as_tuple())
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if size > ON_DEVICE_SHARE * free:
+                log.info(
+                    "data: the splits (%.1f GiB) stay on the CPU: more than a quarter of the "
+                    "GPU's free memory (data.on_device=true forces them onto it)",
+                    size / 2**30,
+                )
+                return False
+        return True
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return rank_and_world()
 
     def read_splits(self) -> DataSplits:
         """The source's splits at ``image_size``, unchecked (evaluation checks its own)."""
@@ -121,8 +199,6 @@ class SiameseDataModule(pl.LightningDataModule):
             for name in ("train", "val", "test"):
                 check_split(getattr(splits, name), name, self.root)
             self.splits = splits
-            if self.pair_mode == "in_batch":  # fail at start, not at the first batch
-                self._train_batch_sampler()
         return self.splits
 
     @property
@@ -140,11 +216,26 @@ class SiameseDataModule(pl.LightningDataModule):
         return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
     # -- loaders ---------------------------------------------------------------------------
-    def _train_batch_sampler(self):
+    def check_batches(self, world_size: int | None = None) -> None:
+        """Fail when the training batches cannot be drawn on ``world_size`` processes (by
+        default the trainer's); train.py runs it before the trainer starts any."""
+        if self.pair_mode == "in_batch":
+            world = self._rank_and_world()[1] if world_size is None else world_size
+            self._train_batch_sampler(rank=0, world_size=world)
+
+    def _train_batch_sampler(self, rank: int | None = None, world_size: int | None = None):
         train = self.load_splits().train
+        if rank is None or world_size is None:
+            rank, world_size = self._rank_and_world()
         if self.pair_mode == "in_batch":
             return ClassBalancedBatchSampler(
-                train.targets, self.batch_size, self.samples_per_class, self.seed, self.reshuffle
+                train.targets,
+                self.batch_size,
+                self.samples_per_class,
+                self.seed,
+                self.reshuffle,
+                rank=rank,
+                world_size=world_size,
             )
         return PairBatchSampler(
             train.targets,
@@ -152,33 +243,42 @@ class SiameseDataModule(pl.LightningDataModule):
             self.pairs_per_epoch or len(train),
             self.seed,
             self.reshuffle,
+            rank=rank,
+            world_size=world_size,
         )
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:
+        # Splits held on a GPU are sliced in this process: no workers, nothing to pin.
+        on_gpu = self._loader_splits is not None and self._loader_splits is not self.splits
+        workers = 0 if on_gpu else self.num_workers
         return DataLoader(
             dataset,
             batch_sampler=batch_sampler,
             collate_fn=identity_collate,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            pin_memory=self.pin_memory and not on_gpu,
+            persistent_workers=workers > 0,
         )
 
+    def _splits_for_loaders(self) -> DataSplits:
+        return self._loader_splits or self.load_splits()
+
     def train_dataloader(self) -> DataLoader:
-        train = self.load_splits().train
+        train = self._splits_for_loaders().train
         dataset = train if self.pair_mode == "in_batch" else PairView(train)
         return self._loader(dataset, self._train_batch_sampler())
 
     def _eval_loader(self, split: LabelledImages) -> DataLoader:
         # Batches mix classes (for the val loss); items carry their index for the metrics.
-        sampler = EvalBatchSampler(len(split), self.eval_batch_size, self.seed)
+        rank, world = self._rank_and_world()
+        sampler = EvalBatchSampler(len(split), self.eval_batch_size, self.seed, rank, world)
         return self._loader(WithIndices(split), sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.load_splits().val)
+        return self._eval_loader(self._splits_for_loaders().val)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.load_splits().test)
+        return self._eval_loader(self._splits_for_loaders().test)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment is None or self.trainer is None or not self.trainer.training:

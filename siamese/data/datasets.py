@@ -71,7 +71,7 @@ class TensorImages(LabelledImages):
         self.classes = list(classes)
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.int64)
+        idx = torch.as_tensor(indices, dtype=torch.int64).to(self.images.device, non_blocking=True)
         images = self.images[idx]
         if images.dtype == torch.uint8:
             images = images.to(torch.float32).div_(255.0)
@@ -83,8 +83,12 @@ class TensorImages(LabelledImages):
         return int(c), int(h), int(w)
 
     def subset(self, indices: Sequence[int] | Tensor) -> TensorImages:
-        idx = torch.as_tensor(indices, dtype=torch.int64)
+        idx = torch.as_tensor(indices, dtype=torch.int64, device=self.images.device)
         return TensorImages(self.images[idx], self.targets[idx], self.classes)
+
+    def to(self, device: torch.device | str) -> TensorImages:
+        """The same set held on ``device`` (batches are then sliced there)."""
+        return TensorImages(self.images.to(device), self.targets.to(device), self.classes)
 
     def resized(self, image_size: tuple[int, int]) -> TensorImages:
         if tuple(image_size) == self.images.shape[2:]:

@@ -83,7 +83,10 @@ def _sample_with_replacement(labels: Tensor, n_same: int, n_diff: int, g: torch.
 class PairBatchSampler(Sampler[list[tuple[int, int, bool]]]):
     """Explicit balanced pairs, redrawn each epoch from ``seed + epoch``, ``batch_size`` a batch.
 
-    ``reshuffle=False`` ignores ``set_epoch``: every epoch repeats epoch 0's pairs.
+    ``reshuffle=False`` ignores ``set_epoch``: every epoch repeats epoch 0's pairs. Under DDP
+    (``world_size`` > 1) ``batch_size`` is per process: the epoch's pairs are rounded up to
+    whole global batches of ``batch_size * world_size`` and process ``rank`` takes its part of
+    each, so every process runs the same number of equal batches and no pair is repeated.
     """
 
     def __init__(
@@ -93,9 +96,18 @@ class PairBatchSampler(Sampler[list[tuple[int, int, bool]]]):
         num_pairs: int,
         seed: int = 0,
         reshuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
         self.targets = torch.as_tensor(targets).reshape(-1)
         self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        global_batch = batch_size * world_size
+        if world_size > 1:  # equal batches on every process
+            num_pairs = -(-num_pairs // global_batch) * global_batch
         self.num_pairs = num_pairs
         self.seed = seed
         self.reshuffle = reshuffle
@@ -105,7 +117,7 @@ class PairBatchSampler(Sampler[list[tuple[int, int, bool]]]):
         self.epoch = epoch if self.reshuffle else 0
 
     def __len__(self) -> int:
-        return -(-self.num_pairs // self.batch_size)
+        return -(-self.num_pairs // (self.batch_size * self.world_size))
 
     def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -114,8 +126,10 @@ class PairBatchSampler(Sampler[list[tuple[int, int, bool]]]):
         rows = list(
             zip(pairs.first.tolist(), pairs.second.tolist(), pairs.same.tolist(), strict=True)
         )
-        for start in range(0, len(rows), self.batch_size):
-            yield rows[start : start + self.batch_size]
+        step = self.batch_size * self.world_size
+        for start in range(0, len(rows), step):
+            offset = start + self.rank * self.batch_size
+            yield rows[offset : offset + self.batch_size]
 
 
 class PairView(Dataset):

@@ -28,6 +28,12 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     than ``samples_per_class`` is sampled with replacement (augmentation makes repeats
     distinct views). One epoch has ``len(targets) // batch_size`` batches. ``reshuffle=False``
     ignores ``set_epoch``: every epoch repeats epoch 0's batches (``debug=overfit``).
+
+    Under DDP (``world_size`` > 1) ``batch_size`` is per process: the sampler draws the
+    global batches of ``batch_size * world_size`` images that one process would draw with
+    that batch size, and process ``rank`` takes its ``rank``-th part, whole classes each. The
+    parts of all processes make up the global batch, so the model gathers them to pair every
+    image with every other (``siamese.distributed.gather_with_grad``).
     """
 
     def __init__(
@@ -37,6 +43,8 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         samples_per_class: int,
         seed: int = 0,
         reshuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         targets = torch.as_tensor(targets).reshape(-1)
         if samples_per_class < 2:
@@ -44,15 +52,37 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                 f"data.samples_per_class={samples_per_class} gives no positive pairs in a "
                 "batch; use 2 or more"
             )
-        if batch_size % samples_per_class or batch_size // samples_per_class < 2:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+        global_batch = batch_size * world_size
+        if world_size > 1 and (batch_size % samples_per_class or batch_size < samples_per_class):
+            raise ConfigError(
+                f"data.batch_size={batch_size} per process cannot be split into class-balanced "
+                f"parts of data.samples_per_class={samples_per_class} across {world_size} "
+                f"processes: each process needs whole classes, so use a multiple of "
+                f"{samples_per_class} (e.g. data.batch_size="
+                f"{max(samples_per_class, batch_size // samples_per_class * samples_per_class)})"
+            )
+        if global_batch % samples_per_class or global_batch // samples_per_class < 2:
             raise ConfigError(
                 f"data.batch_size={batch_size} does not fit class-balanced batches of "
                 f"data.samples_per_class={samples_per_class}: it must be a multiple of it and "
                 f"hold at least 2 classes (batch_size >= {2 * samples_per_class})"
             )
         classes, counts = torch.unique(targets, return_counts=True)
-        self.classes_per_batch = batch_size // samples_per_class
+        self.classes_per_batch = global_batch // samples_per_class
         if self.classes_per_batch > len(classes):
+            if world_size > 1:
+                fit = len(classes) // world_size * samples_per_class
+                raise ConfigError(
+                    f"data.batch_size={batch_size} on each of {world_size} processes makes "
+                    f"global batches of {global_batch} images = {self.classes_per_batch} "
+                    f"classes x data.samples_per_class={samples_per_class}, but the training "
+                    f"split has only {len(classes)} classes; raise data.samples_per_class to "
+                    f"at least {-(-global_batch // len(classes))} (batch_size must stay a "
+                    f"multiple of it) or lower data.batch_size"
+                    + (f" to {fit}" if fit >= samples_per_class else "")
+                )
             raise ConfigError(
                 f"data.batch_size={batch_size} / data.samples_per_class={samples_per_class} = "
                 f"{self.classes_per_batch} classes per batch, but the training split has only "
@@ -63,7 +93,9 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.members = list(torch.split(order, counts.tolist()))  # indices of each class
         self.batch_size = batch_size
         self.samples_per_class = samples_per_class
-        self.num_batches = max(1, len(targets) // batch_size)
+        self.rank = rank
+        self.world_size = world_size
+        self.num_batches = max(1, len(targets) // global_batch)
         self.seed = seed
         self.reshuffle = reshuffle
         self.epoch = 0
@@ -77,6 +109,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         m = self.samples_per_class
+        part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         queues = [members[torch.randperm(len(members), generator=g)] for members in self.members]
         heads = [0] * len(queues)
         class_order: list[int] = []
@@ -99,22 +132,35 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
                     heads[c] = 0
                 batch.append(queue[heads[c] : heads[c] + m])
                 heads[c] += m
-            yield torch.cat(batch).tolist()
+            yield torch.cat(batch)[part].tolist()
 
 
 class EvalBatchSampler(Sampler[list[int]]):
-    """All items once, in a fixed seeded order (so each batch mixes classes), ``batch_size`` a
-    batch; the same on every call, so evaluation never depends on the epoch."""
+    """All items once, in a fixed seeded order (so each batch mixes classes), at most
+    ``batch_size`` a batch, sizes balanced; the same on every call, so evaluation never
+    depends on the epoch.
 
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0) -> None:
+    Under DDP process ``rank`` of ``world_size`` takes a contiguous share of the batches;
+    every process gets the same number of batches and no item is repeated, so gathering all
+    processes' embeddings (``siamese.distributed.gather_uneven``) gives the whole split once.
+    """
+
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         if batch_size < 1:
             raise ConfigError(f"eval batch size must be >= 1, got {batch_size}")
-        self.order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))
+        per_process = max(1, -(-num_items // (batch_size * world_size)))
+        chunks = torch.tensor_split(order, per_process * world_size)
+        self.batches = chunks[rank * per_process : (rank + 1) * per_process]
         self.batch_size = batch_size
 
     def __len__(self) -> int:
-        return -(-len(self.order) // self.batch_size)
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for start in range(0, len(self.order), self.batch_size):
-            yield self.order[start : start + self.batch_size].tolist()
+        for batch in self.batches:
+            yield batch.tolist()

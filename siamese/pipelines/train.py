@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from siamese.callbacks import select_callbacks
 from siamese.config import build
+from siamese.distributed import SyncBatchNormPlugin
 from siamese.errors import ConfigError
 from siamese.inference import check_checkpoint
 from siamese.loggers import build_loggers
@@ -49,6 +51,14 @@ def check_config(cfg: DictConfig) -> None:
 GPU_ACCELERATORS = ("gpu", "cuda")
 
 
+def uses_gpu(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer will run on CUDA GPUs (``auto`` picks them when there are some)."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    return accelerator in GPU_ACCELERATORS or (
+        accelerator == "auto" and torch.cuda.device_count() > 0
+    )
+
+
 def check_trainer(trainer_cfg: DictConfig) -> DictConfig:
     """Refuse devices that are not there; 16-bit mixed precision on a CPU becomes bf16.
 
@@ -57,7 +67,7 @@ def check_trainer(trainer_cfg: DictConfig) -> DictConfig:
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     devices = trainer_cfg.get("devices", "auto")
     gpus = torch.cuda.device_count()
-    on_gpu = accelerator in GPU_ACCELERATORS or (accelerator == "auto" and gpus > 0)
+    on_gpu = uses_gpu(trainer_cfg)
     if accelerator in GPU_ACCELERATORS and gpus == 0:
         raise ConfigError(
             f"trainer.accelerator={accelerator} but no CUDA GPU is visible on this machine; "
@@ -71,6 +81,9 @@ def check_trainer(trainer_cfg: DictConfig) -> DictConfig:
                 f"trainer.devices={devices} but this machine has {available} {kind}; use "
                 f"trainer.devices={available} or fewer (or auto)"
             )
+    nodes = trainer_cfg.get("num_nodes", 1)
+    if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
+        raise ConfigError(f"trainer.num_nodes must be a positive int, got {nodes!r}")
     precision = str(trainer_cfg.get("precision", "32-true"))
     if not on_gpu and precision in ("16-mixed", "16", "16-true"):
         log.warning(
@@ -79,6 +92,30 @@ def check_trainer(trainer_cfg: DictConfig) -> DictConfig:
         trainer_cfg = OmegaConf.create(OmegaConf.to_container(trainer_cfg, resolve=True))
         trainer_cfg.precision = "bf16-mixed"
     return trainer_cfg
+
+
+def planned_processes(trainer_cfg: DictConfig) -> int:
+    """How many training processes Lightning will start: devices per node x num_nodes."""
+    devices = trainer_cfg.get("devices", "auto")
+    gpus = torch.cuda.device_count()
+    on_gpu = uses_gpu(trainer_cfg)
+    every = (gpus if on_gpu else os.cpu_count() or 1) or 1
+    text = str(devices).strip()
+    if isinstance(devices, bool):
+        per_node = 1
+    elif isinstance(devices, int):
+        per_node = every if devices == -1 else devices
+    elif not isinstance(devices, str):  # a list of device indices
+        per_node = len(list(devices))
+    elif text == "auto":  # every GPU, or one CPU process
+        per_node = every if on_gpu else 1
+    elif text == "-1":
+        per_node = every
+    elif "," in text:  # "0,1": those devices
+        per_node = len([p for p in text.split(",") if p.strip()])
+    else:
+        per_node = int(text) if text.isdigit() else 1
+    return max(1, per_node) * int(trainer_cfg.get("num_nodes", 1))
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -97,9 +134,20 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
+# Keys of the model group that set how the tower runs, not what it is (not tower arguments).
+MODEL_RUN_OPTIONS = ("channels_last", "compile")
+
+
+def split_model_config(model_cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model group as (tower config, run options such as ``compile``), both plain dicts."""
+    tower = OmegaConf.to_container(model_cfg, resolve=True)
+    options = {k: tower.pop(k) for k in MODEL_RUN_OPTIONS if k in tower}
+    return tower, options
+
+
 def build_module(cfg: DictConfig, datamodule: Any) -> SiameseModule:
     """The Siamese module, its tower sized for the data (channels, image size, statistics)."""
-    tower = OmegaConf.to_container(cfg.model, resolve=True)
+    tower, options = split_model_config(cfg.model)
     channels, height, width = datamodule.image_shape
     defaults: dict[str, Any] = {"in_channels": channels, "image_size": [height, width]}
     if tower.get("input_mean") is None or tower.get("input_std") is None:
@@ -125,6 +173,8 @@ def build_module(cfg: DictConfig, datamodule: Any) -> SiameseModule:
         eval_pairs=cfg.eval_pairs,
         eval_seed=cfg.eval_seed,
         config=container,
+        channels_last=bool(options.get("channels_last", False)),
+        compile=options.get("compile", False),
     )
 
 
@@ -145,6 +195,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = build(cfg.data)
+    processes = planned_processes(trainer_cfg)
+    datamodule.check_batches(processes)  # DDP: each process needs whole classes
     module = build_module(cfg, datamodule)
     loggers, logger_callbacks = build_loggers(cfg, ckpt_path)
     # Progress bar / model summary callbacks go when the trainer flags turn them off.
@@ -159,7 +211,24 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             "callbacks has no ModelCheckpoint; keep callbacks.model_checkpoint so the run "
             "writes checkpoints/best.ckpt and checkpoints/last.ckpt"
         )
-    trainer: pl.Trainer = build(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    plugins = []
+    if trainer_cfg.get("sync_batchnorm"):  # torch's SyncBatchNorm refuses CPU tensors
+        plugins.append(SyncBatchNormPlugin(cpu=not uses_gpu(trainer_cfg)))
+    if processes > 1 and trainer_cfg.get("use_distributed_sampler", True):
+        raise ConfigError(
+            "trainer.use_distributed_sampler=true cannot shard the class-balanced batch "
+            "samplers, which split the global batch between processes themselves; set "
+            "trainer.use_distributed_sampler=false"
+        )
+    if cfg.data.get("pair_mode", "in_batch") == "in_batch":
+        # The in-batch loss is the gathered global batch's, the same on every process, so
+        # its epoch mean needs no cross-process reduction (that would cost a sync a step).
+        warnings.filterwarnings(
+            "ignore", message=r".*self\.log\('train/loss'.*sync_dist=True", category=Warning
+        )
+    trainer: pl.Trainer = build(
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins or None
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = scalar_metrics(trainer.callback_metrics)
     # The monitored metric is reported at its best epoch, the checkpoint that gets tested

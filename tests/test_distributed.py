@@ -1,0 +1,316 @@
+"""DDP: 2 CPU processes (gloo) with batch B each train exactly like 1 process with batch 2B.
+
+The gradient test runs the module's real training step inside torch's
+DistributedDataParallel on 2 spawned processes and compares the loss, every tower gradient
+and the batch-norm running statistics with one process on the same 2B images. The
+samplers are checked to split the same global batches, evaluation to gather the whole split
+back, and ``train.py trainer=ddp`` to run end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import one_line_error, run_script
+from omegaconf import OmegaConf
+
+import siamese
+from siamese.data.pairs import PairBatchSampler
+from siamese.data.samplers import ClassBalancedBatchSampler, EvalBatchSampler
+from siamese.distributed import (
+    SyncBatchNormPlugin,
+    convert_cpu_sync_batchnorm,
+    gather_uneven,
+    gather_with_grad,
+)
+from siamese.errors import ConfigError
+from siamese.metric_names import EVAL_METRICS
+from siamese.module import SiameseModule
+from siamese.pipelines.train import planned_processes
+
+B = 16  # images per process
+M = 4  # images per class
+LOSSES = {
+    "multi_similarity": {"_target_": "siamese.losses.MultiSimilarityLoss"},
+    "triplet_batch_hard": {"_target_": "siamese.losses.TripletLoss", "mining": "batch_hard"},
+    "contrastive": {"_target_": "siamese.losses.ContrastiveLoss", "margin": 1.0},
+}
+TOWER = {
+    "_target_": "siamese.models.ConvTower",
+    "layers": [
+        {"type": "conv", "out_channels": 8, "kernel_size": 3, "padding": 1, "bias": False},
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "maxpool", "kernel_size": 2},
+        {"type": "conv", "out_channels": 16, "kernel_size": 3, "padding": 1},
+        {"type": "batchnorm"},
+        {"type": "relu"},
+        {"type": "maxpool", "kernel_size": 2},
+    ],
+    "hidden_dims": [32],
+    "embedding_dim": 8,
+    "dropout": 0.0,  # random masks would differ between 1 and 2 processes
+    "in_channels": 1,
+    "image_size": [12, 12],
+    "input_mean": [0.5],
+    "input_std": [0.25],
+}
+
+
+def make_module(loss: dict[str, Any]) -> SiameseModule:
+    torch.manual_seed(0)
+    return SiameseModule(
+        tower=TOWER,
+        distance={"_target_": "siamese.distances.EuclideanDistance"},
+        loss=loss,
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+        eval_pairs=200,
+    )
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """2B images of 2B / M classes, the first process's part first."""
+    targets = torch.arange(60) % 10
+    sampler = ClassBalancedBatchSampler(targets, 2 * B, M, seed=3)
+    idx = torch.tensor(next(iter(sampler)))
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(len(idx), 1, 12, 12, generator=g), targets[idx]
+
+
+class StepLoss(torch.nn.Module):
+    """The module's training-step loss as a forward, for DistributedDataParallel."""
+
+    def __init__(self, module: SiameseModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.module._shared_step((images, labels))[0].loss
+
+
+def one_step(module: SiameseModule, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    module.train()
+    loss = module._shared_step((images, labels))[0].loss
+    loss.backward()
+    return {"loss": loss.detach(), **_state(module)}
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {f"grad.{n}": p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    out.update({f"buffer.{n}": b.clone() for n, b in module.named_buffers() if "running" in n})
+    return out
+
+
+def _worker(rank: int, store: str, results: str, eval_emb: torch.Tensor, eval_labels) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        images, labels = global_batch()
+        part = slice(rank * B, (rank + 1) * B)
+        out: dict[str, Any] = {}
+        for name, loss in LOSSES.items():
+            module = make_module(loss)
+            module.tower = convert_cpu_sync_batchnorm(module.tower)
+            ddp = torch.nn.parallel.DistributedDataParallel(StepLoss(module))
+            module.train()
+            step_loss = ddp(images[part], labels[part])
+            step_loss.backward()
+            out[name] = {"loss": step_loss.detach(), **_state(module)}
+        # Gathers: uneven parts come back whole and in rank order.
+        mine = torch.arange(3 + rank, dtype=torch.float32) + 10 * rank
+        out["uneven"] = gather_uneven(mine)
+        x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+        (gather_with_grad(x) * torch.arange(4.0).view(4, 1)).sum().backward()
+        out["gather_grad"] = x.grad
+        # Evaluation: each process embeds its share of batches; metrics of the whole split.
+        module = make_module(LOSSES["multi_similarity"]).eval()
+        sampler = EvalBatchSampler(len(eval_emb), 7, seed=0, rank=rank, world_size=2)
+        for batch in sampler:
+            idx = torch.tensor(batch, dtype=torch.int64)
+            module._outputs.append((eval_emb[idx], eval_labels[idx], idx))
+        out["eval_batches"] = len(sampler)
+        out["metrics"] = module._epoch_metrics("val")
+        torch.save(out, os.path.join(results, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    g = torch.Generator().manual_seed(2)
+    eval_emb = torch.randn(45, 8, generator=g)
+    eval_labels = torch.arange(45) % 6
+    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp), eval_emb, eval_labels), nprocs=2)
+    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return results, eval_emb, eval_labels
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_two_processes_step_like_one_process_with_the_global_batch(two_process_results, loss):
+    results, _, _ = two_process_results
+    images, labels = global_batch()
+    reference = one_step(make_module(LOSSES[loss]), images, labels)
+    for rank in range(2):
+        got = results[rank][loss]
+        assert set(got) == set(reference)
+        assert len([k for k in got if k.startswith("grad.")]) == 11  # every tower tensor
+        for key, want in reference.items():
+            assert torch.allclose(got[key], want, rtol=1e-5, atol=1e-5), (rank, key)
+    # The gradients are not trivially equal: the loss is learning something.
+    assert float(reference["loss"]) > 0
+    assert max(float(v.abs().max()) for k, v in reference.items() if k.startswith("grad.")) > 1e-3
+
+
+def test_gathers_keep_rank_order_and_sum_gradients(two_process_results):
+    results, _, _ = two_process_results
+    for out in results:
+        assert out["uneven"].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0]
+    # d/dx of sum_i i * row_i over the gathered rows [x0; x1], summed over both copies of
+    # the loss: process 0 owns rows 0-1 (weights 0, 1), process 1 rows 2-3 (weights 2, 3).
+    assert results[0]["gather_grad"].tolist() == [[0.0] * 3, [2.0] * 3]
+    assert results[1]["gather_grad"].tolist() == [[4.0] * 3, [6.0] * 3]
+
+
+def test_evaluation_gathers_the_whole_split_before_scoring(two_process_results):
+    results, emb, labels = two_process_results
+    module = make_module(LOSSES["multi_similarity"]).eval()
+    for batch in EvalBatchSampler(len(emb), 7, seed=0):
+        idx = torch.tensor(batch, dtype=torch.int64)
+        module._outputs.append((emb[idx], labels[idx], idx))
+    single = module._epoch_metrics("val")
+    assert results[0]["eval_batches"] == results[1]["eval_batches"] == 4
+    for out in results:
+        assert set(out["metrics"]) == set(single)
+        for key, value in single.items():
+            assert out["metrics"][key] == value or (
+                math.isnan(value) and math.isnan(out["metrics"][key])
+            )
+
+
+def test_class_balanced_parts_make_up_the_single_process_batches():
+    targets = torch.arange(400) % 10
+    one = list(ClassBalancedBatchSampler(targets, 2 * B, M, seed=7))
+    parts = [
+        list(ClassBalancedBatchSampler(targets, B, M, seed=7, rank=r, world_size=2)) for r in (0, 1)
+    ]
+    assert len(one) == len(parts[0]) == len(parts[1]) == 400 // (2 * B)
+    for i, batch in enumerate(one):
+        assert parts[0][i] + parts[1][i] == batch
+        for part in (parts[0][i], parts[1][i]):  # each part is whole classes of M images
+            counts = torch.bincount(targets[part], minlength=10)
+            assert set(counts.tolist()) <= {0, M}
+
+
+def test_explicit_pairs_split_into_equal_distinct_parts():
+    targets = torch.arange(100) % 5
+    parts = [list(PairBatchSampler(targets, 8, 50, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == 4  # 50 pairs -> 4 global batches of 16
+    assert all(len(b) == 8 for p in parts for b in p)
+    rows = [row for p in parts for b in p for row in b]
+    one = [row for b in PairBatchSampler(targets, 8, 50, seed=1, rank=0, world_size=2) for row in b]
+    assert rows[: len(one)] == one and len(rows) == 64
+
+
+def test_eval_shares_cover_the_split_once_with_equal_batch_counts():
+    shares = [list(EvalBatchSampler(103, 10, seed=0, rank=r, world_size=3)) for r in range(3)]
+    assert [len(s) for s in shares] == [4, 4, 4]  # ceil(103 / 30)
+    items = [i for s in shares for b in s for i in b]
+    assert sorted(items) == list(range(103))
+    assert max(len(b) for s in shares for b in s) <= 10
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "message"),
+    [
+        (18, "data.batch_size=18 per process cannot be split into class-balanced parts"),
+        (64, "global batches of 128 images = 32 classes"),
+    ],
+)
+def test_a_batch_that_cannot_be_split_into_class_balanced_parts_is_one_line(batch_size, message):
+    targets = torch.arange(400) % 10
+    with pytest.raises(ConfigError, match=message):
+        ClassBalancedBatchSampler(targets, batch_size, M, rank=0, world_size=2)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "processes"),
+    [
+        ({"accelerator": "cpu", "devices": 2}, 2),
+        ({"accelerator": "cpu", "devices": 2, "num_nodes": 3}, 6),
+        ({"accelerator": "cpu", "devices": "auto"}, 1),
+        ({"accelerator": "cpu", "devices": [0, 1, 2]}, 3),
+        ({"accelerator": "cpu", "devices": "0,1"}, 2),
+        ({"accelerator": "cpu", "devices": 1, "num_nodes": 4}, 4),
+    ],
+)
+def test_planned_processes(trainer, processes):
+    assert planned_processes(OmegaConf.create(trainer)) == processes
+
+
+def test_sync_batchnorm_plugin_round_trips_the_layers():
+    module = make_module(LOSSES["multi_similarity"])
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    plugin = SyncBatchNormPlugin(cpu=True)
+    synced = plugin.apply(module)
+    assert sum(type(m).__name__ == "CPUSyncBatchNorm" for m in synced.modules()) == 2
+    reverted = plugin.revert(synced)
+    assert not any(type(m).__name__ == "CPUSyncBatchNorm" for m in reverted.modules())
+    after = dict(reverted.state_dict())
+    torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_train_py_runs_on_two_cpu_processes(tmp_path: Path):
+    """``trainer=ddp`` end to end: rank 0 alone writes checkpoints, metrics.json and logs."""
+    run = tmp_path / "run"
+    proc = run_script(
+        "train.py",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "debug=fast",
+        "trainer.limit_train_batches=3",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "~callbacks.plots",
+        "data.batch_size=80",
+        "eval_pairs=500",
+        f"hydra.run.dir={run}",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    report = json.loads((run / "metrics.json").read_text())
+    # The same keys as one process writes (the digits have 10 classes: no 20-way one-shot).
+    tested = {f"test/{n}" for n in (*EVAL_METRICS, "oneshot_5way_1shot")}
+    assert {k for k in report if k.startswith("test/")} == tested
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3 and ckpt["epoch"] == 0
+    # The synchronised batch norms were turned back: the checkpoint loads as a plain model.
+    model = siamese.load(run / "checkpoints" / "best.ckpt")
+    assert not any(type(m).__name__ == "CPUSyncBatchNorm" for m in model.modules())
+    lines = (run / "csv" / "metrics.csv").read_text().splitlines()
+    header = set(lines[0].split(","))
+    assert {f"val/{n}" for n in EVAL_METRICS} <= header
+    assert {"train/loss_step", "train/loss_epoch", "train/active_fraction"} <= header
+    assert sum("train/loss_step" in line for line in lines) == 1  # one writer: rank 0
+
+
+def test_a_ddp_batch_of_partial_classes_stops_train_py_with_one_line(tmp_path: Path):
+    proc = run_script(
+        "train.py",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.batch_size=168",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    line = one_line_error(proc)
+    assert "data.batch_size=168 per process cannot be split into class-balanced parts" in line
