@@ -1,16 +1,28 @@
 """Benchmark: training images/s through the framework (LightningModule + Trainer) against a
 bare PyTorch loop on the same tensors, batches, tower, loss, optimizer and schedule.
 
-Both train a copy of the same freshly built ``SiameseModule`` (built from the project's
-Hydra config, overrides welcome) on the same precomputed class-balanced batches, held on
-the device, without augmentation; the first ``--warmup`` steps are not timed. The bare loop
-is forward, loss, backward, optimizer and scheduler step; the framework adds Lightning's
-loop, the module's logging and the throughput callback. Goal (issue 5): ratio >= 0.9.
+Three variants train copies of the same freshly built ``SiameseModule`` (built from the
+project's Hydra config, overrides welcome); the first ``--warmup`` steps are not timed:
+
+- ``bare``: forward, loss, backward, optimizer and scheduler step on precomputed
+  class-balanced batches held on the device;
+- ``framework``: the same batches through ``pl.Trainer``: Lightning's loop, the module's
+  training_step and logging, the throughput callback;
+- ``pipeline``: the project's data path: a ``SiameseDataModule`` built from ``cfg.data``
+  whose training split is the embedded split tiled to ``--images`` (uint8, held on a GPU
+  under ``data.on_device=auto``), its ClassBalancedBatchSampler and loaders, through the
+  same Trainer set-up.
+
+Goal (issue 5): framework >= 0.9x the bare loop. The config is composed with
+``data.augment=null`` (bare and framework never augment); ``--augment`` keeps the config's
+augmentation for the pipeline. ``data.on_device=...`` is accepted whether or not the data
+config lists the key. ``--json PATH`` also writes the figures as JSON.
 
     python benchmarks/throughput.py
     python benchmarks/throughput.py --steps 200 data.batch_size=320 data.samples_per_class=32
-    python benchmarks/throughput.py --device cuda --precision 16-mixed data.batch_size=1024 \\
-        data.samples_per_class=64 --images 60000
+    python benchmarks/throughput.py --device cuda --precision 16-mixed --images 60000 \\
+        data.batch_size=1024 data.samples_per_class=128 model.channels_last=true
+    python benchmarks/throughput.py --variants bare,pipeline --augment model.compile=true
 """
 
 from __future__ import annotations

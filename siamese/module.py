@@ -25,7 +25,7 @@ from torch import Tensor
 from siamese.config import build
 from siamese.data.pairs import sample_pairs
 from siamese.distances import LearnedDistance
-from siamese.distributed import gather_uneven, gather_with_grad, is_distributed
+from siamese.distributed import gather_uneven, gather_with_grad, is_distributed, rank_and_world
 from siamese.errors import ConfigError
 from siamese.evaluation import retrieval_metrics, verification_metrics
 from siamese.evaluation.oneshot import oneshot_metrics
@@ -170,6 +170,13 @@ class SiameseModule(pl.LightningModule):
         if is_distributed():  # every pair of the global batch (gradients flow back to each part)
             emb, labels = gather_with_grad(emb), gather_with_grad(labels)
         return self.loss_fn(emb, labels), len(emb)
+
+    def setup(self, stage: str) -> None:
+        rank, world = rank_and_world()
+        if world > 1:
+            # Lightning seeds every process alike, so each would draw the same augmentations
+            # and dropout masks for its part of the global batch: offset the seed by rank.
+            torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
 
     def on_train_epoch_start(self) -> None:
         # Lightning calls set_epoch only on a loader's sampler, not on a batch_sampler: without
