@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,22 +38,42 @@ class RunDirGuard(Callback):
             )
 
 
+# DDP in a local sweep: Lightning starts each job's other processes by re-running the
+# whole command, so they replay the sweep in step with the first process. They read the
+# first process's sweep directory from here (conf/hydra/default.yaml).
+SWEEP_DIR_ENV = "SIAMESE_SWEEP_DIR"
+
+
+def is_first_process() -> bool:
+    """False in the processes that Lightning, torchrun or SLURM start besides rank 0."""
+    names = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(os.environ.get(name, "0") in ("", "0") for name in names)
+
+
 class SweepSummary(Callback):
     """For ``-m`` sweeps: check ``optimized_metric`` before any job starts, and keep
     ``<sweep dir>/sweep_summary.csv`` up to date after each job (so a sweep that stops early
-    still leaves one) and print it as a table at the end."""
+    still leaves one) and print it as a table at the end. Only the first process does: the
+    other DDP processes of a job replay the sweep silently."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_optimized_metric(config.get("optimized_metric"))
         except ConfigError as exc:
             fail(str(exc))
+        if is_first_process():
+            os.environ[SWEEP_DIR_ENV] = str(Path(config.hydra.sweep.dir).resolve())
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if not is_first_process():
+            return
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             summarize(Path(config.hydra.sweep.dir), config.get("optimized_metric"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_first_process():
+            return
+        os.environ.pop(SWEEP_DIR_ENV, None)
         table = summarize(Path(config.hydra.sweep.dir), config.get("optimized_metric"))
         if table:
             print(table, flush=True)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import one_line_error, run_script
+from conftest import run_script
 from omegaconf import OmegaConf
 
 import siamese
@@ -34,7 +34,7 @@ from siamese.distributed import (
 from siamese.errors import ConfigError
 from siamese.metric_names import EVAL_METRICS
 from siamese.module import SiameseModule
-from siamese.pipelines.train import planned_processes
+from siamese.pipelines.train import planned_processes, run_training
 
 B = 16  # images per process
 M = 4  # images per class
@@ -303,14 +303,36 @@ def test_train_py_runs_on_two_cpu_processes(tmp_path: Path):
     assert sum("train/loss_step" in line for line in lines) == 1  # one writer: rank 0
 
 
-def test_a_ddp_batch_of_partial_classes_stops_train_py_with_one_line(tmp_path: Path):
+def test_a_ddp_batch_of_partial_classes_stops_training_before_any_process_starts(make_cfg):
+    """train.py checks the batches for the planned processes before Lightning starts them
+    (the error reaches the command line as one line, like every ConfigError)."""
+    cfg = make_cfg(
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=168"
+    )
+    with pytest.raises(ConfigError, match="data.batch_size=168 per process cannot be split"):
+        run_training(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_local_sweep_of_ddp_runs_keeps_one_sweep_dir_and_one_summary(tmp_path: Path):
+    """The DDP processes Lightning starts replay the sweep in step, in the same directory."""
     proc = run_script(
         "train.py",
+        "-m",
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
-        "data.batch_size=168",
-        f"hydra.run.dir={tmp_path / 'run'}",
+        "debug=fast",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.plots",
+        "data.batch_size=80",
+        "seed=1,2",
+        f"paths.log_dir={tmp_path}",
+        timeout=600,
     )
-    line = one_line_error(proc)
-    assert "data.batch_size=168 per process cannot be split into class-balanced parts" in line
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "debug" / "multiruns").iterdir()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert all((sweep / job / "metrics.json").is_file() for job in ("0", "1"))
+    assert proc.stdout.count("sweep summary") == 1
