@@ -47,7 +47,7 @@ class _GatherWithGrad(Function):
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         # Each process holds the gradient of its own copy of the global loss with respect to
         # every gathered row; the rows of this process get the sum over all copies.
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
 
@@ -120,6 +120,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (self.training and is_distributed()):
             return super().forward(input)
         self._check_input_dim(input)
+        dtype, input = input.dtype, input.float()  # statistics in float32 under autocast
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
         shape = [1, channels] + [1] * (input.dim() - 2)
@@ -142,7 +143,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        return out.to(dtype)
 
 
 class _PlainBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -132,7 +132,8 @@ class SiameseDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         splits = self.load_splits()
-        self.check_batches()  # fail at start, not at the first batch
+        if stage in (None, "fit"):
+            self.check_batches()  # fail at start, not at the first batch
         device = self._device()
         if self._loader_splits is None or self._loader_splits_device != device:
             self._loader_splits = splits
