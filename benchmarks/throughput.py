@@ -30,44 +30,65 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from siamese.callbacks import Throughput  # noqa: E402
 from siamese.config import build  # noqa: E402
+from siamese.data.datasets import DataSplits, TensorImages  # noqa: E402
 from siamese.data.samplers import ClassBalancedBatchSampler  # noqa: E402
 from siamese.pipelines.train import build_module  # noqa: E402
 
+VARIANTS = ("bare", "framework", "pipeline")
+
 
 class StepClock(pl.Callback):
-    """Wall clock from the end of step ``warmup`` to the end of the last step (device synced)."""
+    """Wall clock from the end of step ``warmup`` to the end of the last step (device synced).
+
+    Steps are counted across epochs (the pipeline's epochs are shorter than the run).
+    """
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
+        self.steps = 0
         self.start: float | None = None
         self.end: float | None = None
         self.images = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx + 1 == self.warmup:
+        self.steps += 1
+        if self.steps == self.warmup:
             _sync(pl_module.device)
             self.start = time.perf_counter()
-        elif batch_idx + 1 > self.warmup:
+        elif self.steps > self.warmup:
             self.images += len(batch[0])
+            if self.steps == trainer.max_steps:  # the last step: stop before the teardown
+                _sync(pl_module.device)
+                self.end = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        _sync(pl_module.device)
-        self.end = time.perf_counter()
+        if self.end is None:
+            _sync(pl_module.device)
+            self.end = time.perf_counter()
+
+    def rate(self) -> float:
+        if self.start is None or not self.images:
+            raise RuntimeError(
+                f"only {self.steps} steps ran, not more than --warmup {self.warmup}: raise --steps"
+            )
+        return self.images / (self.end - self.start)
 
 
 def _sync(device: torch.device) -> None:
@@ -75,14 +96,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class FixedSplits:
+    """A data source whose ``load`` returns splits already in memory."""
+
+    def __init__(self, splits: DataSplits) -> None:
+        self.splits = splits
+
+    def load(self, root: str | None = None) -> DataSplits:
+        return self.splits
+
+
+def tiled(train: TensorImages, images: int | None) -> TensorImages:
+    """The split repeated up to ``images`` items (GPU goal: 60,000), the dtype kept."""
+    if not images or images <= len(train):
+        return train
+    reps = -(-images // len(train))
+    return TensorImages(
+        train.images.repeat(reps, 1, 1, 1)[:images],
+        train.targets.repeat(reps)[:images],
+        train.classes,
+    )
+
+
 def make_batches(cfg, steps: int, device: torch.device, images: int | None):
-    """``steps`` class-balanced (images, labels) batches of the training split, on ``device``."""
+    """``steps`` class-balanced (images, labels) batches of the training split, on ``device``,
+    with the data module and the (tiled) training split they came from."""
     datamodule = build(cfg.data)
-    train = datamodule.load_splits().train
-    x, y = train.__getitems__(list(range(len(train))))
-    if images and images > len(x):  # tile the split up to the requested size (GPU goal: 60k)
-        reps = -(-images // len(x))
-        x, y = x.repeat(reps, 1, 1, 1)[:images], y.repeat(reps)[:images]
+    train = tiled(datamodule.load_splits().train, images)
+    x, y = train.__getitems__(list(range(len(train))))  # float32 in [0, 1]
     sampler = ClassBalancedBatchSampler(y, cfg.data.batch_size, cfg.data.samples_per_class)
     x, y = x.to(device), y.to(device)
     batches = []
@@ -95,7 +136,7 @@ def make_batches(cfg, steps: int, device: torch.device, images: int | None):
             if len(batches) == steps:
                 break
         epoch += 1
-    return datamodule, batches
+    return datamodule, train, batches
 
 
 def bare_loop(module, batches, warmup: int, precision: str) -> float:
@@ -131,26 +172,46 @@ def bare_loop(module, batches, warmup: int, precision: str) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def framework(module, batches, warmup: int, device: torch.device, precision: str) -> float:
-    """Images/s of the same steps through the Trainer, the module's training_step and logging."""
-    clock = StepClock(warmup)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
-    trainer = pl.Trainer(
+def _trainer(device: torch.device, precision: str, steps: int, clock: StepClock) -> pl.Trainer:
+    return pl.Trainer(
         accelerator=device.type,
         devices=1,
         precision=precision,
-        max_steps=len(batches),
-        max_epochs=1,
+        max_steps=steps,
+        max_epochs=-1,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        use_distributed_sampler=False,
         callbacks=[clock, Throughput()],
     )
-    trainer.fit(module, train_dataloaders=loader)
-    return clock.images / (clock.end - clock.start)
+
+
+def framework(module, batches, warmup: int, device: torch.device, precision: str) -> float:
+    """Images/s of the same steps through the Trainer, the module's training_step and logging."""
+    clock = StepClock(warmup)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    _trainer(device, precision, len(batches), clock).fit(module, train_dataloaders=loader)
+    return clock.rate()
+
+
+def pipeline(
+    module, cfg, splits: DataSplits, steps: int, warmup: int, device: torch.device, precision: str
+) -> tuple[float, str]:
+    """Images/s of the project's data path: SiameseDataModule (from ``cfg.data``, reading
+    ``splits``), its class-balanced sampler and loader, the Trainer, the module; and where
+    the loader's training images were held."""
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg.pop("source", None)
+    datamodule = build(data_cfg, source=FixedSplits(splits))
+    clock = StepClock(warmup)
+    trainer = _trainer(device, precision, steps, clock)
+    trainer.fit(module, datamodule=datamodule)
+    images = getattr(trainer.train_dataloader.dataset, "images", None)
+    return clock.rate(), str(images.device) if images is not None else "?"
 
 
 def main() -> None:
@@ -161,30 +222,95 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--images", type=int, default=None, help="tile the split to N images")
     parser.add_argument("--repeats", type=int, default=2, help="alternate runs of each variant")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, of {','.join(VARIANTS)}"
+    )
+    parser.add_argument(
+        "--augment", action="store_true", help="keep the config's data.augment (pipeline only)"
+    )
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml")
     args = parser.parse_intermixed_args()
+    variants = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))
+    if not variants or set(variants) - set(VARIANTS):
+        parser.error(f"--variants takes a comma-separated list of {', '.join(VARIANTS)}")
+    if args.warmup < 1 or args.steps <= args.warmup:
+        parser.error("need --warmup >= 1 and --steps > --warmup")
+    # data.on_device is a data module keyword that a data config may not list: force-add it.
+    overrides = ["++" + o if o.startswith("data.on_device=") else o for o in args.overrides]
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("train", overrides=["data.augment=null", *args.overrides])
+        cfg = compose(
+            "train", overrides=[*([] if args.augment else ["data.augment=null"]), *overrides]
+        )
     with open_dict(cfg):
         cfg.paths.output_dir = os.devnull
+    # The in-batch loss is the same on every process; train.py silences this warning too.
+    warnings.filterwarnings("ignore", message=r".*self\.log\('train/loss'.*sync_dist=True")
     device = torch.device(args.device)
     pl.seed_everything(0, verbose=False)
-    datamodule, batches = make_batches(cfg, args.steps, device, args.images)
+    steps = args.steps
+    datamodule, train, batches = make_batches(
+        cfg, steps if {"bare", "framework"} & set(variants) else 0, device, args.images
+    )
+    splits = DataSplits(train, datamodule.load_splits().val, datamodule.load_splits().test)
     base = build_module(cfg, datamodule).to(device)
 
-    fw, bare = [], []
-    for _ in range(args.repeats):  # alternate, so drifts of a shared machine hit both
-        bare.append(bare_loop(copy.deepcopy(base), batches, args.warmup, args.precision))
-        fw.append(framework(copy.deepcopy(base), batches, args.warmup, device, args.precision))
-    best_fw, best_bare = max(fw), max(bare)
+    runs: dict[str, list[float]] = {v: [] for v in variants}
+    held_on = None  # where the pipeline's training images were
+    for _ in range(args.repeats):  # alternate, so drifts of a shared machine hit all
+        for variant in variants:
+            module = copy.deepcopy(base)
+            if variant == "bare":
+                rate = bare_loop(module, batches, args.warmup, args.precision)
+            elif variant == "framework":
+                rate = framework(module, batches, args.warmup, device, args.precision)
+            else:
+                rate, held_on = pipeline(
+                    module, cfg, splits, steps, args.warmup, device, args.precision
+                )
+            runs[variant].append(rate)
+            # One line per run as it ends: a run cut short by a timeout still shows the rest.
+            print(f"  run {len(runs[variant])} {variant}: {rate:.0f} images/s", flush=True)
+            del module
+    best = {v: max(r) for v, r in runs.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"device {name} ({torch.get_num_threads()} threads), precision {args.precision}, "
-        f"batch {cfg.data.batch_size}, {args.steps - args.warmup} timed steps"
+        f"batch {cfg.data.batch_size}, {len(train)} training images, "
+        f"{steps - args.warmup} timed steps, channels_last {cfg.model.get('channels_last')}, "
+        f"compile {cfg.model.get('compile')}"
     )
-    print(f"bare loop   {best_bare:10.0f} images/s   (runs: {', '.join(f'{v:.0f}' for v in bare)})")
-    print(f"framework   {best_fw:10.0f} images/s   (runs: {', '.join(f'{v:.0f}' for v in fw)})")
-    print(f"ratio       {best_fw / best_bare:10.3f}   (goal >= 0.9)")
+    labels = {"bare": "bare loop", "framework": "framework", "pipeline": "pipeline"}
+    for v in variants:
+        extra = f"; images held on {held_on}" if v == "pipeline" else ""
+        print(
+            f"{labels[v]:<11} {best[v]:10.0f} images/s   "
+            f"(runs: {', '.join(f'{r:.0f}' for r in runs[v])}{extra})"
+        )
+    ratios = {}
+    if "bare" in best:
+        if "framework" in best:
+            ratios["framework"] = best["framework"] / best["bare"]
+            print(f"ratio       {ratios['framework']:10.3f}   (framework / bare loop, goal >= 0.9)")
+        if "pipeline" in best:
+            ratios["pipeline"] = best["pipeline"] / best["bare"]
+            print(f"pipe ratio  {ratios['pipeline']:10.3f}   (pipeline / bare loop)")
+    if args.json:
+        record = {
+            "device": name,
+            "threads": torch.get_num_threads(),
+            "precision": args.precision,
+            "batch_size": int(cfg.data.batch_size),
+            "images": len(train),
+            "timed_steps": steps - args.warmup,
+            "overrides": args.overrides,
+            "augment": bool(args.augment),
+            "pipeline_images_on": held_on,
+            "images_per_sec": best,
+            "runs": runs,
+            "ratio_to_bare": ratios,
+        }
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,14 @@ def in_batch_pairs(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    return (values * mask).sum() / mask.sum().clamp_min(1)
+    """Mean of ``values`` where ``mask`` is set (0 for an empty mask), without boolean
+    indexing: no data-dependent shape, so no device sync; masked-out infinities are fine."""
+    return torch.where(mask, values, 0).sum() / mask.sum().clamp_min(1)
+
+
+# "all" triplet mining visits (B, B, B) triplets in chunks of anchors holding at most this
+# many entries, so a 1,000-image validation batch does not need gigabytes.
+TRIPLET_CHUNK = 2**24
 
 
 class PairLoss(nn.Module):
@@ -157,32 +164,45 @@ class TripletLoss(nn.Module):
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
         pos = same & ~eye
         neg = ~same
+        # Masked means throughout (no boolean indexing, no Python test of a tensor): the
+        # step never waits for the device.
         if self.mining == "batch_hard":
             d_ap = d.masked_fill(~pos, float("-inf")).amax(1)  # (B,)
             d_an = d.masked_fill(~neg, float("inf")).amin(1)
             valid = pos.any(1) & neg.any(1)
-            per = F.relu(d_ap - d_an + self.margin)[valid]
-            loss = per.mean() if per.numel() else d.sum() * 0.0
-        else:
-            d_ap = d.unsqueeze(2)  # (B, B, 1): anchor a, positive p
-            d_an = d.unsqueeze(1)  # (B, 1, B): anchor a, negative n
-            triplet = pos.unsqueeze(2) & neg.unsqueeze(1)  # (B, B, B)
-            if self.mining == "all":
-                per = F.relu(d_ap - d_an + self.margin)[triplet]
-                loss = _masked_mean(per, per > 0)
-            else:
-                farther = triplet & (d_an > d_ap)
-                closest_farther = d_an.expand_as(triplet).masked_fill(~farther, float("inf"))
-                closest_farther = closest_farther.amin(2)  # (B, B)
-                farthest = d.masked_fill(~neg, float("-inf")).amax(1, keepdim=True)  # (B, 1)
-                chosen = torch.where(farther.any(2), closest_farther, farthest.expand_as(d))
-                valid = pos & neg.any(1, keepdim=True)
-                per = F.relu(d - chosen + self.margin)[valid]
-                loss = per.mean() if per.numel() else d.sum() * 0.0
+            per = F.relu(d_ap - d_an + self.margin)
+            loss = _masked_mean(per, valid)
+            active = _masked_mean((per.detach() > 0).float(), valid)
+        elif self.mining == "semi_hard":
+            # For anchor a and positive p: the closest negative farther than d(a, p), found
+            # by a binary search in a's sorted negative distances; else the farthest one.
+            neg_sorted, _ = d.masked_fill(~neg, float("inf")).sort(dim=1)  # (B, B)
+            after = torch.searchsorted(neg_sorted.detach(), d.detach(), right=True)  # (B, B)
+            has_farther = after < neg.sum(1, keepdim=True)
+            closest_farther = neg_sorted.gather(1, after.clamp(max=len(labels) - 1))
+            farthest = d.masked_fill(~neg, float("-inf")).amax(1, keepdim=True)  # (B, 1)
+            chosen = torch.where(has_farther, closest_farther, farthest.expand_as(d))
+            valid = pos & neg.any(1, keepdim=True)
+            per = F.relu(d - chosen + self.margin)
+            loss = _masked_mean(per, valid)
+            active = _masked_mean((per.detach() > 0).float(), valid)
+        else:  # all: the mean over the triplets with a non-zero loss
+            total, nonzero, triplets = d.new_zeros(()), d.new_zeros(()), d.new_zeros(())
+            step = max(1, TRIPLET_CHUNK // max(1, len(labels) ** 2))
+            for start in range(0, len(labels), step):
+                a = slice(start, start + step)
+                triplet = pos[a].unsqueeze(2) & neg[a].unsqueeze(1)  # (c, B, B)
+                per = F.relu(d[a].unsqueeze(2) - d[a].unsqueeze(1) + self.margin)
+                counted = triplet & (per > 0)
+                total = total + torch.where(counted, per, 0).sum()
+                nonzero = nonzero + counted.sum()
+                triplets = triplets + triplet.sum()
+            loss = total / nonzero.clamp_min(1)
+            active = nonzero / triplets.clamp_min(1)
         dd = d.detach()
         return LossOutput(
             loss=loss,
-            active_fraction=(per.detach() > 0).float().mean() if per.numel() else dd.new_zeros(()),
+            active_fraction=active,
             pos_distance=_masked_mean(dd, pos),
             neg_distance=_masked_mean(dd, neg),
         )
@@ -251,8 +271,7 @@ class MultiSimilarityLoss(nn.Module):
         pos_term = _log1p_sum_exp(-self.alpha * (s - self.base), pos_kept) / self.alpha
         neg_term = _log1p_sum_exp(self.beta * (s - self.base), neg_kept) / self.beta
         valid = pos.any(1) & neg.any(1)
-        per = (pos_term + neg_term)[valid]
-        loss = per.mean() if per.numel() else s.sum() * 0.0
+        loss = _masked_mean(pos_term + neg_term, valid)  # no boolean indexing: no device sync
         dd = self.distance.to_distance(self.distance.pairwise(emb, emb).detach())
         return LossOutput(
             loss=loss,

@@ -159,6 +159,25 @@ def test_triplet_on_random_batch_matches_loop():
         assert out.loss.item() == pytest.approx(triplet_by_loop(emb, labels, 0.3, mining), rel=1e-6)
 
 
+def test_all_triplets_in_anchor_chunks_give_the_same_loss_and_gradient(monkeypatch):
+    """The (B, B, B) triplets are visited a few anchors at a time (bounded memory)."""
+    import siamese.losses as losses
+
+    torch.manual_seed(4)
+    emb = F.normalize(torch.randn(12, 5, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 3, (12,))
+    results = []
+    for chunk in (losses.TRIPLET_CHUNK, 5 * 12 * 12):  # one chunk, then 3 chunks of 5 anchors
+        monkeypatch.setattr(losses, "TRIPLET_CHUNK", chunk)
+        x = emb.clone().requires_grad_(True)
+        out = TripletLoss(EuclideanDistance(), margin=0.3, mining="all")(x, labels)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.active_fraction, x.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+    assert results[0][0].item() == pytest.approx(triplet_by_loop(emb, labels, 0.3, "all"), rel=1e-9)
+
+
 def test_triplet_without_negatives_is_zero_not_nan():
     emb = EMB.clone().requires_grad_(True)
     out = TripletLoss(EuclideanDistance())(emb, torch.zeros(6, dtype=torch.long))
