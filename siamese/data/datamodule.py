@@ -40,6 +40,18 @@ ON_DEVICE = ("auto", True, False)
 ON_DEVICE_SHARE = 0.25
 
 
+class ResumableLoader(DataLoader):
+    """The training loader: Lightning keeps its position (epoch and batches done) in every
+    checkpoint and hands it back on resume, before the first batch is drawn, so a run
+    restored from a mid-epoch checkpoint goes on with the batches it had not seen."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.resume(int(state["epoch"]), int(state["completed"]))
+
+
 class Source(Protocol):
     """Anything that turns a root folder into splits (see ``siamese.data.sources``)."""
 
@@ -224,6 +236,10 @@ class SiameseDataModule(pl.LightningDataModule):
             world = self._rank_and_world()[1] if world_size is None else world_size
             self._train_batch_sampler(rank=0, world_size=world)
 
+    def train_batches_per_epoch(self) -> int:
+        """Training batches per epoch on this process (before trainer.limit_train_batches)."""
+        return len(self._train_batch_sampler())
+
     def _train_batch_sampler(self, rank: int | None = None, world_size: int | None = None):
         train = self.load_splits().train
         if rank is None or world_size is None:
@@ -248,17 +264,21 @@ class SiameseDataModule(pl.LightningDataModule):
             world_size=world_size,
         )
 
-    def _loader(self, dataset, batch_sampler) -> DataLoader:
+    def _loader(self, dataset, batch_sampler, kind: type = DataLoader) -> DataLoader:
         # Splits held on a GPU are sliced in this process: no workers, nothing to pin.
         on_gpu = self._loader_splits is not None and self._loader_splits is not self.splits
         workers = 0 if on_gpu else self.num_workers
-        return DataLoader(
+        return kind(
             dataset,
             batch_sampler=batch_sampler,
             collate_fn=identity_collate,
             num_workers=workers,
             pin_memory=self.pin_memory and not on_gpu,
             persistent_workers=workers > 0,
+            # Its own generator for the workers' base seed: creating an iterator then draws
+            # nothing from the global stream (which augmentation uses), so a resumed run's
+            # random numbers line up with an uninterrupted one's.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _splits_for_loaders(self) -> DataSplits:
@@ -267,7 +287,7 @@ class SiameseDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         train = self._splits_for_loaders().train
         dataset = train if self.pair_mode == "in_batch" else PairView(train)
-        return self._loader(dataset, self._train_batch_sampler())
+        return self._loader(dataset, self._train_batch_sampler(), ResumableLoader)
 
     def _eval_loader(self, split: LabelledImages) -> DataLoader:
         # Batches mix classes (for the val loss); items carry their index for the metrics.

@@ -7,9 +7,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from siamese.data.datasets import LabelledImages
+from siamese.data.samplers import EpochBatchSampler
 from siamese.errors import DataError
 
 # Up to this many items, pairs are drawn without replacement from the full list of pairs.
@@ -80,7 +81,7 @@ def _sample_with_replacement(labels: Tensor, n_same: int, n_diff: int, g: torch.
     return Pairs(first[perm], second[perm], same[perm])
 
 
-class PairBatchSampler(Sampler[list[tuple[int, int, bool]]]):
+class PairBatchSampler(EpochBatchSampler):
     """Explicit balanced pairs, redrawn each epoch from ``seed + epoch``, ``batch_size`` a batch.
 
     ``reshuffle=False`` ignores ``set_epoch``: every epoch repeats epoch 0's pairs. Under DDP
@@ -109,17 +110,12 @@ class PairBatchSampler(Sampler[list[tuple[int, int, bool]]]):
         if world_size > 1:  # equal batches on every process
             num_pairs = -(-num_pairs // global_batch) * global_batch
         self.num_pairs = num_pairs
-        self.seed = seed
-        self.reshuffle = reshuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch if self.reshuffle else 0
+        self._init_epochs(seed, reshuffle)
 
     def __len__(self) -> int:
         return -(-self.num_pairs // (self.batch_size * self.world_size))
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, bool]]]:
+    def _batches(self) -> Iterator[list[tuple[int, int, bool]]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         half = self.num_pairs // 2
         pairs = _sample_with_replacement(self.targets, self.num_pairs - half, half, g)

@@ -20,7 +20,52 @@ from siamese.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-class ClassBalancedBatchSampler(Sampler[list[int]]):
+class EpochBatchSampler(Sampler):
+    """A batch sampler that redraws its batches each epoch and can resume mid-epoch.
+
+    ``set_epoch(e)`` picks epoch ``e``'s batches (epoch 0's when ``reshuffle`` is off);
+    ``completed`` counts the batches of the current epoch that training has finished (the
+    module sets it); ``resume(epoch, completed)`` makes the next iteration skip those, so a
+    run restored from a mid-epoch checkpoint sees exactly the batches it had not seen yet.
+    The skipped batches are still drawn, so the random stream stays the same.
+    """
+
+    def _init_epochs(self, seed: int, reshuffle: bool) -> None:
+        self.seed = seed
+        self.reshuffle = reshuffle
+        self.epoch = 0
+        self._requested = 0  # the epoch asked for, before reshuffle=False maps it to 0
+        self.skip = 0
+        self.completed = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self._requested:
+            self.skip = 0
+        self._requested = epoch
+        self.epoch = epoch if self.reshuffle else 0
+
+    def resume(self, epoch: int, completed: int) -> None:
+        """Continue epoch ``epoch`` after its first ``completed`` batches (a finished epoch
+        goes on with the next one)."""
+        if completed >= len(self):
+            epoch, completed = epoch + 1, 0
+        self.set_epoch(epoch)
+        self.skip = self.completed = completed
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._requested, "completed": self.completed}
+
+    def _batches(self) -> Iterator[list]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list]:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(self._batches()):
+            if i >= skip:
+                yield batch
+
+
+class ClassBalancedBatchSampler(EpochBatchSampler):
     """Batches of ``batch_size // samples_per_class`` classes x ``samples_per_class`` images.
 
     Every image is used about once per epoch: each class keeps a shuffled queue that is
@@ -96,17 +141,12 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.num_batches = max(1, len(targets) // global_batch)
-        self.seed = seed
-        self.reshuffle = reshuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch if self.reshuffle else 0
+        self._init_epochs(seed, reshuffle)
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _batches(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         m = self.samples_per_class
         part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from siamese.callbacks import select_callbacks
+from siamese.checkpointing import AtomicCheckpointIO
 from siamese.config import build
 from siamese.distributed import SyncBatchNormPlugin
 from siamese.errors import ConfigError
@@ -211,7 +212,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             "callbacks has no ModelCheckpoint; keep callbacks.model_checkpoint so the run "
             "writes checkpoints/best.ckpt and checkpoints/last.ckpt"
         )
-    plugins = []
+    plugins: list[Any] = [AtomicCheckpointIO()]  # a kill mid-save keeps the old file
     if trainer_cfg.get("sync_batchnorm"):  # torch's SyncBatchNorm refuses CPU tensors
         plugins.append(SyncBatchNormPlugin(cpu=not uses_gpu(trainer_cfg)))
     if processes > 1 and trainer_cfg.get("use_distributed_sampler", True):
@@ -226,8 +227,24 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         warnings.filterwarnings(
             "ignore", message=r".*self\.log\('train/loss'.*sync_dist=True", category=Warning
         )
+    every = (cfg.get("checkpoints") or {}).get("every_n_train_steps")
+    if every is not None:
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ConfigError(
+                f"checkpoints.every_n_train_steps must be a positive int or null, got {every!r}"
+            )
+        # Only last.ckpt, every N steps (the best checkpoint is still chosen at validation).
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=checkpoint.dirpath,
+                save_top_k=0,
+                save_last=True,
+                every_n_train_steps=every,
+                monitor=None,
+            )
+        )
     trainer: pl.Trainer = build(
-        trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins or None
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = scalar_metrics(trainer.callback_metrics)
