@@ -7,34 +7,49 @@ import json
 
 import pytest
 import torch
-from conftest import FAST, one_line_error, run_script
+from conftest import FAST, one_line_error, run_script, run_scripts
 
 from siamese.errors import ConfigError
 from siamese.pipelines.train import run_training
 
+BAD_INPUT = {
+    "unknown-option": (
+        ["model=transformer"],
+        "unknown model=transformer; choose one of: convnet, koch, resnet18",
+    ),
+    "unknown-in-sweep": (
+        ["-m", "loss=contrastive,tripplet"],
+        "unknown loss=tripplet; choose one of: bce, ",
+    ),
+    "bce-euclidean": (
+        ["loss=bce"],
+        "loss=bce needs the logits of distance=learned, but distance=euclidean",
+    ),
+    "missing-root": (["data=image_folder", "data.root=/no/such/folder"], "/no/such/folder"),
+    "embedding-dim": (
+        ["model.embedding_dim=0"],
+        "model.embedding_dim must be a positive integer, got 0",
+    ),
+}
 
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (
-            ["model=transformer"],
-            "unknown model=transformer; choose one of: convnet, koch, resnet18",
-        ),
-        (["-m", "loss=contrastive,tripplet"], "unknown loss=tripplet; choose one of: bce, "),
-        (["loss=bce"], "loss=bce needs the logits of distance=learned, but distance=euclidean"),
-        (["data=image_folder", "data.root=/no/such/folder"], "/no/such/folder"),
-        (["model.embedding_dim=0"], "model.embedding_dim must be a positive integer, got 0"),
-    ],
-    ids=["unknown-option", "unknown-in-sweep", "bce-euclidean", "missing-root", "embedding-dim"],
-)
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
-    proc = run_script(
-        "train.py",
-        *args,
-        f"hydra.run.dir={tmp_path / 'run'}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    # Independent commands, run side by side (start-up is most of each one's time).
+    procs = run_scripts(
+        [
+            (
+                "train.py",
+                [
+                    *args,
+                    f"hydra.run.dir={tmp_path / name}",
+                    f"hydra.sweep.dir={tmp_path / name / 'sweep'}",
+                ],
+            )
+            for name, (args, _) in BAD_INPUT.items()
+        ]
     )
-    assert expected in one_line_error(proc)
+    for (name, (_, expected)), proc in zip(BAD_INPUT.items(), procs, strict=True):
+        assert expected in one_line_error(proc), name
 
 
 def test_train_py_runs_end_to_end_and_never_overwrites_a_run(tmp_path):
@@ -46,15 +61,18 @@ def test_train_py_runs_end_to_end_and_never_overwrites_a_run(tmp_path):
     first = (run_dir / "metrics.json").read_text()
     config = (run_dir / ".hydra" / "config.yaml").read_text()
 
-    again = run_script("train.py", *FAST, "seed=7", f"hydra.run.dir={run_dir}")
+    # A second run there, and one started from another run's weights (a new run too), are
+    # both refused; run side by side.
+    again, other = run_scripts(
+        [
+            ("train.py", [*FAST, "seed=7", f"hydra.run.dir={run_dir}"]),
+            ("train.py", [f"ckpt_path={tmp_path / 'other.ckpt'}", f"hydra.run.dir={run_dir}"]),
+        ]
+    )
     assert "already holds a run" in one_line_error(again)
+    assert "already holds a run" in one_line_error(other)
     assert (run_dir / "metrics.json").read_text() == first
     assert (run_dir / ".hydra" / "config.yaml").read_text() == config
-    # Starting from another run's weights is a new run too: not in this directory.
-    other = run_script(
-        "train.py", f"ckpt_path={tmp_path / 'other.ckpt'}", f"hydra.run.dir={run_dir}"
-    )
-    assert "already holds a run" in one_line_error(other)
 
 
 def test_multirun_runs_each_job_in_its_own_directory(tmp_path):

@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, compose_eval, compose_train, one_line_error, run_script
+from conftest import FAST, compose_eval, compose_train, one_line_error, run_script, run_scripts
 from fixtures_data import make_image_folder
 
 import siamese
@@ -209,8 +209,13 @@ def test_evaluate_py_end_to_end_and_bad_input(trained, tmp_path):
         ([f"ckpt_path={tmp_path / 'corrupt.ckpt'}"], "is not a readable checkpoint"),
         ([f"ckpt_path={ckpt}", "index=annoy"], "unknown index=annoy; choose one of: flat, hnsw"),
     ]
-    for i, (args, expected) in enumerate(cases):
-        proc = run_script("evaluate.py", *args, f"hydra.run.dir={tmp_path / str(i)}")
+    procs = run_scripts(
+        [
+            ("evaluate.py", [*args, f"hydra.run.dir={tmp_path / str(i)}"])
+            for i, (args, _) in enumerate(cases)
+        ]
+    )
+    for (args, expected), proc in zip(cases, procs, strict=True):
         assert expected in one_line_error(proc), args
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_scripts
 
 from siamese.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 from siamese.data.samplers import ClassBalancedBatchSampler
@@ -36,14 +36,17 @@ def train(run_dir: Path, *extra: str):
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # fault_callbacks, for Hydra
-    whole = train(tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
-    killed = train(
-        tmp_path / "killed",
+    kill = [
         "+callbacks.killer._target_=fault_callbacks.KillAtStep",
         "+callbacks.killer.step=7",  # epoch 1 runs steps 4-7: killed before its last batch
+    ]
+    whole, killed = run_scripts(  # independent: side by side
+        [
+            ("train.py", [*RUN, f"hydra.run.dir={tmp_path / 'whole'}"]),
+            ("train.py", [*RUN, f"hydra.run.dir={tmp_path / 'killed'}", *kill]),
+        ]
     )
+    assert whole.returncode == 0, whole.stderr[-3000:]
     assert killed.returncode == -signal.SIGKILL
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
