@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,17 +30,35 @@ def check_checkpoint(path: Path) -> None:
     """Refuse a file that is not a readable Lightning checkpoint, naming it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found is None:  # not a pickle of objects: a damaged or foreign file
+            raise _unreadable(path, exc) from None
+        what = f" ({found.group(1)})"
         raise ConfigError(
-            f"ckpt_path={str(path)!r} is not a readable checkpoint ({first_line}); "
-            "pass a .ckpt file written by train.py"
+            f"ckpt_path={str(path)!r} holds pickled Python objects{what} that would run code "
+            "when loaded; siamese loads checkpoints as plain data only (weights_only=True) and "
+            "refused it, running nothing: pass a .ckpt written by train.py, or re-save this one "
+            "as tensors and plain values from code you trust"
         ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(
             f"ckpt_path={str(path)!r} holds no model state_dict; pass a .ckpt file written by "
             "train.py"
         )
+
+
+def _unreadable(path: Path, exc: BaseException) -> ConfigError:
+    text = str(exc).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # torch's real reason
+    first_line = detail.group(1) if detail else (text.splitlines()[0] if text else "")
+    first_line = first_line or type(exc).__name__
+    return ConfigError(
+        f"ckpt_path={str(path)!r} is not a readable checkpoint ({first_line}); "
+        "pass a .ckpt file written by train.py"
+    )
 
 
 def read_images(

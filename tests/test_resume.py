@@ -129,3 +129,30 @@ AtomicCheckpointIO().save_checkpoint({{"step": torch.tensor(2)}}, {str(path)!r})
     assert leftovers == [".last.ckpt.tmp"]  # the next save replaces it
     AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(3)}, path)
     assert torch.load(path, weights_only=True)["step"] == 3
+
+
+class _RunsCode:
+    """What an attacker puts in a checkpoint: unpickling it would call os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path):
+    import siamese
+    from siamese.errors import ConfigError
+    from siamese.pipelines.train import resolve_ckpt_path
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": _RunsCode(marker)}, evil)
+    for load in (lambda: siamese.load(evil), lambda: resolve_ckpt_path(str(evil), tmp_path)):
+        with pytest.raises(ConfigError) as err:
+            load()
+        message = str(err.value)
+        assert "\n" not in message and str(evil) in message
+        assert "holds pickled Python objects (posix.system) that would run code" in message
+    assert not marker.exists()
