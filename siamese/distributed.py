@@ -32,6 +32,15 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def seed_per_rank(base: int) -> None:
+    """Under DDP, seed each process's global random stream with ``base`` offset by its rank
+    (Lightning seeds them alike, so they would draw the same augmentations and dropout
+    masks for their parts of the global batch); nothing in a single process."""
+    rank, world = rank_and_world()
+    if world > 1:
+        torch.manual_seed((base + 1_000_003 * rank) % 2**63)
+
+
 class _GatherWithGrad(Function):
     """Concatenate equally sized tensors of all processes along dim 0, keeping gradients."""
 
@@ -213,4 +222,5 @@ __all__ = [
     "gather_with_grad",
     "is_distributed",
     "rank_and_world",
+    "seed_per_rank",
 ]

@@ -26,7 +26,7 @@ from siamese.checkpointing import restore_rng_states, rng_states
 from siamese.config import build
 from siamese.data.pairs import sample_pairs
 from siamese.distances import LearnedDistance
-from siamese.distributed import gather_uneven, gather_with_grad, is_distributed, rank_and_world
+from siamese.distributed import gather_uneven, gather_with_grad, is_distributed, seed_per_rank
 from siamese.errors import ConfigError
 from siamese.evaluation import retrieval_metrics, verification_metrics
 from siamese.evaluation.oneshot import oneshot_metrics
@@ -173,11 +173,7 @@ class SiameseModule(pl.LightningModule):
         return self.loss_fn(emb, labels), len(emb)
 
     def setup(self, stage: str) -> None:
-        rank, world = rank_and_world()
-        if world > 1:
-            # Lightning seeds every process alike, so each would draw the same augmentations
-            # and dropout masks for its part of the global batch: offset the seed by rank.
-            torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
+        seed_per_rank(torch.initial_seed())
 
     def _train_batch_sampler(self) -> Any:
         return getattr(self.trainer.train_dataloader, "batch_sampler", None)
@@ -276,23 +272,23 @@ class SiameseModule(pl.LightningModule):
         """The evaluated split's embeddings, labels and item indices, in item order (as
         evaluate.py embeds a split: the same pairs and tie-breaks). Under DDP every process
         holds part of the split: the parts are gathered first, so all get the whole."""
-        has_items = all(i is not None for _, _, i in outputs)
-        if is_distributed():
-            if not has_items:
-                raise RuntimeError("DDP evaluation needs item indices from the loader")
-            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-            emb = torch.cat([e for e, _, _ in outputs]) if outputs else None
-            if emb is None:  # this process had no batch: still take part in the gathers
-                emb = torch.zeros(0, self.tower.embedding_dim, device=self.device)
-            labels = torch.cat([y for _, y, _ in outputs]) if outputs else empty
-            items = torch.cat([i for _, _, i in outputs]) if outputs else empty
-            emb, labels, items = (gather_uneven(t.to(self.device)) for t in (emb, labels, items))
-        elif not outputs:
+        distributed = is_distributed()
+        if not outputs and not distributed:
             return None
-        else:
-            emb = torch.cat([e for e, _, _ in outputs])
-            labels = torch.cat([y for _, y, _ in outputs])
-            items = torch.cat([i for _, _, i in outputs]) if has_items else None
+        has_items = all(i is not None for _, _, i in outputs)
+        if distributed and not has_items:
+            raise RuntimeError("DDP evaluation needs item indices from the loader")
+        # A process without a batch still takes part in the gathers, with empty tensors.
+        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+        emb = (
+            torch.cat([e for e, _, _ in outputs])
+            if outputs
+            else torch.zeros(0, self.tower.embedding_dim, device=self.device)
+        )
+        labels = torch.cat([y for _, y, _ in outputs]) if outputs else empty
+        items = (torch.cat([i for _, _, i in outputs]) if outputs else empty) if has_items else None
+        if distributed:
+            emb, labels, items = (gather_uneven(t.to(self.device)) for t in (emb, labels, items))
         if len(emb) == 0:
             return None
         if items is None:
@@ -373,10 +369,8 @@ class SiameseModule(pl.LightningModule):
         if states is None:
             return
         restore_rng_states(states)
-        rank, world = rank_and_world()
-        if world > 1:  # the checkpoint holds rank 0's streams: give each rank its own
-            base = int(torch.randint(2**62, (1,)))
-            torch.manual_seed((base + 1_000_003 * rank) % 2**63)
+        if is_distributed():  # the checkpoint holds rank 0's streams: give each rank its own
+            seed_per_rank(int(torch.randint(2**62, (1,))))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = self._trainer

@@ -267,20 +267,26 @@ def test_sync_batchnorm_plugin_round_trips_the_layers():
     torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)
 
 
+# A quick train.py run on 2 CPU processes (10 digit classes: 2 x 80 = 10 classes x 16).
+DDP_CPU_FAST = [
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "debug=fast",
+    "trainer.enable_progress_bar=false",
+    "~callbacks.plots",
+    "data.batch_size=80",
+]
+
+
 def test_train_py_runs_on_two_cpu_processes(tmp_path: Path):
     """``trainer=ddp`` end to end: rank 0 alone writes checkpoints, metrics.json and logs."""
     run = tmp_path / "run"
     proc = run_script(
         "train.py",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "debug=fast",
+        *DDP_CPU_FAST,
         "trainer.limit_train_batches=3",
-        "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
-        "~callbacks.plots",
-        "data.batch_size=80",
         "eval_pairs=500",
         f"hydra.run.dir={run}",
         timeout=600,
@@ -320,13 +326,7 @@ def test_a_local_sweep_of_ddp_runs_keeps_one_sweep_dir_and_one_summary(tmp_path:
     proc = run_script(
         "train.py",
         "-m",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "debug=fast",
-        "trainer.enable_progress_bar=false",
-        "~callbacks.plots",
-        "data.batch_size=80",
+        *DDP_CPU_FAST,
         "seed=1,2",
         f"paths.log_dir={tmp_path}",
         timeout=600,

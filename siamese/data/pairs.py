@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from siamese.data.datasets import LabelledImages
-from siamese.data.samplers import EpochBatchSampler
+from siamese.data.samplers import EpochBatchSampler, check_rank
 from siamese.errors import DataError
 
 # Up to this many items, pairs are drawn without replacement from the full list of pairs.
@@ -100,8 +100,7 @@ class PairBatchSampler(EpochBatchSampler):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+        check_rank(rank, world_size)
         self.targets = torch.as_tensor(targets).reshape(-1)
         self.batch_size = batch_size
         self.rank = rank

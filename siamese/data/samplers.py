@@ -20,6 +20,12 @@ from siamese.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def check_rank(rank: int, world_size: int) -> None:
+    """A sampler's share must be one of the processes."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+
+
 class EpochBatchSampler(Sampler):
     """A batch sampler that redraws its batches each epoch and can resume mid-epoch.
 
@@ -97,8 +103,7 @@ class ClassBalancedBatchSampler(EpochBatchSampler):
                 f"data.samples_per_class={samples_per_class} gives no positive pairs in a "
                 "batch; use 2 or more"
             )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+        check_rank(rank, world_size)
         global_batch = batch_size * world_size
         if world_size > 1 and (batch_size % samples_per_class or batch_size < samples_per_class):
             raise ConfigError(
@@ -190,8 +195,7 @@ class EvalBatchSampler(Sampler[list[int]]):
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"eval batch size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+        check_rank(rank, world_size)
         order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed))
         per_process = max(1, -(-num_items // (batch_size * world_size)))
         chunks = torch.tensor_split(order, per_process * world_size)

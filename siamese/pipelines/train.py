@@ -46,6 +46,11 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.get("eval_pairs", 1) < 2:
         raise ConfigError(f"eval_pairs must be at least 2, got {cfg.eval_pairs}")
+    every = (cfg.get("checkpoints") or {}).get("every_n_train_steps")
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        raise ConfigError(
+            f"checkpoints.every_n_train_steps must be a positive int or null, got {every!r}"
+        )
     check_optimized_metric(cfg.get("optimized_metric"))
 
 
@@ -190,13 +195,19 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write metrics.json; return every logged metric."""
     check_config(cfg)
     trainer_cfg = check_trainer(cfg.trainer)  # before any data is read
+    processes = planned_processes(trainer_cfg)
+    if processes > 1 and trainer_cfg.get("use_distributed_sampler", True):
+        raise ConfigError(
+            "trainer.use_distributed_sampler=true cannot shard the class-balanced batch "
+            "samplers, which split the global batch between processes themselves; set "
+            "trainer.use_distributed_sampler=false"
+        )
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = build(cfg.data)
-    processes = planned_processes(trainer_cfg)
     datamodule.check_batches(processes)  # DDP: each process needs whole classes
     module = build_module(cfg, datamodule)
     loggers, logger_callbacks = build_loggers(cfg, ckpt_path)
@@ -215,12 +226,6 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     plugins: list[Any] = [AtomicCheckpointIO()]  # a kill mid-save keeps the old file
     if trainer_cfg.get("sync_batchnorm"):  # torch's SyncBatchNorm refuses CPU tensors
         plugins.append(SyncBatchNormPlugin(cpu=not uses_gpu(trainer_cfg)))
-    if processes > 1 and trainer_cfg.get("use_distributed_sampler", True):
-        raise ConfigError(
-            "trainer.use_distributed_sampler=true cannot shard the class-balanced batch "
-            "samplers, which split the global batch between processes themselves; set "
-            "trainer.use_distributed_sampler=false"
-        )
     if cfg.data.get("pair_mode", "in_batch") == "in_batch":
         # The in-batch loss is the gathered global batch's, the same on every process, so
         # its epoch mean needs no cross-process reduction (that would cost a sync a step).
@@ -228,12 +233,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             "ignore", message=r".*self\.log\('train/loss'.*sync_dist=True", category=Warning
         )
     every = (cfg.get("checkpoints") or {}).get("every_n_train_steps")
-    if every is not None:
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ConfigError(
-                f"checkpoints.every_n_train_steps must be a positive int or null, got {every!r}"
-            )
-        # Only last.ckpt, every N steps (the best checkpoint is still chosen at validation).
+    if every is not None:  # only last.ckpt, every N steps (best is chosen at validation)
         callbacks.append(
             ModelCheckpoint(
                 dirpath=checkpoint.dirpath,
