@@ -1,6 +1,9 @@
-"""Callbacks for what a run shows: training throughput and dashboard pictures.
+"""Callbacks for what a run shows and how it fails: throughput, pictures, divergence.
 
 ``Throughput`` logs ``train/images_per_sec`` at the trainer's logging points.
+``LastCheckpoint`` writes ``last.ckpt`` at every epoch's end and every N steps (resume).
+``DivergenceGuard`` stops a run at the first non-finite loss or gradient, before any
+checkpoint is written from broken weights, and warns once about a collapsed embedding.
 ``DashboardPlots`` draws pictures of the evaluated split (sample pairs with their distances,
 same/different distance histograms, ROC, a 2-D projection, a retrieval grid) after
 validation every few epochs, after the last validation of ``fit`` and after ``test``; each
@@ -25,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.image import imsave
-from pytorch_lightning.callbacks import Callback, ModelSummary, ProgressBar
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelSummary, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 from siamese.data.pairs import sample_pairs
-from siamese.errors import ConfigError
+from siamese.errors import ConfigError, SiameseError
 from siamese.evaluation.index import build_index
 from siamese.evaluation.plots import (
     PROJECTIONS,
@@ -155,6 +158,287 @@ class Throughput(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pause()
+
+
+class LastCheckpoint(Checkpoint):
+    """Write ``<dirpath>/<filename>.ckpt`` at every training epoch's end (after its
+    validation, so it holds the calibrated threshold) and every ``every_n_train_steps``
+    optimizer steps: the state ``ckpt_path=last`` resumes from.
+
+    Lightning's own ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` at an epoch's
+    end only when that epoch also saved a top-k checkpoint (since Lightning 2.6), so after an
+    epoch that did not improve, "last" would be an older epoch. Each save goes through the
+    trainer's checkpoint IO (temporary file, fsync, rename), so a kill mid-save keeps the
+    previous file.
+
+    Args:
+        dirpath: folder of the checkpoint.
+        filename: its name without ``.ckpt``.
+        every_n_train_steps: also save every this many optimizer steps (null: epochs only).
+    """
+
+    def __init__(
+        self, dirpath: str, filename: str = "last", every_n_train_steps: int | None = None
+    ) -> None:
+        super().__init__()
+        if every_n_train_steps is not None and (
+            not isinstance(every_n_train_steps, Integral)
+            or isinstance(every_n_train_steps, bool)
+            or every_n_train_steps < 1
+        ):
+            raise ConfigError(
+                "checkpoints.every_n_train_steps must be a positive int or null, got "
+                f"{every_n_train_steps!r}"
+            )
+        self.dirpath = Path(dirpath)
+        self.filename = filename
+        self.every_n_train_steps = every_n_train_steps
+        self.last_model_path = ""
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        path = self.dirpath / f"{self.filename}.ckpt"
+        trainer.save_checkpoint(path)
+        self.last_model_path = str(path)
+
+    def _fitting(self, trainer: pl.Trainer) -> bool:
+        return trainer.state.fn == "fit" and not trainer.sanity_checking
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        every = self.every_n_train_steps
+        step = trainer.global_step
+        # An unchanged global_step means gradient accumulation: no optimizer step yet.
+        if every and step % every == 0 and step != getattr(self, "_step_saved", -1):
+            self._step_saved = step
+            if self._fitting(trainer):
+                self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fitting(trainer):
+            self._save(trainer)
+
+
+class DivergenceError(SiameseError, ArithmeticError):
+    """Training produced a non-finite loss or gradient; the last good checkpoint is kept."""
+
+
+# Mean distance of an embedding to the centre of all of them, relative to the mean norm,
+# below which the embedding counts as collapsed (every pair looks the same).
+COLLAPSE_SPREAD = 1e-3
+
+
+class DivergenceGuard(Callback):
+    """Stop at the first non-finite loss or gradient, and warn once about a collapse.
+
+    The loss is checked as the backward pass starts and the gradients before each optimizer
+    step (left to the gradient scaler under 16-bit mixed precision, which skips such steps
+    by design). On the CPU every step is checked at once, so the bad update is never
+    applied. On a GPU the checks are recorded on the device and read every
+    ``check_every_n_steps`` steps (reading one back would stall the GPU at every step), and
+    always before validation and before any checkpoint is written: a checkpoint never holds
+    weights that went non-finite, so ``checkpoints/last.ckpt`` stays the last good one. The
+    step, the value and the learning rate are reported exactly either way.
+
+    After each validation epoch the embeddings of the split are measured: when they sit on
+    one point (mean distance to their centre under ``COLLAPSE_SPREAD`` times their mean
+    norm) every distance is near zero, and a warning says so, once a run.
+
+    Args:
+        check_every_n_steps: on a GPU, read the recorded checks back every this many steps.
+        warn_collapse: warn when the validation embeddings collapse.
+    """
+
+    def __init__(self, check_every_n_steps: int = 50, warn_collapse: bool = True) -> None:
+        super().__init__()
+        if (
+            not isinstance(check_every_n_steps, Integral)
+            or isinstance(check_every_n_steps, bool)
+            or check_every_n_steps < 1
+        ):
+            raise ConfigError(
+                "callbacks.divergence_guard.check_every_n_steps must be a positive int, got "
+                f"{check_every_n_steps!r}"
+            )
+        self.check_every_n_steps = int(check_every_n_steps)
+        self.warn_collapse = warn_collapse
+        self._collapse_warned = False
+        self._reset()
+
+    def _reset(self) -> None:
+        # On the device: the first bad step (-1: none yet), what went bad (0 loss, 1
+        # gradient), its loss and its learning rate.
+        self._first: Tensor | None = None
+        self._what: Tensor | None = None
+        self._loss: Tensor | None = None
+        self._lr: Tensor | None = None
+        self._pending_loss: Tensor | None = None
+
+    # -- recording -------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset()
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        self._pending_loss = loss.detach()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # the loss arrives scaled
+            self._pending_loss = self._pending_loss / scaler.get_scale()
+        if pl_module.automatic_optimization:
+            return  # recorded with the gradients, before the optimizer step
+        self._record(trainer, pl_module, self._pending_loss, None, trainer.global_step + 1)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        grads = [g for g in grads if g is not None]
+        # Under a gradient scaler inf gradients are routine (it skips that step and lowers
+        # its scale): only the loss counts there.
+        if getattr(trainer.precision_plugin, "scaler", None) is not None or not grads:
+            grad_sum = None
+        else:  # a sum carries any NaN or inf through, at the cost of one read per tensor
+            grad_sum = torch.stack([g.float().sum() for g in grads]).sum()
+        lr = optimizer.param_groups[0]["lr"]
+        self._record(trainer, pl_module, self._pending_loss, grad_sum, trainer.global_step + 1, lr)
+
+    def _record(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        loss: Tensor | None,
+        grad_sum: Tensor | None,
+        step: int,
+        lr: float | None = None,
+    ) -> None:
+        device = pl_module.device
+        if loss is None and grad_sum is None:
+            return
+        if self._first is None:
+            self._first = torch.full((), -1, dtype=torch.int64, device=device)
+            self._what = torch.zeros((), dtype=torch.int64, device=device)
+            self._loss = torch.zeros((), dtype=torch.float32, device=device)
+            self._lr = torch.zeros((), dtype=torch.float64, device=device)
+        loss_bad = (
+            ~torch.isfinite(loss.float()).all()
+            if loss is not None
+            else torch.zeros((), dtype=torch.bool, device=device)
+        )
+        grad_bad = (
+            ~torch.isfinite(grad_sum)
+            if grad_sum is not None
+            else torch.zeros((), dtype=torch.bool, device=device)
+        )
+        new = (loss_bad | grad_bad) & (self._first < 0)
+        # All on the device: nothing is read back here.
+        self._first = torch.where(new, torch.full_like(self._first, step), self._first)
+        self._what = torch.where(new, grad_bad & ~loss_bad, self._what.bool()).long()
+        if loss is not None:
+            value = loss.detach().float().reshape(-1)[0]
+            self._loss = torch.where(new, value, self._loss)
+        if lr is not None:
+            self._lr = torch.where(new, torch.full_like(self._lr, float(lr)), self._lr)
+        if reads_are_free(device) or step % self.check_every_n_steps == 0:
+            self.check(trainer)
+
+    # -- checking --------------------------------------------------------------------------
+    def check(self, trainer: pl.Trainer) -> None:
+        """Raise DivergenceError if a non-finite loss or gradient has been recorded."""
+        if self._first is None:
+            return
+        first = int(self._first)  # the only read back from the device
+        if first < 0:
+            return
+        what = "gradient" if int(self._what) else "loss"
+        loss = float(self._loss)
+        lr = float(self._lr)
+        self._reset()
+        raise DivergenceError(divergence_message(trainer, first, what, loss, lr))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check(trainer)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.check(trainer)  # raising here leaves the file on disk as it was
+
+    # -- collapse --------------------------------------------------------------------------
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.warn_collapse or self._collapse_warned or trainer.sanity_checking:
+            return
+        ev = _last_eval(pl_module, "val")
+        if ev is None or len(ev.embeddings) < 2:
+            return
+        spread, scale = embedding_spread(ev.embeddings)
+        if spread <= COLLAPSE_SPREAD * scale or spread < 1e-12:
+            self._collapse_warned = True
+            if trainer.is_global_zero:
+                log.warning(
+                    "embedding collapse at epoch %d: the %d validation embeddings sit on one "
+                    "point (mean distance to their centre %.3g, mean norm %.3g), so every "
+                    "pair looks the same; lower optimizer.lr, check the loss margin, or try "
+                    "another loss (loss=multi_similarity)",
+                    trainer.current_epoch,
+                    len(ev.embeddings),
+                    spread,
+                    scale,
+                )
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value back from ``device`` costs nothing (no queue to stall)."""
+    return device.type == "cpu"
+
+
+def embedding_spread(embeddings: Tensor) -> tuple[float, float]:
+    """(mean distance of the rows to their centre, mean row norm) of (N, D) embeddings."""
+    emb = embeddings.detach().double()
+    spread = (emb - emb.mean(dim=0)).norm(dim=1).mean()
+    return float(spread), float(emb.norm(dim=1).mean())
+
+
+def divergence_message(trainer: pl.Trainer, step: int, what: str, loss: float, lr: float) -> str:
+    """The one line a diverged run ends with: where, what, why, and what is kept."""
+    value = (
+        f"the loss is {loss:g}" if what == "loss" else f"a gradient is not finite (loss {loss:g})"
+    )
+    last = _last_checkpoint(trainer)
+    kept = (
+        f"the last good checkpoint is kept: {last} (resume with ckpt_path=last)"
+        if last
+        else "no checkpoint had been written yet"
+    )
+    lr_text = f"the learning rate {lr:g}" if lr > 0 else "the learning rate"
+    lower = f" (e.g. optimizer.lr={lr / 10:g})" if lr > 0 else ""
+    return (
+        f"training diverged at optimizer step {step} (epoch {trainer.current_epoch}): {value}; "
+        f"{lr_text} is probably too high: lower optimizer.lr{lower} or set "
+        f"trainer.gradient_clip_val=1.0 (trainer.detect_anomaly=true names the operation "
+        f"that made it); {kept}"
+    )
+
+
+def _last_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The newest checkpoint written so far: last.ckpt, else the best one."""
+    for key in ("last_model_path", "best_model_path"):
+        for callback in trainer.checkpoint_callbacks:
+            path = getattr(callback, key, "")
+            if path and Path(path).is_file():
+                return path
+    return None
 
 
 class DashboardPlots(Callback):

@@ -60,6 +60,8 @@ def check_group_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> Non
         options = group_options(key, conf_dir)
         if options is None:
             continue
+        if value == "null":  # Hydra's answer is a traceback
+            fail(f"{key}=null cannot drop a config group; write ~{key} to run without one")
         for item in value.split(","):
-            if item and item != "null" and item not in options:
+            if item and item not in options:
                 fail(f"unknown {key}={item}; choose one of: {', '.join(options)}")

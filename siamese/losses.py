@@ -9,6 +9,7 @@ collapse (the fraction of active terms and the mean same/different distance).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,13 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, 0).sum() / mask.sum().clamp_min(1)
 
 
+def _propagate_nonfinite(loss: Tensor, *embeddings: Tensor) -> Tensor:
+    """NaN where an embedding is not finite: mining masks would otherwise drop every pair
+    and report a loss of 0 for broken weights (checked on the device: no sync)."""
+    finite = torch.stack([torch.isfinite(e).all() for e in embeddings]).all()
+    return torch.where(finite, loss, torch.full_like(loss, math.nan))
+
+
 # "all" triplet mining visits (B, B, B) triplets in chunks of anchors holding at most this
 # many entries, so a 1,000-image validation batch does not need gigabytes.
 TRIPLET_CHUNK = 2**24
@@ -58,16 +66,16 @@ class PairLoss(nn.Module):
     def forward(self, emb: Tensor, labels: Tensor) -> LossOutput:
         rows, cols, same = in_batch_pairs(labels)
         scores = self.distance.pairwise(emb, emb)[rows, cols]  # (P,)
-        return self._output(scores, same)
+        return self._output(scores, same, emb)
 
     def forward_pairs(self, e1: Tensor, e2: Tensor, same: Tensor) -> LossOutput:
-        return self._output(self.distance.paired(e1, e2), same.bool())
+        return self._output(self.distance.paired(e1, e2), same.bool(), e1, e2)
 
-    def _output(self, scores: Tensor, same: Tensor) -> LossOutput:
+    def _output(self, scores: Tensor, same: Tensor, *embeddings: Tensor) -> LossOutput:
         per_pair, loss = self.terms(scores, same)
         dist = self.distance.to_distance(scores.detach())
         return LossOutput(
-            loss=loss,
+            loss=_propagate_nonfinite(loss, *embeddings),
             active_fraction=(per_pair.detach() > 0).float().mean(),
             pos_distance=_masked_mean(dist, same),
             neg_distance=_masked_mean(dist, ~same),
@@ -201,7 +209,7 @@ class TripletLoss(nn.Module):
             active = nonzero / triplets.clamp_min(1)
         dd = d.detach()
         return LossOutput(
-            loss=loss,
+            loss=_propagate_nonfinite(loss, emb),
             active_fraction=active,
             pos_distance=_masked_mean(dd, pos),
             neg_distance=_masked_mean(dd, neg),
@@ -274,7 +282,7 @@ class MultiSimilarityLoss(nn.Module):
         loss = _masked_mean(pos_term + neg_term, valid)  # no boolean indexing: no device sync
         dd = self.distance.to_distance(self.distance.pairwise(emb, emb).detach())
         return LossOutput(
-            loss=loss,
+            loss=_propagate_nonfinite(loss, emb),
             active_fraction=(pos_kept | neg_kept).float().sum() / (pos | neg).float().sum(),
             pos_distance=_masked_mean(dd, pos),
             neg_distance=_masked_mean(dd, neg),

@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytorch_lightning as pl
+import torch
 
 
 class KillAtStep(pl.Callback):
@@ -18,3 +19,24 @@ class KillAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonAtStep(pl.Callback):
+    """Make the run diverge at optimizer step ``step``: a NaN weight (the loss goes NaN) or,
+    with ``grad=true``, a NaN gradient on a finite loss."""
+
+    def __init__(self, step: int, grad: bool = False) -> None:
+        self.step = step
+        self.grad = grad
+
+    def _first_weight(self, pl_module):
+        return next(p for p in pl_module.parameters() if p.requires_grad)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.grad and trainer.global_step + 1 == self.step:
+            with torch.no_grad():
+                self._first_weight(pl_module).view(-1)[0] = float("nan")
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.grad and trainer.global_step + 1 == self.step:
+            self._first_weight(pl_module).grad.view(-1)[0] = float("inf")

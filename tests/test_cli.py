@@ -25,6 +25,10 @@ BAD_INPUT = {
         ["loss=bce"],
         "loss=bce needs the logits of distance=learned, but distance=euclidean",
     ),
+    "group-null": (
+        ["scheduler=null"],
+        "scheduler=null cannot drop a config group; write ~scheduler",
+    ),
     "missing-root": (["data=image_folder", "data.root=/no/such/folder"], "/no/such/folder"),
     "embedding-dim": (
         ["model.embedding_dim=0"],

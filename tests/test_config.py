@@ -33,7 +33,7 @@ def test_default_config_matches_the_contract(make_cfg):
     ):
         assert OmegaConf.select(cfg, key, default="missing") != "missing", key
     assert cfg.callbacks.model_checkpoint.filename == "best"
-    assert cfg.callbacks.model_checkpoint.save_last is True
+    assert cfg.callbacks.last_checkpoint.filename == "last"
 
 
 def test_groups_have_the_options_the_design_names():

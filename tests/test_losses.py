@@ -185,6 +185,29 @@ def test_triplet_without_negatives_is_zero_not_nan():
     assert out.loss.item() == 0.0 and torch.isfinite(emb.grad).all()
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ContrastiveLoss(EuclideanDistance(), margin=1.0),
+        lambda: TripletLoss(EuclideanDistance(), mining="batch_hard"),
+        lambda: TripletLoss(EuclideanDistance(), mining="all"),
+        lambda: MultiSimilarityLoss(CosineSimilarity()),
+    ],
+)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_embedding_makes_the_loss_nan_not_zero(make, bad):
+    # Mining masks drop every pair a NaN touches: without this the loss would read 0 (or a
+    # finite value of the other pairs) while the weights are already broken.
+    loss = make()
+    emb = EMB.clone()
+    assert torch.isfinite(loss(emb, LABELS).loss)
+    emb[2, 0] = bad
+    assert torch.isnan(loss(emb, LABELS).loss)
+    if isinstance(loss, ContrastiveLoss):
+        same = torch.tensor([True, False, True])
+        assert torch.isnan(loss.forward_pairs(emb[:3], EMB[3:], same).loss)
+
+
 def test_bce_with_learned_distance_matches_formula():
     torch.manual_seed(0)
     dist = LearnedDistance(embedding_dim=2)

@@ -52,6 +52,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path: Path, monk
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1  # mid-epoch, 2 batches in
     assert not list((tmp_path / "killed" / "checkpoints").glob(".*.tmp"))
+    # One last.ckpt, written by whichever save came latest (no last-v1.ckpt beside it).
+    assert not list((tmp_path / "whole" / "checkpoints").glob("last-v*.ckpt"))
 
     resumed = train(tmp_path / "killed", "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

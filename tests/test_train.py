@@ -49,7 +49,10 @@ def untrained(tmp_path_factory):
 def test_default_run_writes_checkpoints_and_metrics(trained, untrained):
     out, metrics = trained
     assert (out / "checkpoints" / "best.ckpt").is_file()
-    assert (out / "checkpoints" / "last.ckpt").is_file()
+    # last.ckpt is the last epoch's end, whichever epoch was best (Lightning 2.6's own
+    # save_last would leave it at the best one).
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (3, 4 * 21)  # 3,500 train images / 160
     report = json.loads((out / "metrics.json").read_text())
     assert CONTRACT_KEYS <= set(report)
     assert report["protocol"].startswith("leave-one-out")
@@ -202,3 +205,24 @@ def test_trainer_check_refuses_missing_devices_and_moves_fp16_off_the_cpu(make_c
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="trainer.accelerator=gpu but no CUDA GPU"):
             check_trainer(make_cfg("trainer.accelerator=gpu").trainer)
+
+
+def test_same_config_and_seed_give_identical_results_twice_in_a_row(tmp_path):
+    # The default trainer (deterministic=false) on the CPU, with augmentation and shuffling:
+    # the same numbers to the last bit, not merely close ones.
+    from conftest import FAST, compose_train
+
+    runs = []
+    for name in ("first", "second"):
+        cfg = compose_train(
+            [*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=4"], tmp_path / name
+        )
+        metrics = run_training(cfg)
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        runs.append((metrics, ckpt["state_dict"]))
+    (first, weights1), (second, weights2) = runs
+    tested = sorted(k for k in first if k.startswith(("test/", "val/")))
+    assert len(tested) >= 20
+    assert {k: first[k] for k in tested} == {k: second[k] for k in tested}
+    for name, value in weights1.items():
+        assert torch.equal(value, weights2[name]), name

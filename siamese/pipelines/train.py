@@ -221,7 +221,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     if checkpoint is None:
         raise ConfigError(
             "callbacks has no ModelCheckpoint; keep callbacks.model_checkpoint so the run "
-            "writes checkpoints/best.ckpt and checkpoints/last.ckpt"
+            "writes checkpoints/best.ckpt (the checkpoint tested after fit)"
         )
     plugins: list[Any] = [AtomicCheckpointIO()]  # a kill mid-save keeps the old file
     if trainer_cfg.get("sync_batchnorm"):  # torch's SyncBatchNorm refuses CPU tensors
@@ -231,17 +231,6 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         # its epoch mean needs no cross-process reduction (that would cost a sync a step).
         warnings.filterwarnings(
             "ignore", message=r".*self\.log\('train/loss'.*sync_dist=True", category=Warning
-        )
-    every = (cfg.get("checkpoints") or {}).get("every_n_train_steps")
-    if every is not None:  # only last.ckpt, every N steps (best is chosen at validation)
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=checkpoint.dirpath,
-                save_top_k=0,
-                save_last=True,
-                every_n_train_steps=every,
-                monitor=None,
-            )
         )
     trainer: pl.Trainer = build(
         trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins
