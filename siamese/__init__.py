@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 from siamese.errors import ConfigError, DataError, SiameseError
 
 if TYPE_CHECKING:
+    import faiss
     from torch import Tensor
 
+    from siamese.exports import Embeddings
     from siamese.module import SiameseModule
 
 __version__ = "0.1.0"
@@ -35,4 +37,34 @@ def read_images(
     return _read(source, like)
 
 
-__all__ = ["ConfigError", "DataError", "SiameseError", "__version__", "load", "read_images"]
+def load_index(path: str | PathLike) -> faiss.Index:
+    """The faiss index evaluate.py wrote (``index.faiss``); a damaged file is one DataError line."""
+    from siamese.exports import load_index as _load_index
+
+    return _load_index(path)
+
+
+def load_embeddings(
+    folder: str | PathLike, index: faiss.Index | str | PathLike | None = None
+) -> Embeddings:
+    """evaluate.py's ``embeddings/*.npy`` (``.query``, ``.query_labels``, ``.gallery``, ...).
+
+    ``folder`` is the ``embeddings/`` folder or its run directory; with ``index`` (an index or
+    its file) the gallery is checked against it. Plain numbers only: pickled objects, damaged
+    files, mismatched shapes or NaN are one DataError line naming the file.
+    """
+    from siamese.exports import load_embeddings as _load_embeddings
+
+    return _load_embeddings(folder, index=index)
+
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "SiameseError",
+    "__version__",
+    "load",
+    "load_embeddings",
+    "load_index",
+    "read_images",
+]

@@ -7,25 +7,24 @@
   with the same weights as an uninterrupted run on the CPU.
 - ``AtomicCheckpointIO``: writes each checkpoint to a temporary file in the same folder,
   fsyncs it and renames it over the old one, so a kill or a full disk during a save leaves
-  the previous file intact; a failed write is one line naming the file and the reason.
+  the previous file intact; a failed write is one line naming the file and the reason
+  (``siamese.exports.atomic_write``, which every other file a job writes goes through too).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from siamese.errors import SiameseError
+from siamese.exports import WriteError, atomic_write
 
 
-class CheckpointWriteError(SiameseError, OSError):
+class CheckpointWriteError(WriteError):
     """A checkpoint could not be written (disk full, no permission): the old one is kept."""
 
 
@@ -69,44 +68,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:
-        target = Path(path)
-        tmp = target.with_name(f".{target.name}.tmp")
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            hint = (
-                "free some space"
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                else "check the folder's permissions"
-            )
-            kept = (
-                "the previous checkpoint there is intact"
-                if target.exists()
-                else "no earlier checkpoint was there"
-            )
-            raise CheckpointWriteError(
-                f"could not write checkpoint {str(target)!r}: {reason}; {kept}; {hint}, then "
-                "resume with ckpt_path=last"
-            ) from exc
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (not possible on every OS: best effort)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        with atomic_write(
+            path,
+            what="checkpoint",
+            then="resume with ckpt_path=last",
+            error=CheckpointWriteError,
+        ) as f:
+            torch.save(checkpoint, f)

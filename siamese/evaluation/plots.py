@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation.arrays import as_embeddings, to_numpy
 from siamese.evaluation.verification import _check_far, _check_pairs, _Roc, format_far
+from siamese.exports import atomic_write
 
 PathLike = str | os.PathLike[str]
 
@@ -467,8 +468,8 @@ def _figure(width: float, height: float) -> tuple[Figure, Any]:
 
 def _save(fig: Figure, path: PathLike) -> Path:
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=100)
+    with atomic_write(out) as f:  # a full disk keeps the previous picture, in one line
+        fig.savefig(f, format="png", dpi=100)
     return out
 
 

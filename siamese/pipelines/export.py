@@ -5,10 +5,13 @@ The exported graph computes what ``siamese.load(ckpt)(images)`` computes: float 
 ``prepare`` (L2-normalisation where the distance uses it) -> embeddings (B, D), with a
 dynamic batch dimension. ``model.json`` beside the file says how to feed it and how to
 compare two of its embeddings (distance, calibrated threshold, a learned head's weights).
+Both replace earlier ones together, and only once the exported file passed its check: a full
+disk or a failed check leaves the earlier pair as it was.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 
 from siamese.distances import LearnedDistance
 from siamese.errors import ConfigError
+from siamese.exports import atomic_write, pending_path, written_together
 from siamese.inference import load
 from siamese.module import SiameseModule
 
@@ -163,7 +167,11 @@ def export_onnx(graph: nn.Module, example: Tensor, path: Path, opset: int) -> No
             verbose=False,
         )
     assert program is not None  # dynamo=True always returns the ONNXProgram
-    program.save(str(path))
+    # One self-contained protobuf (what ``program.save`` writes below its 1.5 GB external-data
+    # threshold), written through a file object so that it can go to a temporary first.
+    proto = program.model_proto.SerializeToString()
+    with atomic_write(path) as f:
+        f.write(proto)
 
 
 def export_torchscript(graph: nn.Module, example: Tensor, path: Path) -> None:
@@ -172,13 +180,19 @@ def export_torchscript(graph: nn.Module, example: Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice: format=export
         traced = torch.jit.trace(graph, example, check_trace=False)
-        torch.jit.save(traced, str(path))
+        with atomic_write(path) as f:
+            torch.jit.save(traced, f)
 
 
 def export_program(graph: nn.Module, example: Tensor, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(graph, (example,), dynamic_shapes={"images": {0: batch}})
-    torch.export.save(program, str(path))
+    # Into memory first: torch's archive writer aborts the process (C++ terminate) when a
+    # write to the disk fails under it; the archive is about the size of the weights.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with atomic_write(path) as f:
+        f.write(buffer.getbuffer())
 
 
 def load_exported(fmt: str, path: Path) -> Any:
@@ -193,7 +207,8 @@ def load_exported(fmt: str, path: Path) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.jit.load(str(path), map_location="cpu")
-    return torch.export.load(str(path)).module()
+    with open(path, "rb") as f:  # a file object: torch.export.load wants a name ending .pt2
+        return torch.export.load(f).module()
 
 
 @torch.inference_mode()
@@ -210,8 +225,8 @@ def check_export(
         worst = max(worst, float(diff))
     if not worst <= CHECK_ATOL:
         raise RuntimeError(
-            f"the exported {path.name} differs from PyTorch by {worst:.2e} (> {CHECK_ATOL}); "
-            "please report it with the checkpoint's model config"
+            f"the exported {FILES.get(fmt, path.name)} differs from PyTorch by {worst:.2e} "
+            f"(> {CHECK_ATOL}); please report it with the checkpoint's model config"
         )
     return worst
 
@@ -230,18 +245,19 @@ def run_export(cfg: DictConfig) -> dict[str, Any]:
     example = torch.rand((2, *shape), generator=torch.Generator().manual_seed(0))
 
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILES[fmt]
-    if fmt == "onnx":
-        export_onnx(graph, example, path, int(ex.opset))
-    elif fmt == "torchscript":
-        export_torchscript(graph, example, path)
-    else:
-        export_program(graph, example, path)
-
-    info = describe(model, fmt, ckpt_path, int(ex.opset) if fmt == "onnx" else None)
-    if ex.check:
-        info["max_abs_diff"] = check_export(graph, fmt, path, shape, int(ex.check_batch))
-    (out_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+    with written_together(then="run export.py again"):
+        if fmt == "onnx":
+            export_onnx(graph, example, path, int(ex.opset))
+        elif fmt == "torchscript":
+            export_torchscript(graph, example, path)
+        else:
+            export_program(graph, example, path)
+        info = describe(model, fmt, ckpt_path, int(ex.opset) if fmt == "onnx" else None)
+        if ex.check:  # the new file, still beside the earlier one until the block ends
+            written = pending_path(path)
+            info["max_abs_diff"] = check_export(graph, fmt, written, shape, int(ex.check_batch))
+        with atomic_write(out_dir / "model.json") as f:
+            f.write((json.dumps(info, indent=2) + "\n").encode())
     log.info("exported %s and model.json to %s", path.name, out_dir)
     return info

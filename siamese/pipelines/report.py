@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from siamese.exports import atomic_write
+
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Write metrics.json via a temporary file, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    """Write metrics.json atomically: a crash or a full disk never leaves half a file."""
+    with atomic_write(path) as f:
+        f.write((json.dumps(metrics, indent=2, sort_keys=False) + "\n").encode())
 
 
 def print_table(
