@@ -89,7 +89,11 @@ def test_augmentation_runs_in_training_only():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"pair_mode": "triplets"}, "data.pair_mode='triplets'"), ({"batch_size": 1}, "at least 2")],
+    [
+        ({"pair_mode": "triplets"}, "data.pair_mode='triplets'"),
+        ({"batch_size": 1}, "at least 2"),
+        ({"skip_bad_files": "yes"}, "data.skip_bad_files must be true or false, got 'yes'"),
+    ],
 )
 def test_bad_settings(kwargs, match):
     with pytest.raises(ConfigError, match=match):

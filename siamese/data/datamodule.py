@@ -4,7 +4,9 @@ Training batches are ``(images, labels)`` from class-balanced batches (``pair_mo
 every pair inside the batch is used) or ``(x1, x2, same)`` (``pair_mode=explicit``).
 Validation and test batches are always ``(images, labels)`` in a fixed order; the module
 embeds them all and scores retrieval and fixed-seed verification pairs at epoch end.
-Augmentation runs batch-wise on the device after transfer, in training only.
+Augmentation runs batch-wise on the device after transfer, in training only. Image files
+that cannot be decoded stop the run with their path, or with ``skip_bad_files`` are skipped
+and listed in ``bad_files`` (see ``siamese.data.datasets.BadFiles``).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from siamese.data.datasets import (
+    BadFiles,
     DataSplits,
     LabelledImages,
     TensorImages,
     WithIndices,
+    finalize_bad_files,
     identity_collate,
 )
 from siamese.data.pairs import PairBatchSampler, PairView
@@ -81,6 +85,13 @@ class SiameseDataModule(pl.LightningDataModule):
             there and nothing crosses the bus per step: ``auto`` does it when the trainer
             runs on a GPU and the splits take under a quarter of its free memory, ``true``
             whatever their size, ``false`` never. Files are always read on the CPU.
+        skip_bad_files: what to do with an image file that cannot be decoded (damaged,
+            empty, not an image, past PIL's decompression-bomb limit): False stops the run
+            at the first one with its path; True skips it. A training batch then takes
+            another image of the same class in its place; evaluation leaves it out.
+        bad_files: where skipped files are listed, one ``<path>\\t<reason>`` line each,
+            sorted and each once at the end of every stage (normally the run directory's
+            ``bad_files.txt``); None lists them only as warnings.
 
     Under DDP ``batch_size`` and ``eval_batch_size`` are per process: each process draws its
     part of the same global class-balanced batch, and evaluation splits its batches between
@@ -103,6 +114,8 @@ class SiameseDataModule(pl.LightningDataModule):
         seed: int = 0,
         reshuffle: bool = True,
         on_device: bool | str = "auto",
+        skip_bad_files: bool = False,
+        bad_files: str | None = None,
     ) -> None:
         super().__init__()
         if pair_mode not in PAIR_MODES:
@@ -117,6 +130,8 @@ class SiameseDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"data.on_device={on_device!r} is unknown; expected auto, true or false"
             )
+        if not isinstance(skip_bad_files, bool):
+            raise ConfigError(f"data.skip_bad_files must be true or false, got {skip_bad_files!r}")
         self.source = source
         self.root = str(Path(root).expanduser().resolve()) if root else None
         self.batch_size = batch_size
@@ -131,6 +146,11 @@ class SiameseDataModule(pl.LightningDataModule):
         self.seed = seed
         self.reshuffle = reshuffle
         self.on_device = on_device
+        self.skip_bad_files = skip_bad_files
+        self.bad_files = str(bad_files) if bad_files else None
+        # Shared by every split (and copied into each worker process).
+        self.bad_file_policy = BadFiles(skip_bad_files, self.bad_files)
+        self._bad_files_reported = 0
         self.splits: DataSplits | None = None
         self._read: DataSplits | None = None
         # What the loaders read: ``splits``, or copies of them on the training device.
@@ -200,6 +220,9 @@ class SiameseDataModule(pl.LightningDataModule):
         """The source's splits at ``image_size``, unchecked (evaluation checks its own)."""
         if self._read is None:
             splits = self.source.load(self.root)
+            splits = DataSplits(
+                *(s.with_bad_files(self.bad_file_policy) for s in splits.as_tuple())
+            )
             if self.image_size is not None:
                 splits = DataSplits(*(s.resized(self.image_size) for s in splits.as_tuple()))
             self._read = splits
@@ -220,10 +243,25 @@ class SiameseDataModule(pl.LightningDataModule):
         return self.load_splits().image_shape
 
     def input_stats(self, max_items: int = 4096) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of (up to ``max_items`` evenly spaced) training images."""
+        """Per-channel mean and std of (up to ``max_items`` evenly spaced) training images.
+
+        Files are decoded by ``num_workers`` processes; unreadable ones are refused or left
+        out as ``skip_bad_files`` says.
+        """
         train = self.load_splits().train
         step = max(1, len(train) // max_items)
-        images, _ = train.__getitems__(list(range(0, len(train), step)))
+        indices = list(range(0, len(train), step))
+        if isinstance(train, TensorImages) or self.num_workers == 0:
+            images = train.read(indices)[0]
+        else:
+            loader = ordered_loader(train.subset(indices), 256, self.num_workers)
+            images = torch.cat([batch[0] for batch in loader])
+        if len(images) == 0:
+            listed = f" (listed in {self.bad_files})" if self.bad_files else ""
+            raise DataError(
+                f"none of the {len(indices)} training images read for the input statistics "
+                f"could be decoded{listed}; check the files in data.root={self.root!r}"
+            )
         mean = images.mean(dim=(0, 2, 3))
         std = images.std(dim=(0, 2, 3)).clamp_min(1e-3)
         return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
@@ -301,6 +339,21 @@ class SiameseDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self._splits_for_loaders().test)
 
+    def teardown(self, stage: str | None = None) -> None:
+        # Worker processes append skipped files as they meet them: sort the list and keep
+        # each file once, after every stage.
+        if not (self.skip_bad_files and self.bad_files):
+            return
+        listed = finalize_bad_files(self.bad_files)
+        if len(listed) != self._bad_files_reported and self._rank_and_world()[0] == 0:
+            log.warning(
+                "%d unreadable image file(s) were skipped (data.skip_bad_files=true); "
+                "they are listed in %s",
+                len(listed),
+                self.bad_files,
+            )
+        self._bad_files_reported = len(listed)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment is None or self.trainer is None or not self.trainer.training:
             return batch
@@ -309,6 +362,25 @@ class SiameseDataModule(pl.LightningDataModule):
             return self.augment(x1), self.augment(x2), same
         images, labels = batch
         return self.augment(images), labels
+
+
+def ordered_loader(split: LabelledImages, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """Batches ``(images, labels, items)`` of ``split`` in item order, for evaluation.
+
+    ``items`` are the split indices of the rows: an unreadable file skipped under
+    ``skip_bad_files`` is left out, so concatenating ``items`` over the batches tells which
+    items were embedded. An unreadable file that is not skipped raises a one-line
+    ImageReadError, also from worker processes.
+    """
+    batches = [
+        list(range(s, min(s + batch_size, len(split)))) for s in range(0, len(split), batch_size)
+    ]
+    return DataLoader(
+        WithIndices(split),
+        batch_sampler=batches,
+        collate_fn=identity_collate,
+        num_workers=num_workers,
+    )
 
 
 def _size(value: int | Sequence[int] | None) -> tuple[int, int] | None:

@@ -4,13 +4,21 @@ Every source in ``siamese.data.sources`` returns these, so samplers, pair builde
 data module see one interface: ``targets`` (N,) int64, ``classes``, ``__getitem__`` for one
 item and ``__getitems__`` for a batch (used by the DataLoader, so tensor data is sliced in
 one indexing operation instead of N Python calls).
+
+Image files are decoded when read, never when a set is built. A file that cannot be decoded
+is handled by the set's ``BadFiles`` policy: refused with its path (the default), or skipped
+and listed in ``bad_files.txt``. A skipped image is replaced in training batches
+(``__getitems__``: another image of its class, so batches keep their shape and labels) and
+left out in evaluation (``read``: fewer rows, with the item indices of those kept).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +29,69 @@ from torch.utils.data import Dataset
 
 from siamese.errors import DataError
 
+try:  # POSIX: lets finalize_bad_files rewrite the list while workers append to it
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 log = logging.getLogger(__name__)
+
+
+class ImageReadError(DataError):
+    """An image file that cannot be read: one line, also when raised in a DataLoader worker.
+
+    torch re-raises a worker's exception in the main process as ``type(exc)(text)``, where
+    ``text`` is "Caught ImageReadError in DataLoader worker process N.\\nOriginal Traceback
+    ..." ending in "siamese.data.datasets.ImageReadError: <message>"; the constructor keeps
+    ``<message>`` alone, so the command line still reports one sentence.
+    """
+
+    def __init__(self, message: str) -> None:
+        qualified = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith(f"Caught {type(self).__name__} ") and qualified in message:
+            message = message.rsplit(qualified, 1)[1].strip()
+        super().__init__(message)
+
+
+class UndecodableImage(Exception):
+    """Raised by ``decode_image``: the file could not be decoded, for ``reason`` (a few words)."""
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class BadFiles:
+    """What to do with image files that cannot be decoded (picklable: workers get a copy).
+
+    Args:
+        skip: False refuses the first such file with an ImageReadError naming it; True skips
+            it: a warning once per process, and a line in ``log_path``.
+        log_path: the list of skipped files, one ``<path>\\t<reason>`` line each, appended by
+            every process that meets one; ``finalize_bad_files`` sorts it and keeps each
+            path once.
+    """
+
+    skip: bool = False
+    log_path: str | None = None
+    # Unreadable paths met by this process, with their reasons: each is tried and listed once.
+    known: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def failed(self, path: str, reason: str) -> None:
+        """Refuse ``path`` (skip=False), or record it as skipped (skip=True)."""
+        if not self.skip:
+            listed = f" and list them in {self.log_path}" if self.log_path else ""
+            raise ImageReadError(
+                f"cannot read image {path!r} ({reason}); fix or remove it, or set "
+                f"data.skip_bad_files=true to skip unreadable images{listed}"
+            )
+        if path in self.known:
+            return
+        self.known[path] = reason
+        log.warning("skipping unreadable image %r (%s)", path, reason)
+        if self.log_path:
+            _append_line(self.log_path, f"{path}\t{reason}\n")
 
 
 class LabelledImages(Dataset):
@@ -52,6 +122,20 @@ class LabelledImages(Dataset):
     def resized(self, image_size: tuple[int, int]) -> LabelledImages:
         """The same items delivered at ``image_size`` (H, W)."""
         raise NotImplementedError
+
+    def read(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(images, labels, kept)`` of the items at ``indices`` that can be read.
+
+        For evaluation: where ``__getitems__`` (training) replaces a skipped unreadable image
+        by another of its class, ``read`` leaves it out; ``kept`` (M,) int64 holds the item
+        indices of the M rows, in the order asked for. In-memory sets keep every item.
+        """
+        images, labels = self.__getitems__(indices)
+        return images, labels, torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+
+    def with_bad_files(self, bad_files: BadFiles) -> LabelledImages:
+        """The same items, unreadable files handled by ``bad_files`` (tensors have none)."""
+        return self
 
 
 class TensorImages(LabelledImages):
@@ -110,8 +194,9 @@ class TensorImages(LabelledImages):
 class FileImages(LabelledImages):
     """Images read from files on demand, converted to ``channels`` and resized to ``image_size``.
 
-    Nothing is opened at construction, so a folder of many files indexes quickly; a file that
-    cannot be decoded raises a DataError naming it when it is first read.
+    Nothing is opened at construction, so a folder of many files indexes quickly. A file that
+    cannot be decoded is refused or skipped as ``bad_files`` says (default: refused, with a
+    one-line ImageReadError naming it).
     """
 
     def __init__(
@@ -121,6 +206,7 @@ class FileImages(LabelledImages):
         classes: Sequence[str],
         image_size: tuple[int, int],
         channels: int,
+        bad_files: BadFiles | None = None,
     ) -> None:
         if channels not in (1, 3):
             raise DataError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {channels}")
@@ -131,49 +217,82 @@ class FileImages(LabelledImages):
         self.classes = list(classes)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.channels = channels
+        self.bad_files = bad_files if bad_files is not None else BadFiles()
 
-    def load(self, path: str) -> Tensor:
-        """Read one file as float32 (C, H, W) in [0, 1]."""
-        from PIL import Image, UnidentifiedImageError
-        from torchvision.transforms.functional import pil_to_tensor
-
+    def _read_one(self, index: int) -> Tensor | None:
+        """Item ``index``'s image, or None when it is unreadable and skipped."""
+        path = self.paths[index]
+        if path in self.bad_files.known:
+            return None
         try:
-            with Image.open(path) as img:
-                img.load()
-                img = to_mode(img, "L" if self.channels == 1 else "RGB")
-                h, w = self.image_size
-                if img.size != (w, h):
-                    img = img.resize((w, h), Image.BILINEAR)
-                return pil_to_tensor(img).to(torch.float32).div_(255.0)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"cannot read image {path!r}: {exc}") from None
+            return decode_image(path, self.image_size, self.channels)
+        except UndecodableImage as exc:
+            self.bad_files.failed(path, exc.reason)  # raises unless skipping
+            return None
+
+    def _stand_in(self, index: int) -> Tensor:
+        """A readable image of item ``index``'s class in place of its unreadable one: the
+        next of that class in item order, cycling (deterministic, same label)."""
+        label = int(self.targets[index])
+        members = (self.targets == label).nonzero().squeeze(1).tolist()
+        at = members.index(index)
+        for other in members[at + 1 :] + members[:at]:
+            image = self._read_one(other)
+            if image is not None:
+                return image
+        path = self.paths[index]
+        raise ImageReadError(
+            f"every image of class {self.classes[label]!r} in this split is unreadable "
+            f"({len(members)} file(s), e.g. {path!r}: {self.bad_files.known.get(path)}); "
+            "fix or remove them, or remove the class folder"
+        )
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.int64)
-        images = torch.stack([self.load(self.paths[i]) for i in idx.tolist()])
-        return images, self.targets[idx]
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        images = []
+        for i in idx.tolist():
+            image = self._read_one(i)
+            images.append(image if image is not None else self._stand_in(i))
+        return self._stack(images), self.targets[idx]
+
+    def read(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).tolist()
+        read = [(i, self._read_one(i)) for i in idx]
+        kept = torch.as_tensor([i for i, image in read if image is not None], dtype=torch.int64)
+        images = self._stack([image for _, image in read if image is not None])
+        return images, self.targets[kept], kept
+
+    def _stack(self, images: list[Tensor]) -> Tensor:
+        return torch.stack(images) if images else torch.empty((0, *self.image_shape))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self.channels, self.image_size[0], self.image_size[1]
 
+    def _like(self, paths: list[str], targets: Tensor, **changes) -> FileImages:
+        keys = {"image_size": self.image_size, "channels": self.channels}
+        keys.update(changes)
+        return FileImages(
+            paths, targets, self.classes, keys["image_size"], keys["channels"], self.bad_files
+        )
+
     def resized(self, image_size: tuple[int, int]) -> FileImages:
-        return FileImages(self.paths, self.targets, self.classes, image_size, self.channels)
+        return self._like(self.paths, self.targets, image_size=image_size)
 
     def subset(self, indices: Sequence[int] | Tensor) -> FileImages:
-        idx = torch.as_tensor(indices, dtype=torch.int64).tolist()
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).tolist()
+        return self._like([self.paths[i] for i in idx], self.targets[idx])
+
+    def with_bad_files(self, bad_files: BadFiles) -> FileImages:
         return FileImages(
-            [self.paths[i] for i in idx],
-            self.targets[idx],
-            self.classes,
-            self.image_size,
-            self.channels,
+            self.paths, self.targets, self.classes, self.image_size, self.channels, bad_files
         )
 
 
 class WithIndices(Dataset):
     """Batches of ``(images, labels, indices)``: evaluation puts embeddings back in item order,
-    so metrics do not depend on the order batches were drawn in."""
+    so metrics do not depend on the order batches were drawn in. Skipped unreadable images
+    are left out (``LabelledImages.read``): a batch may have fewer rows than indices asked."""
 
     def __init__(self, images: LabelledImages) -> None:
         self.images = images
@@ -182,8 +301,7 @@ class WithIndices(Dataset):
         return len(self.images)
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
-        images, labels = self.images.__getitems__(indices)
-        return images, labels, torch.as_tensor(indices, dtype=torch.int64)
+        return self.images.read(indices)
 
 
 class ConcatImages(LabelledImages):
@@ -233,26 +351,171 @@ class ConcatImages(LabelledImages):
             [self.parts[int(part[r[0]])].subset(idx[r] - self._starts[part[r[0]]]) for r in runs]
         )
 
+    def read(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        part = torch.searchsorted(self._starts, idx, right=True) - 1
+        images = torch.empty((len(idx), *self.image_shape))
+        kept = torch.zeros(len(idx), dtype=torch.bool)
+        for p in part.unique().tolist():
+            where = (part == p).nonzero().squeeze(1)
+            local = idx[where] - self._starts[p]
+            got, _, got_items = self.parts[p].read(local.tolist())
+            rows = where[_kept_mask(local, got_items)]
+            images[rows] = got.to(images.device)
+            kept[rows] = True
+        return images[kept], self.targets[idx[kept]], idx[kept]
+
     def resized(self, image_size: tuple[int, int]) -> ConcatImages:
         return ConcatImages([p.resized(image_size) for p in self.parts])
 
+    def with_bad_files(self, bad_files: BadFiles) -> ConcatImages:
+        return ConcatImages([p.with_bad_files(bad_files) for p in self.parts])
+
+
+def _kept_mask(asked: Tensor, kept: Tensor) -> Tensor:
+    """Which of ``asked`` are in ``kept``, an in-order subsequence of it (``read``'s rows)."""
+    if len(kept) == len(asked):
+        return torch.ones(len(asked), dtype=torch.bool)
+    mask = torch.zeros(len(asked), dtype=torch.bool)
+    rest = kept.tolist()
+    j = 0
+    for i, item in enumerate(asked.tolist()):
+        if j < len(rest) and rest[j] == item:
+            mask[i] = True
+            j += 1
+    return mask
+
+
+def decode_image(path: str, image_size: tuple[int, int], channels: int) -> Tensor:
+    """One image file as float32 (C, H, W) in [0, 1]: ``channels`` 1 or 3, ``image_size`` (H, W).
+
+    A JPEG at least twice the size asked for is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
+    draft mode) before resizing, so huge photos cost little. Raises UndecodableImage(reason)
+    for any file PIL cannot decode, and for images over PIL's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS`` pixels).
+    """
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    mode = "L" if channels == 1 else "RGB"
+    h, w = image_size
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse those as well.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.draft(mode, (w, h))  # JPEG only; other formats ignore it
+                img.load()
+                img = to_mode(img, mode)
+                if img.size != (w, h):
+                    img = img.resize((w, h), Image.BILINEAR)
+    except Exception as exc:  # a damaged file can make a decoder raise almost anything
+        raise UndecodableImage(_reason(path, exc)) from None
+    return pil_to_tensor(img).to(torch.float32).div_(255.0)
+
+
+def _reason(path: str, exc: Exception) -> str:
+    """Why ``path`` could not be decoded, in a few words on one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return f"too large to decode safely: {str(exc).rstrip('.')}"
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError:
+        empty = False
+    if empty:
+        return "empty file (0 bytes)"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL recognises, or a damaged header"
+    if isinstance(exc, OSError) and exc.strerror:  # missing file, permission denied, ...
+        return exc.strerror
+    text = " ".join(str(exc).replace(repr(path), "").replace(path, "").split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# 16/32-bit integer and float modes: scaled to 8 bits by ``_to_uint8``.
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
 
 def to_mode(img, mode: str):
-    """Convert a PIL image to 'L' or 'RGB', scaling 16-bit and compositing alpha on white."""
+    """Convert a PIL image to 'L' or 'RGB': deep (16-bit, 32-bit, float) images scaled to 8
+    bits, transparency composited on white, CMYK/palette/1-bit/YCbCr through RGB."""
     from PIL import Image
 
-    if img.mode == mode:
+    transparent = img.mode in _ALPHA_MODES or "transparency" in img.info
+    if img.mode == mode and not transparent:
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit integer images: scale to 8 bits instead of clipping to white.
-        arr = torch.from_numpy(np.asarray(img, dtype=np.float32))
-        peak = float(arr.max()) or 1.0
-        img = Image.fromarray((arr / peak * 255.0).clamp(0, 255).to(torch.uint8).numpy(), "L")
-    elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in _DEEP_MODES:
+        img = Image.fromarray(_to_uint8(np.asarray(img), img.mode), "L")
+    elif transparent:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
+    elif img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
     return img.convert(mode)
+
+
+def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """A deep single-channel image as uint8. 16-bit (``I;16*``): value / 257. ``I`` and ``F``
+    by their range: 0..1 (``F`` only) x 255, 0..255 as is, 0..65535 / 257; any other range
+    is stretched from its minimum to its maximum. NaN and infinities become 0."""
+    x = np.nan_to_num(pixels.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        x = x / 257.0
+    elif lo < 0 or hi > 65535:
+        x = (x - lo) * (255.0 / (hi - lo))
+    elif mode == "F" and hi <= 1:
+        x = x * 255.0
+    elif hi > 255:
+        x = x / 257.0
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _locked(fd: int) -> None:
+    """Hold an exclusive lock on ``fd`` until it is closed (a no-op without fcntl)."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _append_line(path: str, line: str) -> None:
+    """Append ``line`` to ``path`` in one write (O_APPEND: safe from several processes)."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            _locked(fd)  # waits while finalize_bad_files rewrites the list
+            os.write(fd, line.encode("utf-8", "surrogateescape"))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("could not list the unreadable image in %r (%s)", path, exc)
+
+
+def finalize_bad_files(path: str | os.PathLike) -> list[str]:
+    """Rewrite the list of skipped files sorted by path, each path once (its first reason).
+
+    Safe while other processes append to it (they wait for the rewrite). Returns the paths
+    it lists; a missing file lists none.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return []
+    with os.fdopen(fd, "r+", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        _locked(fd)
+        reasons: dict[str, str] = {}
+        for line in f.read().split("\n"):
+            file, _, reason = line.partition("\t")
+            if file:
+                reasons.setdefault(file, reason)
+        f.seek(0)
+        f.truncate()
+        f.write("".join(f"{p}\t{reasons[p]}\n" for p in sorted(reasons)))
+    return sorted(reasons)
 
 
 @dataclass

@@ -273,7 +273,8 @@ class ImageFolder:
     the fractions, stratified, keeping at least one image of each class in train. Images
     in subfolders of a class folder belong to that class. Any size or mode is accepted:
     images are converted to ``channels`` and resized to ``image_size`` when read. Nothing
-    is opened while indexing, so large folders index in seconds.
+    is opened while indexing, so large folders index in seconds; a file that cannot be
+    decoded is refused or skipped when it is read (``data.skip_bad_files``).
 
     Args:
         image_size: side of the square images, or (height, width).

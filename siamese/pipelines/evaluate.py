@@ -2,7 +2,8 @@
 
 Writes into the run directory: metrics.json, embeddings/*.npy, index.faiss, model.ckpt (the
 checkpoint with the threshold calibrated here) and the plots roc.png, distances.png,
-embeddings_2d.png, retrieval.png.
+embeddings_2d.png, retrieval.png; all together or, on a full disk, none (the earlier ones stay).
+``siamese.load_embeddings`` / ``siamese.load_index`` read them back.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import faiss
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from siamese.config import build
-from siamese.data.datasets import ConcatImages, LabelledImages, identity_collate
+from siamese.data.datamodule import ordered_loader
+from siamese.data.datasets import ConcatImages, LabelledImages
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation import (
     build_index,
@@ -29,6 +30,7 @@ from siamese.evaluation import (
     threshold_at_far,
     verification_metrics,
 )
+from siamese.exports import atomic_write, save_embeddings, save_index, written_together
 from siamese.inference import load
 from siamese.module import SiameseModule
 from siamese.pipelines.report import print_table, write_metrics
@@ -179,20 +181,19 @@ def embed_split(
     batch_size: int,
     name: str,
     num_workers: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D) float32 embeddings in the split's own order, and (N,) labels; refuses NaN."""
-    batches = [
-        list(range(s, min(s + batch_size, len(split)))) for s in range(0, len(split), batch_size)
-    ]
-    loader = DataLoader(
-        split, batch_sampler=batches, collate_fn=identity_collate, num_workers=num_workers
-    )
-    chunks = []
-    for images, _ in tqdm(
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """(N, D) float32 embeddings in the split's own order, (N,) labels, and the (N,) split
+    indices they belong to: all of them, unless unreadable files were skipped
+    (``data.skip_bad_files=true``). Refuses NaN embeddings."""
+    loader = ordered_loader(split, batch_size, num_workers)
+    chunks, kept = [], []
+    for images, _, items in tqdm(
         loader, desc=f"embed {name}", unit="batch", file=sys.stderr, disable=None
     ):
         chunks.append(model(images.to(model.device)).float().cpu())
+        kept.append(items)
     emb = torch.cat(chunks).numpy()
+    items = torch.cat(kept)
     bad_rows = int((~np.isfinite(emb)).any(axis=1).sum())
     if bad_rows:
         raise DataError(
@@ -200,7 +201,20 @@ def embed_split(
             f"{len(emb)} {name} images; the checkpoint's weights have probably diverged, so "
             "evaluate an earlier checkpoint"
         )
-    return np.ascontiguousarray(emb, dtype=np.float32), split.targets.numpy().astype(np.int64)
+    labels = split.targets[items].numpy().astype(np.int64)
+    return np.ascontiguousarray(emb, dtype=np.float32), labels, items
+
+
+def check_retrievable(
+    k: int, query_split: LabelledImages, gallery_split: LabelledImages | None
+) -> None:
+    """Refuse ``eval.k`` beyond what each query can retrieve."""
+    retrievable = len(gallery_split) if gallery_split is not None else len(query_split) - 1
+    if k > retrievable:
+        raise ConfigError(
+            f"eval.k={k} is larger than the {retrievable} items each query can retrieve; "
+            f"use eval.k={min(10, retrievable)} or a larger gallery"
+        )
 
 
 def save_model_with_threshold(src: Path, dst: Path, threshold: float, note: dict) -> None:
@@ -208,9 +222,8 @@ def save_model_with_threshold(src: Path, dst: Path, threshold: float, note: dict
     ckpt = torch.load(src, map_location="cpu", weights_only=True)
     ckpt["state_dict"]["threshold"] = torch.tensor(float(threshold))
     ckpt["siamese_calibration"] = note
-    tmp = dst.with_suffix(".ckpt.tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(dst)
+    with atomic_write(dst, what="checkpoint") as f:
+        torch.save(ckpt, f)
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
@@ -224,6 +237,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
 
     data_cfg = data_config(cfg, model)
     data_name = _data_name(data_cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    if "bad_files" in data_cfg:  # this run's list, not the training run's
+        data_cfg["bad_files"] = str(out_dir / "bad_files.txt")
     datamodule = build(data_cfg)
     splits = datamodule.read_splits()
     check_model_fits(model, splits.image_shape, data_name)
@@ -233,20 +249,22 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     if gallery_split is not None:
         check_eval_split(gallery_split, "train", data_name)
         check_shared_classes(query_split, gallery_split, ev.split, data_name)
-    retrievable = len(gallery_split) if gallery_split is not None else len(query_split) - 1
-    if ev.k > retrievable:
-        raise ConfigError(
-            f"eval.k={ev.k} is larger than the {retrievable} items each query can retrieve; "
-            f"use eval.k={min(10, retrievable)} or a larger gallery"
-        )
+    check_retrievable(ev.k, query_split, gallery_split)
 
-    out_dir = Path(cfg.paths.output_dir)
     workers = int(getattr(datamodule, "num_workers", 0))
-    query, query_labels = embed_split(model, query_split, ev.batch_size, ev.split, workers)
+    query, query_labels, kept = embed_split(model, query_split, ev.batch_size, ev.split, workers)
+    if len(kept) < len(query_split):  # unreadable files skipped: the rows that were read
+        query_split = query_split.subset(kept)
+        check_eval_split(query_split, ev.split, data_name)
     if gallery_split is not None:
-        gallery, gallery_labels = embed_split(model, gallery_split, ev.batch_size, "train", workers)
+        gallery, gallery_labels, kept = embed_split(
+            model, gallery_split, ev.batch_size, "train", workers
+        )
+        if len(kept) < len(gallery_split):
+            gallery_split = gallery_split.subset(kept)
     else:
         gallery, gallery_labels = query, query_labels
+    check_retrievable(ev.k, query_split, gallery_split)
 
     # Retrieval: faiss over the gallery (leave-one-out when the gallery is the split itself).
     kind = index_params.pop("kind", "flat")
@@ -302,47 +320,33 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         **{k: float(v) for k, v in numbers.items()},
     }
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if ev.save_embeddings:
-        save_embeddings(out_dir / "embeddings", query, query_labels, gallery, gallery_labels)
-    if ev.save_index:
-        faiss.write_index(index, str(out_dir / "index.faiss"))
-    note = {"split": ev.split, "data": data_name, "target_far": ev.target_far}
-    save_model_with_threshold(ckpt_path, out_dir / "model.ckpt", threshold, note)
-    if ev.plots:
-        write_plots(
-            out_dir,
-            ev,
-            distances=distances,
-            same=same,
-            threshold=threshold,
-            query=(query, query_labels, query_split),
-            gallery=(gallery, gallery_labels, gallery_split or query_split),
-            index=index,
-            leave_one_out=leave_one_out,
-        )
-    write_metrics(out_dir / "metrics.json", report)
+    # Every file goes to a temporary first and replaces its predecessor only once all are
+    # written: a full disk leaves the run directory as it was, and says so in one line.
+    with written_together(then="run evaluate.py again"):
+        if ev.save_embeddings:
+            save_embeddings(out_dir / "embeddings", query, query_labels, gallery, gallery_labels)
+        if ev.save_index:
+            save_index(index, out_dir / "index.faiss")
+        note = {"split": ev.split, "data": data_name, "target_far": ev.target_far}
+        save_model_with_threshold(ckpt_path, out_dir / "model.ckpt", threshold, note)
+        if ev.plots:
+            write_plots(
+                out_dir,
+                ev,
+                distances=distances,
+                same=same,
+                threshold=threshold,
+                query=(query, query_labels, query_split),
+                gallery=(gallery, gallery_labels, gallery_split or query_split),
+                index=index,
+                leave_one_out=leave_one_out,
+            )
+        write_metrics(out_dir / "metrics.json", report)
     printed = {k: v for k, v in numbers.items() if not any(t in k for t in NOT_PRINTED)}
     print_table(printed, prefix="", order=REPORTED, title="metric")
+    datamodule.teardown("test")  # sorts bad_files.txt and says how many were skipped
     log.info("evaluation written to %s", out_dir)
     return report
-
-
-def save_embeddings(
-    folder: Path,
-    query: np.ndarray,
-    query_labels: np.ndarray,
-    gallery: np.ndarray,
-    gallery_labels: np.ndarray,
-) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, array in (
-        ("query", query),
-        ("query_labels", query_labels),
-        ("gallery", gallery),
-        ("gallery_labels", gallery_labels),
-    ):
-        np.save(folder / f"{name}.npy", array)
 
 
 def write_plots(
