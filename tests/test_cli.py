@@ -127,7 +127,10 @@ def test_resume_from_last_continues_at_the_saved_epoch(make_cfg):
     resumed = torch.load(f"{out}/checkpoints/last.ckpt", weights_only=True)
     # Three more steps, not six: the resumed run picked up after its first epoch.
     assert resumed["global_step"] == 6
-    assert resumed["loops"]["fit_loop"]["epoch_progress"]["total"]["completed"] == 2
+    # Saved at the second epoch's end (LastCheckpoint, in on_train_epoch_end: Lightning
+    # counts the epoch processed there and completed just after).
+    assert resumed["epoch"] == 1
+    assert resumed["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"] == 2
     assert resumed["lr_schedulers"][0]["total_steps"] == 6  # the same one-cycle plan
 
 

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, one_line_error, run_script
 
 from siamese import callbacks
 from siamese.callbacks import DivergenceError, DivergenceGuard, embedding_spread
+from siamese.cli import report_errors
 from siamese.pipelines.train import run_training
 
 POISON = "+callbacks.poison._target_=fault_callbacks.PoisonAtStep"
@@ -30,24 +30,19 @@ def finite_weights(path: Path) -> tuple[int, bool]:
     return ckpt["global_step"], all(bool(torch.isfinite(v).all()) for v in tensors)
 
 
-def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # fault_callbacks, for Hydra
-    run_dir = tmp_path / "run"
-    proc = run_script(
-        "train.py",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "~callbacks.plots",
-        "eval_pairs=500",
-        *RUN,
-        POISON,
-        "+callbacks.poison.step=10",  # a NaN weight before step 10: the loss is NaN
-        f"hydra.run.dir={run_dir}",
-    )
-    line = one_line_error(proc)
+def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(make_cfg, capsys):
+    # A NaN weight before step 10 (epoch 1): the loss is NaN. Through the command line's
+    # error handler, as train.py runs it.
+    cfg = make_cfg(*RUN, POISON, "+callbacks.poison.step=10")
+    with pytest.raises(SystemExit) as exited:
+        report_errors(run_training)(cfg)
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    line = lines[0]
     assert "training diverged at optimizer step 10 (epoch 1): the loss is nan" in line
     assert "lower optimizer.lr (e.g. optimizer.lr=" in line and "gradient_clip_val" in line
+    run_dir = Path(cfg.paths.output_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     assert f"the last good checkpoint is kept: {last}" in line
     # Step 8's save is the last: nothing was written from the broken weights.

@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, compose_eval, compose_train, one_line_error, run_script, run_scripts
+from conftest import FAST, compose_eval, compose_train, one_line_error, run_scripts
 from fixtures_data import make_image_folder
 
 import siamese
@@ -194,14 +194,6 @@ def test_nan_weights_and_impossible_options_are_refused(trained, tmp_path):
 
 def test_evaluate_py_end_to_end_and_bad_input(trained, tmp_path):
     ckpt = trained / "checkpoints" / "best.ckpt"
-    proc = run_script(
-        "evaluate.py", f"ckpt_path={ckpt}", *EVAL_FAST, f"hydra.run.dir={tmp_path / 'ok'}"
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "precision_at_1" in proc.stdout and "oneshot_5way_1shot" in proc.stdout
-    assert (tmp_path / "ok" / ".hydra" / "config.yaml").is_file()
-    assert (tmp_path / "ok" / "metrics.json").is_file()
-
     (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
     cases = [
         ([], "ckpt_path is required"),
@@ -209,14 +201,22 @@ def test_evaluate_py_end_to_end_and_bad_input(trained, tmp_path):
         ([f"ckpt_path={tmp_path / 'corrupt.ckpt'}"], "is not a readable checkpoint"),
         ([f"ckpt_path={ckpt}", "index=annoy"], "unknown index=annoy; choose one of: flat, hnsw"),
     ]
-    procs = run_scripts(
+    # Independent commands side by side: the good run first, then the bad inputs.
+    proc, *procs = run_scripts(
         [
-            ("evaluate.py", [*args, f"hydra.run.dir={tmp_path / str(i)}"])
-            for i, (args, _) in enumerate(cases)
+            ("evaluate.py", [f"ckpt_path={ckpt}", *EVAL_FAST, f"hydra.run.dir={tmp_path / 'ok'}"]),
+            *[
+                ("evaluate.py", [*args, f"hydra.run.dir={tmp_path / str(i)}"])
+                for i, (args, _) in enumerate(cases)
+            ],
         ]
     )
-    for (args, expected), proc in zip(cases, procs, strict=True):
-        assert expected in one_line_error(proc), args
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "precision_at_1" in proc.stdout and "oneshot_5way_1shot" in proc.stdout
+    assert (tmp_path / "ok" / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "ok" / "metrics.json").is_file()
+    for (args, expected), bad in zip(cases, procs, strict=True):
+        assert expected in one_line_error(bad), args
 
 
 def test_readme_example_load_embed_a_folder_search(trained, tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import FAST, one_line_error, run_script
+from conftest import FAST, one_line_error, run_scripts
 
 from siamese.errors import ConfigError
 from siamese.metric_names import available_metrics
@@ -100,16 +100,6 @@ def test_optimized_value_missing_after_training_lists_logged_metrics():
         optimized_value("val/recall_at_10", {"val/x": 0.5})
 
 
-def test_sweep_with_unknown_metric_stops_before_any_job(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_script(
-        "train.py", "-m", "seed=1,2", "optimized_metric=val/acc", f"hydra.sweep.dir={sweep}"
-    )
-    line = one_line_error(proc)
-    assert "optimized_metric='val/acc'" in line and "val/precision_at_1" in line
-    assert not sweep.exists()
-
-
 def test_the_optimised_value_is_the_best_epoch_that_was_tested(make_cfg, tmp_path):
     cfg = make_cfg("trainer.max_epochs=3", "trainer.limit_train_batches=2")
     metrics = run_training(cfg)
@@ -125,18 +115,46 @@ def test_the_optimised_value_is_the_best_epoch_that_was_tested(make_cfg, tmp_pat
     assert metrics["val/precision_at_1"] == pytest.approx(max(per_epoch))
 
 
-def test_optuna_sweep_of_two_trials_completes(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_script(
-        "train.py",
-        "hparams_search=optuna",
-        "hydra.sweeper.n_trials=2",
-        *TINY,
-        f"hydra.sweep.dir={sweep}",
+def test_sweeps_from_the_command_line(tmp_path):
+    """Three sweeps side by side (start-up is most of each one's time): an unknown
+    optimized_metric stops before any job; Optuna runs two trials; the submitit launcher
+    runs a grid."""
+    unknown, optuna, grid = tmp_path / "unknown", tmp_path / "optuna", tmp_path / "grid"
+    bad, tuned, launched = run_scripts(
+        [
+            (
+                "train.py",
+                ["-m", "seed=1,2", "optimized_metric=val/acc", f"hydra.sweep.dir={unknown}"],
+            ),
+            (
+                "train.py",
+                [
+                    "hparams_search=optuna",
+                    "hydra.sweeper.n_trials=2",
+                    *TINY,
+                    f"hydra.sweep.dir={optuna}",
+                ],
+            ),
+            (
+                "train.py",
+                [
+                    "-m",
+                    "hydra/launcher=submitit_local",
+                    "loss=contrastive,triplet",
+                    *TINY,
+                    f"hydra.sweep.dir={grid}",
+                ],
+            ),
+        ]
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    with (sweep / "sweep_summary.csv").open() as f:
+    line = one_line_error(bad)
+    assert "optimized_metric='val/acc'" in line and "val/precision_at_1" in line
+    assert not unknown.exists()
+
+    # Optuna: two trials, each with its own sampled values; the best is the best row.
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    result = yaml.safe_load((optuna / "optimization_results.yaml").read_text())
+    with (optuna / "sweep_summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(r["status"] == "done" for r in rows)
     values = [float(r["val/precision_at_1"]) for r in rows]
@@ -147,32 +165,22 @@ def test_optuna_sweep_of_two_trials_completes(tmp_path):
         "model.embedding_dim",
         "data.samples_per_class",
     }
-    for row in rows:  # each trial ran with its own sampled values
+    for row in rows:
         assert 1e-4 <= float(row["optimizer.lr"]) <= 1e-2
         assert 0.5 <= float(row["loss.margin"]) <= 1.5
-    assert "sweep summary (2 runs" in proc.stdout
+    assert "sweep summary (2 runs" in tuned.stdout
 
-
-def test_submitit_local_launcher_runs_the_grid(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_script(
-        "train.py",
-        "-m",
-        "hydra/launcher=submitit_local",
-        "loss=contrastive,triplet",
-        *TINY,
-        f"hydra.sweep.dir={sweep}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with (sweep / "sweep_summary.csv").open() as f:
+    # submitit: the grid in order, each job's metrics in the summary.
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    with (grid / "sweep_summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["loss"] for r in rows] == ["contrastive", "triplet"]
     for job in ("0", "1"):
-        report = json.loads((sweep / job / "metrics.json").read_text())
+        report = json.loads((grid / job / "metrics.json").read_text())
         assert float(rows[int(job)]["test/precision_at_1"]) == pytest.approx(
             report["test/precision_at_1"]
         )
-    assert (sweep / ".submitit").is_dir()
+    assert (grid / ".submitit").is_dir()
 
 
 def test_slurm_launcher_config_composes_with_its_key_settings(tmp_path):
