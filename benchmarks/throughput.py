@@ -45,7 +45,7 @@ from omegaconf import OmegaConf, open_dict
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from siamese.callbacks import Throughput  # noqa: E402
+from siamese.callbacks import DivergenceGuard, Throughput  # noqa: E402
 from siamese.config import build  # noqa: E402
 from siamese.data.datasets import DataSplits, TensorImages  # noqa: E402
 from siamese.data.samplers import ClassBalancedBatchSampler  # noqa: E402
@@ -186,7 +186,8 @@ def _trainer(device: torch.device, precision: str, steps: int, clock: StepClock)
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[clock, Throughput()],
+        # train.py's per-step callbacks: throughput and the non-finite loss/gradient guard.
+        callbacks=[clock, Throughput(), DivergenceGuard()],
     )
 
 

@@ -287,9 +287,8 @@ class DivergenceGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
         self._pending_loss = loss.detach()
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:  # the loss arrives scaled
-            self._pending_loss = self._pending_loss / scaler.get_scale()
+        # Under a gradient scaler the loss arrives scaled: finite exactly when the loss is,
+        # and only reported when it is not (so no unscaling, which would read the scale).
         if pl_module.automatic_optimization:
             return  # recorded with the gradients, before the optimizer step
         self._record(trainer, pl_module, self._pending_loss, None, trainer.global_step + 1)
@@ -302,23 +301,23 @@ class DivergenceGuard(Callback):
         # Under a gradient scaler inf gradients are routine (it skips that step and lowers
         # its scale): only the loss counts there.
         if getattr(trainer.precision_plugin, "scaler", None) is not None or not grads:
-            grad_sum = None
-        else:  # a sum carries any NaN or inf through, at the cost of one read per tensor
-            grad_sum = torch.stack([g.float().sum() for g in grads]).sum()
+            grad_norm = None
+        else:  # the total norm carries any NaN or inf through
+            grad_norm = grad_total(grads)
         lr = optimizer.param_groups[0]["lr"]
-        self._record(trainer, pl_module, self._pending_loss, grad_sum, trainer.global_step + 1, lr)
+        self._record(trainer, pl_module, self._pending_loss, grad_norm, trainer.global_step + 1, lr)
 
     def _record(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         loss: Tensor | None,
-        grad_sum: Tensor | None,
+        grad_norm: Tensor | None,
         step: int,
         lr: float | None = None,
     ) -> None:
         device = pl_module.device
-        if loss is None and grad_sum is None:
+        if loss is None and grad_norm is None:
             return
         if self._first is None:
             self._first = torch.full((), -1, dtype=torch.int64, device=device)
@@ -331,8 +330,8 @@ class DivergenceGuard(Callback):
             else torch.zeros((), dtype=torch.bool, device=device)
         )
         grad_bad = (
-            ~torch.isfinite(grad_sum)
-            if grad_sum is not None
+            ~torch.isfinite(grad_norm)
+            if grad_norm is not None
             else torch.zeros((), dtype=torch.bool, device=device)
         )
         new = (loss_bad | grad_bad) & (self._first < 0)
@@ -396,6 +395,15 @@ class DivergenceGuard(Callback):
                     spread,
                     scale,
                 )
+
+
+def grad_total(grads: list[Tensor]) -> Tensor:
+    """One number that is finite only if every gradient is: their total 2-norm (a fused
+    kernel per device and dtype where torch has ``get_total_norm``), else a sum."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        return get_total_norm(grads, norm_type=2.0).float()
+    return torch.stack([g.float().sum() for g in grads]).sum()
 
 
 def reads_are_free(device: torch.device) -> bool:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAST, one_line_error, run_script, run_scripts
+from conftest import FAST, one_line_error, run_scripts
 
 from siamese.errors import ConfigError
 from siamese.pipelines.train import run_training
@@ -56,9 +56,24 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         assert expected in one_line_error(proc), name
 
 
-def test_train_py_runs_end_to_end_and_never_overwrites_a_run(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_script("train.py", *FAST, f"hydra.run.dir={run_dir}")
+def test_train_py_end_to_end_multirun_and_never_overwriting_a_run(tmp_path):
+    # Independent commands side by side: one run, and a two-job sweep.
+    run_dir, sweep = tmp_path / "run", tmp_path / "sweep"
+    proc, swept = run_scripts(
+        [
+            ("train.py", [*FAST, f"hydra.run.dir={run_dir}"]),
+            (
+                "train.py",
+                [
+                    "-m",
+                    "loss=contrastive,triplet",
+                    *FAST,
+                    "trainer.limit_train_batches=1",
+                    f"hydra.sweep.dir={sweep}",
+                ],
+            ),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "precision_at_1" in proc.stdout and "roc_auc" in proc.stdout  # the printed table
     assert (run_dir / ".hydra" / "config.yaml").is_file()
@@ -78,24 +93,13 @@ def test_train_py_runs_end_to_end_and_never_overwrites_a_run(tmp_path):
     assert (run_dir / "metrics.json").read_text() == first
     assert (run_dir / ".hydra" / "config.yaml").read_text() == config
 
-
-def test_multirun_runs_each_job_in_its_own_directory(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_script(
-        "train.py",
-        "-m",
-        "loss=contrastive,triplet",
-        *FAST,
-        "trainer.limit_train_batches=1",
-        f"hydra.sweep.dir={sweep}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The sweep: each job in its own directory, and a summary with one row per run.
+    assert swept.returncode == 0, swept.stderr[-3000:]
     for job in ("0", "1"):
         report = json.loads((sweep / job / "metrics.json").read_text())
         assert 0.0 <= report["test/precision_at_1"] <= 1.0
     overrides = (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
     assert "loss=triplet" in overrides
-    # The summary: one row per run with its overrides and final metrics, also printed.
     with (sweep / "sweep_summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["job"], r["loss"], r["status"]) for r in rows] == [
@@ -106,7 +110,7 @@ def test_multirun_runs_each_job_in_its_own_directory(tmp_path):
         report = json.loads((sweep / row["job"] / "metrics.json").read_text())
         assert float(row["test/map_at_r"]) == pytest.approx(report["test/map_at_r"])
         assert float(row["val/precision_at_1"]) == pytest.approx(report["val/precision_at_1"])
-    assert "sweep summary (2 runs" in proc.stdout
+    assert "sweep summary (2 runs" in swept.stdout
 
 
 def test_resume_from_last_continues_at_the_saved_epoch(make_cfg):

@@ -109,6 +109,23 @@ def test_the_check_is_read_every_n_steps_and_gradients_alone_count(monkeypatch):
         guard.on_before_optimizer_step(trainer, module, optimizer)  # step 2: read
 
 
+def test_under_a_gradient_scaler_only_the_loss_counts():
+    # 16-bit mixed precision: inf gradients are the scaler's business (it skips the step).
+    guard = DivergenceGuard()
+    module = SimpleNamespace(device=torch.device("cpu"), automatic_optimization=True)
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    trainer = fake_trainer(0)
+    trainer.precision_plugin = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
+    param.grad = torch.tensor([math.inf, 1.0])
+    guard.on_before_backward(trainer, module, torch.tensor(65536.0 * 2.5))
+    guard.on_before_optimizer_step(trainer, module, optimizer)  # no error
+    trainer.global_step = 1
+    guard.on_before_backward(trainer, module, torch.tensor(math.nan))
+    with pytest.raises(DivergenceError, match=r"step 2 \(epoch 0\): the loss is nan"):
+        guard.on_before_optimizer_step(trainer, module, optimizer)
+
+
 def test_embedding_spread_on_hand_placed_points():
     spread, scale = embedding_spread(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 3.0]]))
     # centre (0, 1): distances sqrt(2), sqrt(2), 2; norms 1, 1, 3

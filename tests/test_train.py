@@ -111,7 +111,12 @@ def test_same_checkpoint_always_scores_the_same(trained):
         ["distance=cosine"],
         ["distance=learned", "loss=bce"],
         ["loss=contrastive", "data.pair_mode=explicit", "data.batch_size=64"],
-        ["model=resnet18", "trainer.limit_val_batches=1", "data.eval_batch_size=200"],
+        [
+            "model=resnet18",
+            "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1",
+            "data.eval_batch_size=200",
+        ],
     ],
     ids=[
         "triplet-semihard",
