@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import FAST, compose_config, compose_train, one_line_error, run_script
+from conftest import FAST, compose_config, compose_train, one_line_error, run_scripts
 
 import siamese
 from siamese.errors import ConfigError
@@ -196,26 +196,30 @@ def test_missing_onnx_packages_name_the_pip_command(monkeypatch, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_export_py_writes_into_its_run_directory(ckpt, tmp_path):
+EXPORT_BAD_INPUT = [
+    (["format=foo"], "format='foo' is unknown; choose one of: onnx, torchscript, export"),
+    (["ckpt_path=/no/such.ckpt"], "checkpoint '/no/such.ckpt' does not exist"),
+]
+
+
+def test_export_py_writes_into_its_run_directory_and_bad_input_is_one_line(ckpt, tmp_path):
+    # Independent commands side by side: one export, then each bad input.
     run_dir = tmp_path / "run"
-    proc = run_script("export.py", f"ckpt_path={ckpt}", "format=export", f"hydra.run.dir={run_dir}")
+    proc, *bad = run_scripts(
+        [
+            ("export.py", [f"ckpt_path={ckpt}", "format=export", f"hydra.run.dir={run_dir}"]),
+            *[
+                ("export.py", [f"ckpt_path={ckpt}", *args, f"hydra.run.dir={tmp_path}/bad{i}"])
+                for i, (args, _) in enumerate(EXPORT_BAD_INPUT)
+            ],
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / "model.pt2").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     assert json.loads((run_dir / "model.json").read_text())["format"] == "export"
-
-
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (["format=foo"], "format='foo' is unknown; choose one of: onnx, torchscript, export"),
-        (["ckpt_path=/no/such.ckpt"], "checkpoint '/no/such.ckpt' does not exist"),
-    ],
-    ids=["unknown-format", "missing-ckpt"],
-)
-def test_bad_input_is_one_line_and_exit_2(ckpt, tmp_path, args, expected):
-    proc = run_script("export.py", f"ckpt_path={ckpt}", *args, f"hydra.run.dir={tmp_path}/run")
-    assert expected in one_line_error(proc)
-    assert not (tmp_path / "run" / "model.json").exists()
+    for i, ((args, expected), failed) in enumerate(zip(EXPORT_BAD_INPUT, bad, strict=True)):
+        assert expected in one_line_error(failed), args
+        assert not (tmp_path / f"bad{i}" / "model.json").exists()
 
 
 @pytest.mark.parametrize(
