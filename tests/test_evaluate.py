@@ -261,3 +261,71 @@ def test_a_train_gallery_needs_the_same_classes():
     other = TensorImages(images, labels, ["Tengwar/a", "Tengwar/b"])
     with pytest.raises(ConfigError, match="numbers its classes differently from its train split"):
         check_shared_classes(other, train, "test", "X")
+
+
+def test_from_run_rescores_saved_embeddings_without_images(evaluated, tmp_path, monkeypatch):
+    out, report = evaluated
+    # No image may be read: the data module is never built.
+    monkeypatch.setattr(
+        "siamese.pipelines.evaluate.embedded_inputs",
+        lambda *a: pytest.fail("eval.from_run read the data"),
+    )
+    again = run_evaluation(compose_eval([f"eval.from_run={out}", *EVAL_FAST], tmp_path / "a"))
+    # The same embeddings, index and settings give the same numbers to the last digit.
+    numbers = [k for k in report if isinstance(report[k], float)]
+    assert len(numbers) >= 15
+    assert {k: again[k] for k in numbers} == {k: report[k] for k in numbers}
+    assert again["checkpoint"] == str(out / "model.ckpt") and again["from_run"] == str(out)
+    assert (again["protocol"], again["split"]) == (report["protocol"], report["split"])
+    assert not (tmp_path / "a" / "retrieval.png").exists()  # no images to show
+    assert (tmp_path / "a" / "roc.png").is_file() and (tmp_path / "a" / "index.faiss").is_file()
+
+    # Other settings: a threshold at a target FAR, and an HNSW index built from the gallery.
+    other = run_evaluation(
+        compose_eval(
+            [f"eval.from_run={out}", "eval.target_far=0.01", "index=hnsw", *EVAL_FAST],
+            tmp_path / "b",
+        )
+    )
+    assert other["threshold_target_far"] == 0.01 and other["index"] == "hnsw"
+    assert other["roc_auc"] == report["roc_auc"]  # the same pairs and distances
+    assert other["approx_recall_at_10"] > 0.9
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ("index", "index.faiss"),
+        ("query", "query.npy"),
+        ("labels", "gallery_labels.npy"),
+    ],
+)
+def test_from_run_with_a_damaged_file_is_one_line_naming_it(
+    evaluated, tmp_path, capsys, damage, named
+):
+    import shutil
+
+    from siamese.cli import report_errors
+
+    out, _ = evaluated
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    target = copy / named if damage == "index" else copy / "embeddings" / named
+    data = target.read_bytes()
+    if damage == "labels":  # one label short of the gallery
+        np.save(target, np.load(target)[:-1])
+    else:  # cut in half
+        target.write_bytes(data[: len(data) // 2])
+    cfg = compose_eval([f"eval.from_run={copy}", *EVAL_FAST], tmp_path / "run")
+    with pytest.raises(SystemExit) as exited:
+        report_errors(run_evaluation)(cfg)
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(target) in lines[0]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_from_run_refuses_a_folder_without_embeddings(tmp_path):
+    cfg = compose_eval([f"eval.from_run={tmp_path}"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="holds no embeddings/ folder"):
+        run_evaluation(cfg)

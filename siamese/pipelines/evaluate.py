@@ -8,8 +8,10 @@ embeddings_2d.png, retrieval.png; all together or, on a full disk, none (the ear
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,14 @@ from siamese.evaluation import (
     threshold_at_far,
     verification_metrics,
 )
-from siamese.exports import atomic_write, save_embeddings, save_index, written_together
+from siamese.exports import (
+    atomic_write,
+    load_embeddings,
+    load_index,
+    save_embeddings,
+    save_index,
+    written_together,
+)
 from siamese.inference import load
 from siamese.module import SiameseModule
 from siamese.pipelines.report import print_table, write_metrics
@@ -105,8 +114,14 @@ def recall_ks(k: int) -> tuple[int, ...]:
     return tuple(sorted({kk for kk in RECALL_KS if kk <= k} | {k}))
 
 
-def load_model(cfg: DictConfig, device: torch.device) -> tuple[SiameseModule, Path]:
-    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+def load_model(
+    cfg: DictConfig, device: torch.device, from_run: Path | None = None
+) -> tuple[SiameseModule, Path]:
+    """The checkpoint's model; with ``eval.from_run`` the one that run saved by default."""
+    missing = OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path
+    if missing and from_run is not None:
+        return load(from_run / "model.ckpt", map_location=device), from_run / "model.ckpt"
+    if missing:
         raise ConfigError(
             "ckpt_path is required: python evaluate.py "
             "ckpt_path=outputs/train/runs/<time>/checkpoints/best.ckpt"
@@ -205,11 +220,117 @@ def embed_split(
     return np.ascontiguousarray(emb, dtype=np.float32), labels, items
 
 
-def check_retrievable(
-    k: int, query_split: LabelledImages, gallery_split: LabelledImages | None
-) -> None:
-    """Refuse ``eval.k`` beyond what each query can retrieve."""
+def embedded_inputs(cfg: DictConfig, model: SiameseModule, out_dir: Path) -> Embedded:
+    """The chosen split (and gallery) of the data, read and embedded by ``model``."""
+    ev = cfg.eval
+    data_cfg = data_config(cfg, model)
+    data_name = _data_name(data_cfg)
+    if "bad_files" in data_cfg:  # this run's list, not the training run's
+        data_cfg["bad_files"] = str(out_dir / "bad_files.txt")
+    datamodule = build(data_cfg)
+    splits = datamodule.read_splits()
+    check_model_fits(model, splits.image_shape, data_name)
+    query_split = pick_split(splits, ev.split)
+    check_eval_split(query_split, ev.split, data_name)
+    gallery_split = splits.train if ev.gallery == "train" else None
+    if gallery_split is not None:
+        check_eval_split(gallery_split, "train", data_name)
+        check_shared_classes(query_split, gallery_split, ev.split, data_name)
     retrievable = len(gallery_split) if gallery_split is not None else len(query_split) - 1
+    check_k(ev.k, retrievable)  # before the embedding, which takes the time
+
+    workers = int(getattr(datamodule, "num_workers", 0))
+    query, query_labels, kept = embed_split(model, query_split, ev.batch_size, ev.split, workers)
+    if len(kept) < len(query_split):  # unreadable files skipped: the rows that were read
+        query_split = query_split.subset(kept)
+        check_eval_split(query_split, ev.split, data_name)
+    if gallery_split is None:
+        gallery, gallery_labels = query, query_labels
+    else:
+        gallery, gallery_labels, kept = embed_split(
+            model, gallery_split, ev.batch_size, "train", workers
+        )
+        if len(kept) < len(gallery_split):
+            gallery_split = gallery_split.subset(kept)
+    return Embedded(
+        query,
+        query_labels,
+        gallery,
+        gallery_labels,
+        leave_one_out=gallery_split is None,
+        split=str(ev.split),
+        data_name=data_name,
+        query_split=query_split,
+        gallery_split=gallery_split,
+        datamodule=datamodule,
+    )
+
+
+def saved_run(value: Any) -> Path | None:
+    """``eval.from_run``: an evaluate.py run directory holding ``embeddings/``, or None."""
+    if value is None or value == "":
+        return None
+    folder = Path(str(value)).expanduser()
+    if not (folder / "embeddings").is_dir():
+        what = "does not exist" if not folder.exists() else "holds no embeddings/ folder"
+        raise ConfigError(
+            f"eval.from_run={str(folder)!r} {what}; pass the run directory of an evaluate.py "
+            "run made with eval.save_embeddings=true"
+        )
+    return folder
+
+
+def saved_inputs(folder: Path, model: SiameseModule, kind: str) -> Embedded:
+    """A previous evaluate.py run's embeddings (and its index when it is of ``kind``)."""
+    index_file = folder / "index.faiss"
+    saved_index = load_index(index_file) if index_file.is_file() else None
+    saved = load_embeddings(folder, index=saved_index)  # one line for a damaged file
+    dim = model.tower.embedding_dim
+    if saved.query.shape[1] != dim:
+        raise DataError(
+            f"{str(folder / 'embeddings' / 'query.npy')!r} holds {saved.query.shape[1]}-"
+            f"dimensional embeddings but the checkpoint's model makes {dim}-dimensional ones; "
+            "pass the checkpoint that run evaluated (its model.ckpt, the default)"
+        )
+    leave_one_out = saved.query.shape == saved.gallery.shape and bool(
+        np.array_equal(saved.query, saved.gallery)
+        and np.array_equal(saved.query_labels, saved.gallery_labels)
+    )
+    if saved_index is not None and index_kind(saved_index) != kind:
+        saved_index = None  # another kind asked for: built from the saved gallery
+    before = _previous_report(folder)
+    return Embedded(
+        saved.query,
+        saved.query_labels,
+        saved.gallery,
+        saved.gallery_labels,
+        leave_one_out=leave_one_out,
+        split=str(before.get("split", "?")),
+        data_name=str(before.get("data", f"saved embeddings in {str(folder)!r}")),
+        index=saved_index,
+    )
+
+
+def index_kind(index: faiss.Index) -> str:
+    """flat, ivf or hnsw: the ``index=`` option that builds an index of this type."""
+    name = type(faiss.downcast_index(index)).__name__
+    if "HNSW" in name:
+        return "hnsw"
+    if "IVF" in name:
+        return "ivf"
+    return "flat"
+
+
+def _previous_report(folder: Path) -> dict[str, Any]:
+    try:
+        report = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def check_k(k: int, retrievable: int) -> None:
+    """Refuse ``eval.k`` beyond the ``retrievable`` items each query can retrieve."""
     if k > retrievable:
         raise ConfigError(
             f"eval.k={k} is larger than the {retrievable} items each query can retrieve; "
@@ -226,50 +347,53 @@ def save_model_with_threshold(src: Path, dst: Path, threshold: float, note: dict
         torch.save(ckpt, f)
 
 
+@dataclass
+class Embedded:
+    """What the metrics score: query and gallery embeddings with labels, and where from."""
+
+    query: np.ndarray
+    query_labels: np.ndarray
+    gallery: np.ndarray
+    gallery_labels: np.ndarray
+    leave_one_out: bool  # the gallery is the query split itself
+    split: str  # the evaluated split's name
+    data_name: str
+    # The images behind the rows (for retrieval.png); None when re-scoring saved embeddings.
+    query_split: LabelledImages | None = None
+    gallery_split: LabelledImages | None = None
+    index: faiss.Index | None = None  # a saved index to reuse
+    datamodule: Any = None
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate a checkpoint, write everything to the run directory; return metrics.json."""
+    """Evaluate a checkpoint, write everything to the run directory; return metrics.json.
+
+    With ``eval.from_run=DIR`` the embeddings (and index) a previous evaluate.py run saved
+    in DIR are re-scored with this run's settings, and no image is read.
+    """
     ev = cfg.eval
     check_eval_config(ev)
     index_params = OmegaConf.to_container(cfg.index, resolve=True)
+    kind = index_params.pop("kind", "flat")
     device = resolve_device(str(ev.device))
-    model, ckpt_path = load_model(cfg, device)
+    from_run = saved_run(ev.get("from_run"))
+    model, ckpt_path = load_model(cfg, device, from_run)
     metric = model.distance.faiss_metric
-
-    data_cfg = data_config(cfg, model)
-    data_name = _data_name(data_cfg)
     out_dir = Path(cfg.paths.output_dir)
-    if "bad_files" in data_cfg:  # this run's list, not the training run's
-        data_cfg["bad_files"] = str(out_dir / "bad_files.txt")
-    datamodule = build(data_cfg)
-    splits = datamodule.read_splits()
-    check_model_fits(model, splits.image_shape, data_name)
-    query_split = pick_split(splits, ev.split)
-    check_eval_split(query_split, ev.split, data_name)
-    gallery_split = splits.train if ev.gallery == "train" else None
-    if gallery_split is not None:
-        check_eval_split(gallery_split, "train", data_name)
-        check_shared_classes(query_split, gallery_split, ev.split, data_name)
-    check_retrievable(ev.k, query_split, gallery_split)
-
-    workers = int(getattr(datamodule, "num_workers", 0))
-    query, query_labels, kept = embed_split(model, query_split, ev.batch_size, ev.split, workers)
-    if len(kept) < len(query_split):  # unreadable files skipped: the rows that were read
-        query_split = query_split.subset(kept)
-        check_eval_split(query_split, ev.split, data_name)
-    if gallery_split is not None:
-        gallery, gallery_labels, kept = embed_split(
-            model, gallery_split, ev.batch_size, "train", workers
-        )
-        if len(kept) < len(gallery_split):
-            gallery_split = gallery_split.subset(kept)
+    if from_run is not None:
+        inputs = saved_inputs(from_run, model, kind)
     else:
-        gallery, gallery_labels = query, query_labels
-    check_retrievable(ev.k, query_split, gallery_split)
+        inputs = embedded_inputs(cfg, model, out_dir)
+    query, query_labels = inputs.query, inputs.query_labels
+    gallery, gallery_labels = inputs.gallery, inputs.gallery_labels
+    leave_one_out = inputs.leave_one_out
+    retrievable = len(gallery) - 1 if leave_one_out else len(gallery)
+    check_k(ev.k, retrievable)
 
     # Retrieval: faiss over the gallery (leave-one-out when the gallery is the split itself).
-    kind = index_params.pop("kind", "flat")
-    index = build_index(gallery, metric=metric, kind=kind, **index_params)
-    leave_one_out = gallery_split is None
+    index = inputs.index
+    if index is None:
+        index = build_index(gallery, metric=metric, kind=kind, **index_params)
     retrieval = retrieval_metrics(
         query,
         query_labels,
@@ -305,18 +429,19 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     )
 
     protocol = (
-        f"leave-one-out over the {ev.split} split"
+        f"leave-one-out over the {inputs.split} split"
         if leave_one_out
-        else f"{ev.split} split queries against the train split"
+        else f"{inputs.split} split queries against the train split"
     )
     numbers = {**retrieval, **verification, **oneshot}
     report: dict[str, Any] = {
         "protocol": protocol,
         "checkpoint": str(ckpt_path),
-        "data": data_name,
-        "split": ev.split,
+        "data": inputs.data_name,
+        "split": inputs.split,
         "index": kind,
         "distance": model.distance.name,
+        **({"from_run": str(from_run)} if from_run is not None else {}),
         **{k: float(v) for k, v in numbers.items()},
     }
 
@@ -327,7 +452,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
             save_embeddings(out_dir / "embeddings", query, query_labels, gallery, gallery_labels)
         if ev.save_index:
             save_index(index, out_dir / "index.faiss")
-        note = {"split": ev.split, "data": data_name, "target_far": ev.target_far}
+        note = {"split": inputs.split, "data": inputs.data_name, "target_far": ev.target_far}
         save_model_with_threshold(ckpt_path, out_dir / "model.ckpt", threshold, note)
         if ev.plots:
             write_plots(
@@ -336,15 +461,16 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
                 distances=distances,
                 same=same,
                 threshold=threshold,
-                query=(query, query_labels, query_split),
-                gallery=(gallery, gallery_labels, gallery_split or query_split),
+                query=(query, query_labels, inputs.query_split),
+                gallery=(gallery, gallery_labels, inputs.gallery_split or inputs.query_split),
                 index=index,
                 leave_one_out=leave_one_out,
             )
         write_metrics(out_dir / "metrics.json", report)
     printed = {k: v for k, v in numbers.items() if not any(t in k for t in NOT_PRINTED)}
     print_table(printed, prefix="", order=REPORTED, title="metric")
-    datamodule.teardown("test")  # sorts bad_files.txt and says how many were skipped
+    if inputs.datamodule is not None:  # sorts bad_files.txt and says how many were skipped
+        inputs.datamodule.teardown("test")
     log.info("evaluation written to %s", out_dir)
     return report
 
@@ -356,8 +482,8 @@ def write_plots(
     distances: np.ndarray,
     same: np.ndarray,
     threshold: float,
-    query: tuple[np.ndarray, np.ndarray, LabelledImages],
-    gallery: tuple[np.ndarray, np.ndarray, LabelledImages],
+    query: tuple[np.ndarray, np.ndarray, LabelledImages | None],
+    gallery: tuple[np.ndarray, np.ndarray, LabelledImages | None],
     index: faiss.Index,
     leave_one_out: bool,
 ) -> None:
@@ -380,6 +506,9 @@ def write_plots(
         max_points=ev.projection_points,
         seed=0,
     )
+    if q_split is None or g_split is None:  # re-scored embeddings: no images to show
+        log.info("retrieval.png left out: eval.from_run re-scores embeddings without images")
+        return
     # A few fixed-seed queries and their top k, read back from the split's images.
     rng = np.random.default_rng(0)
     shown = np.sort(rng.choice(len(q_emb), size=min(ev.grid_queries, len(q_emb)), replace=False))
