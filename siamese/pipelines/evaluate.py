@@ -3,7 +3,8 @@
 Writes into the run directory: metrics.json, embeddings/*.npy, index.faiss, model.ckpt (the
 checkpoint with the threshold calibrated here) and the plots roc.png, distances.png,
 embeddings_2d.png, retrieval.png; all together or, on a full disk, none (the earlier ones stay).
-``siamese.load_embeddings`` / ``siamese.load_index`` read them back.
+``siamese.load_embeddings`` / ``siamese.load_index`` read them back, and ``eval.from_run``
+scores a previous run's saved embeddings again without reading any image.
 """
 
 from __future__ import annotations
