@@ -74,6 +74,11 @@ def select_callbacks(
     ]
 
 
+def is_positive_int(value: Any) -> bool:
+    """An int (not a bool) of at least 1: a count or an interval from a config."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+
+
 def batch_images(batch: Any) -> int:
     """Images a batch embeds: ``2 * len(x1)`` for ``(x1, x2, same)``, else ``len(images)``."""
     if len(batch) == 3:
@@ -181,11 +186,7 @@ class LastCheckpoint(Checkpoint):
         self, dirpath: str, filename: str = "last", every_n_train_steps: int | None = None
     ) -> None:
         super().__init__()
-        if every_n_train_steps is not None and (
-            not isinstance(every_n_train_steps, Integral)
-            or isinstance(every_n_train_steps, bool)
-            or every_n_train_steps < 1
-        ):
+        if every_n_train_steps is not None and not is_positive_int(every_n_train_steps):
             raise ConfigError(
                 "checkpoints.every_n_train_steps must be a positive int or null, got "
                 f"{every_n_train_steps!r}"
@@ -256,11 +257,7 @@ class DivergenceGuard(Callback):
 
     def __init__(self, check_every_n_steps: int = 50, warn_collapse: bool = True) -> None:
         super().__init__()
-        if (
-            not isinstance(check_every_n_steps, Integral)
-            or isinstance(check_every_n_steps, bool)
-            or check_every_n_steps < 1
-        ):
+        if not is_positive_int(check_every_n_steps):
             raise ConfigError(
                 "callbacks.divergence_guard.check_every_n_steps must be a positive int, got "
                 f"{check_every_n_steps!r}"
@@ -506,7 +503,7 @@ class DashboardPlots(Callback):
             ("top_k", top_k, 5),
             ("num_pairs", num_pairs, 8),
         ):
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            if not is_positive_int(value):
                 raise ConfigError(
                     f"callbacks.plots.{key}={value!r} is not allowed; expected a positive "
                     f"integer, e.g. {example}"

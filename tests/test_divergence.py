@@ -73,12 +73,17 @@ def fake_trainer(step: int = 0) -> SimpleNamespace:
     )
 
 
+def one_parameter(size: int, lr: float):
+    """A module, its single parameter and an SGD optimizer over it, as the guard sees them."""
+    module = SimpleNamespace(device=torch.device("cpu"), automatic_optimization=True)
+    param = torch.nn.Parameter(torch.ones(size))
+    return module, param, torch.optim.SGD([param], lr=lr)
+
+
 def test_on_a_gpu_the_check_is_read_back_later_but_names_the_exact_step(monkeypatch):
     monkeypatch.setattr(callbacks, "reads_are_free", lambda device: False)
     guard = DivergenceGuard(check_every_n_steps=50)
-    module = SimpleNamespace(device=torch.device("cpu"), automatic_optimization=True)
-    param = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.SGD([param], lr=0.5)
+    module, param, optimizer = one_parameter(3, 0.5)
     losses = [1.0, 0.9, math.inf, math.nan, 0.7]
     trainer = fake_trainer()
     for step, value in enumerate(losses):
@@ -95,9 +100,7 @@ def test_on_a_gpu_the_check_is_read_back_later_but_names_the_exact_step(monkeypa
 def test_the_check_is_read_every_n_steps_and_gradients_alone_count(monkeypatch):
     monkeypatch.setattr(callbacks, "reads_are_free", lambda device: False)
     guard = DivergenceGuard(check_every_n_steps=2)
-    module = SimpleNamespace(device=torch.device("cpu"), automatic_optimization=True)
-    param = torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.SGD([param], lr=0.1)
+    module, param, optimizer = one_parameter(2, 0.1)
     trainer = fake_trainer(0)
     param.grad = torch.tensor([1.0, math.nan])
     guard.on_before_backward(trainer, module, torch.tensor(2.5))
@@ -112,9 +115,7 @@ def test_the_check_is_read_every_n_steps_and_gradients_alone_count(monkeypatch):
 def test_under_a_gradient_scaler_only_the_loss_counts():
     # 16-bit mixed precision: inf gradients are the scaler's business (it skips the step).
     guard = DivergenceGuard()
-    module = SimpleNamespace(device=torch.device("cpu"), automatic_optimization=True)
-    param = torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.SGD([param], lr=0.1)
+    module, param, optimizer = one_parameter(2, 0.1)
     trainer = fake_trainer(0)
     trainer.precision_plugin = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
     param.grad = torch.tensor([math.inf, 1.0])

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from siamese.callbacks import select_callbacks
+from siamese.callbacks import is_positive_int, select_callbacks
 from siamese.checkpointing import AtomicCheckpointIO
 from siamese.config import build
 from siamese.distributed import SyncBatchNormPlugin
@@ -47,7 +47,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("eval_pairs", 1) < 2:
         raise ConfigError(f"eval_pairs must be at least 2, got {cfg.eval_pairs}")
     every = (cfg.get("checkpoints") or {}).get("every_n_train_steps")
-    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+    if every is not None and not is_positive_int(every):
         raise ConfigError(
             f"checkpoints.every_n_train_steps must be a positive int or null, got {every!r}"
         )
