@@ -19,13 +19,13 @@ from siamese.sweeps import check_optimized_metric, summarize
 
 class RunDirGuard(Callback):
     """Stops before Hydra writes anything when ``hydra.run.dir`` holds an earlier run's
-    checkpoints or metrics and the command does not resume that run (``ckpt_path=last`` or a
-    checkpoint inside it)."""
+    checkpoints or metrics and the command does not resume that run (``ckpt_path=last``,
+    ``auto`` or a checkpoint inside it)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path == "last" or (
+        if ckpt_path in ("last", "auto") or (
             ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
         ):
             return

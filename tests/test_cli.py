@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import FAST, one_line_error, run_scripts
+from omegaconf import OmegaConf
 
 from siamese.errors import ConfigError
-from siamese.pipelines.train import run_training
+from siamese.hydra_callbacks import RunDirGuard
+from siamese.pipelines.train import resolve_ckpt_path, run_training
 
 BAD_INPUT = {
     "unknown-option": (
@@ -142,3 +147,40 @@ def test_resume_with_another_schedule_length_is_refused(make_cfg):
     run_training(make_cfg())
     with pytest.raises(ConfigError, match="planned for 3 steps, but this run plans 6"):
         run_training(make_cfg("ckpt_path=last", "trainer.max_epochs=2"))
+
+
+def test_ckpt_path_auto_starts_fresh_then_resumes_the_newest_checkpoint(make_cfg, tmp_path):
+    # What a requeued job runs every time: a fresh start first, a resume afterwards.
+    stop_after_first_epoch = [
+        "+callbacks.stop._target_=pytorch_lightning.callbacks.EarlyStopping",
+        "+callbacks.stop.monitor=val/precision_at_1",
+        "+callbacks.stop.mode=max",
+        "+callbacks.stop.stopping_threshold=0.0",
+    ]
+    first = make_cfg("ckpt_path=auto", "trainer.max_epochs=2", *stop_after_first_epoch)
+    run_training(first)  # nothing to resume yet
+    out = Path(first.paths.output_dir)
+    last = out / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+
+    # Lightning's SLURM requeue signal writes hpc_ckpt_N.ckpt: the newer file wins.
+    hpc = out / "hpc_ckpt_1.ckpt"
+    shutil.copy(last, hpc)
+    os.utime(last, ns=(1, 1))
+    assert resolve_ckpt_path("auto", out) == str(hpc)
+    hpc.unlink()
+    assert resolve_ckpt_path("auto", out) == str(last)
+    assert resolve_ckpt_path("auto", tmp_path / "empty") is None
+
+    run_training(make_cfg("ckpt_path=auto", "trainer.max_epochs=2"))
+    assert torch.load(last, weights_only=True)["global_step"] == 6  # went on, not over
+
+    # The run-directory guard lets ckpt_path=auto (and last) into a directory with a run.
+    for value in ("auto", "last"):
+        RunDirGuard().on_run_start(
+            OmegaConf.create({"hydra": {"run": {"dir": str(out)}}, "ckpt_path": value})
+        )
+    with pytest.raises(SystemExit):
+        RunDirGuard().on_run_start(
+            OmegaConf.create({"hydra": {"run": {"dir": str(out)}}, "ckpt_path": None})
+        )

@@ -125,13 +125,25 @@ def planned_processes(trainer_cfg: DictConfig) -> int:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``last`` -> this run directory's checkpoints/last.ckpt; a path must exist and load."""
+    """``last`` -> this run directory's checkpoints/last.ckpt; ``auto`` -> the newest
+    checkpoint there (last.ckpt, or Lightning's ``hpc_ckpt_N.ckpt`` from a SLURM requeue
+    signal) or None when there is none yet; a path must exist. Each is checked to load."""
     if not ckpt_path:
         return None
-    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if ckpt_path == "auto":
+        found = [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
+        found = [p for p in found if p.is_file()]
+        if not found:
+            log.info("ckpt_path=auto: no checkpoint in %s yet, starting from scratch", output_dir)
+            return None
+        path = max(found, key=lambda p: p.stat().st_mtime_ns)
+        log.info("ckpt_path=auto: resuming from %s", path)
+    else:
+        path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         hint = (
-            "set hydra.run.dir to the run directory you want to resume"
+            "set hydra.run.dir to the run directory you want to resume, or pass "
+            "ckpt_path=auto to start one when there is nothing to resume"
             if ckpt_path == "last"
             else "pass the path of a .ckpt file written by train.py"
         )
