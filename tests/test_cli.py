@@ -118,39 +118,9 @@ def test_train_py_end_to_end_multirun_and_never_overwriting_a_run(tmp_path):
     assert "sweep summary (2 runs" in swept.stdout
 
 
-def test_resume_from_last_continues_at_the_saved_epoch(make_cfg):
+def test_resume_continues_at_the_saved_epoch_and_auto_picks_the_newest(make_cfg, tmp_path):
     # The first run is planned for 2 epochs but stops after one, as a killed run would.
-    stop_after_first_epoch = [
-        "+callbacks.stop._target_=pytorch_lightning.callbacks.EarlyStopping",
-        "+callbacks.stop.monitor=val/precision_at_1",
-        "+callbacks.stop.mode=max",
-        "+callbacks.stop.stopping_threshold=0.0",
-    ]
-    first = make_cfg("trainer.max_epochs=2", *stop_after_first_epoch)
-    run_training(first)
-    out = first.paths.output_dir
-    saved = torch.load(f"{out}/checkpoints/last.ckpt", weights_only=True)
-    assert saved["epoch"] == 0 and saved["global_step"] == 3
-
-    run_training(make_cfg("ckpt_path=last", "trainer.max_epochs=2"))
-    resumed = torch.load(f"{out}/checkpoints/last.ckpt", weights_only=True)
-    # Three more steps, not six: the resumed run picked up after its first epoch.
-    assert resumed["global_step"] == 6
-    # Saved at the second epoch's end (LastCheckpoint, in on_train_epoch_end: Lightning
-    # counts the epoch processed there and completed just after).
-    assert resumed["epoch"] == 1
-    assert resumed["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"] == 2
-    assert resumed["lr_schedulers"][0]["total_steps"] == 6  # the same one-cycle plan
-
-
-def test_resume_with_another_schedule_length_is_refused(make_cfg):
-    run_training(make_cfg())
-    with pytest.raises(ConfigError, match="planned for 3 steps, but this run plans 6"):
-        run_training(make_cfg("ckpt_path=last", "trainer.max_epochs=2"))
-
-
-def test_ckpt_path_auto_starts_fresh_then_resumes_the_newest_checkpoint(make_cfg, tmp_path):
-    # What a requeued job runs every time: a fresh start first, a resume afterwards.
+    # ckpt_path=auto (what a requeued job runs every time) finds nothing yet: a fresh start.
     stop_after_first_epoch = [
         "+callbacks.stop._target_=pytorch_lightning.callbacks.EarlyStopping",
         "+callbacks.stop.monitor=val/precision_at_1",
@@ -158,12 +128,14 @@ def test_ckpt_path_auto_starts_fresh_then_resumes_the_newest_checkpoint(make_cfg
         "+callbacks.stop.stopping_threshold=0.0",
     ]
     first = make_cfg("ckpt_path=auto", "trainer.max_epochs=2", *stop_after_first_epoch)
-    run_training(first)  # nothing to resume yet
+    run_training(first)
     out = Path(first.paths.output_dir)
     last = out / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 3
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 0 and saved["global_step"] == 3
 
-    # Lightning's SLURM requeue signal writes hpc_ckpt_N.ckpt: the newer file wins.
+    # auto takes the newest checkpoint there: last.ckpt, or the hpc_ckpt_N.ckpt that
+    # Lightning's SLURM requeue signal writes.
     hpc = out / "hpc_ckpt_1.ckpt"
     shutil.copy(last, hpc)
     os.utime(last, ns=(1, 1))
@@ -172,15 +144,28 @@ def test_ckpt_path_auto_starts_fresh_then_resumes_the_newest_checkpoint(make_cfg
     assert resolve_ckpt_path("auto", out) == str(last)
     assert resolve_ckpt_path("auto", tmp_path / "empty") is None
 
-    run_training(make_cfg("ckpt_path=auto", "trainer.max_epochs=2"))
-    assert torch.load(last, weights_only=True)["global_step"] == 6  # went on, not over
+    run_training(make_cfg("ckpt_path=last", "trainer.max_epochs=2"))
+    resumed = torch.load(last, weights_only=True)
+    # Three more steps, not six: the resumed run picked up after its first epoch.
+    assert resumed["global_step"] == 6
+    # Saved at the second epoch's end (LastCheckpoint, in on_train_epoch_end: Lightning
+    # counts the epoch processed there and completed just after).
+    assert resumed["epoch"] == 1
+    assert resumed["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"] == 2
+    assert resumed["lr_schedulers"][0]["total_steps"] == 6  # the same one-cycle plan
 
-    # The run-directory guard lets ckpt_path=auto (and last) into a directory with a run.
-    for value in ("auto", "last"):
-        RunDirGuard().on_run_start(
-            OmegaConf.create({"hydra": {"run": {"dir": str(out)}}, "ckpt_path": value})
-        )
+    # The run-directory guard lets ckpt_path=auto and last into a directory with a run.
+    def guard(ckpt_path: str | None) -> None:
+        config = {"hydra": {"run": {"dir": str(out)}}, "ckpt_path": ckpt_path}
+        RunDirGuard().on_run_start(OmegaConf.create(config))
+
+    guard("auto")
+    guard("last")
     with pytest.raises(SystemExit):
-        RunDirGuard().on_run_start(
-            OmegaConf.create({"hydra": {"run": {"dir": str(out)}}, "ckpt_path": None})
-        )
+        guard(None)
+
+
+def test_resume_with_another_schedule_length_is_refused(make_cfg):
+    run_training(make_cfg())
+    with pytest.raises(ConfigError, match="planned for 3 steps, but this run plans 6"):
+        run_training(make_cfg("ckpt_path=last", "trainer.max_epochs=2"))
