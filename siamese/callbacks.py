@@ -195,6 +195,7 @@ class LastCheckpoint(Checkpoint):
         self.filename = filename
         self.every_n_train_steps = every_n_train_steps
         self.last_model_path = ""
+        self._step_saved = -1  # the optimizer step of the last every-N save
 
     def _save(self, trainer: pl.Trainer) -> None:
         path = self.dirpath / f"{self.filename}.ckpt"
@@ -215,7 +216,7 @@ class LastCheckpoint(Checkpoint):
         every = self.every_n_train_steps
         step = trainer.global_step
         # An unchanged global_step means gradient accumulation: no optimizer step yet.
-        if every and step % every == 0 and step != getattr(self, "_step_saved", -1):
+        if every and step % every == 0 and step != self._step_saved:
             self._step_saved = step
             if self._fitting(trainer):
                 self._save(trainer)
