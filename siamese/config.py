@@ -7,19 +7,13 @@ from typing import Any
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from siamese.errors import SiameseError
+from siamese.errors import SiameseError, find_in_chain
 
 
 def user_error_in(exc: BaseException) -> SiameseError | None:
     """The SiameseError that caused ``exc`` (Hydra wraps errors raised by constructors)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, SiameseError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    cause = find_in_chain(exc, lambda e: isinstance(e, SiameseError))
+    return cause if isinstance(cause, SiameseError) else None
 
 
 def build(config: Any, **kwargs: Any) -> Any:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from siamese.errors import DataError, SiameseError
+from siamese.errors import DataError, SiameseError, find_in_chain
 
 if TYPE_CHECKING:
     import faiss
@@ -172,14 +172,8 @@ def _hidden_os_error(exc: BaseException) -> OSError | None:
     ``write`` as ``RuntimeError: ... unexpected pos``, the OSError only as its context)."""
     if not isinstance(exc, RuntimeError):
         return None
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno:
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    cause = find_in_chain(exc, lambda e: isinstance(e, OSError) and bool(e.errno))
+    return cause if isinstance(cause, OSError) else None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -269,24 +269,32 @@ class FileImages(LabelledImages):
     def image_shape(self) -> tuple[int, int, int]:
         return self.channels, self.image_size[0], self.image_size[1]
 
-    def _like(self, paths: list[str], targets: Tensor, **changes) -> FileImages:
-        keys = {"image_size": self.image_size, "channels": self.channels}
-        keys.update(changes)
+    def _like(
+        self,
+        paths: list[str] | None = None,
+        targets: Tensor | None = None,
+        image_size: tuple[int, int] | None = None,
+        bad_files: BadFiles | None = None,
+    ) -> FileImages:
+        """A copy with some of its files, size or bad-file policy replaced."""
         return FileImages(
-            paths, targets, self.classes, keys["image_size"], keys["channels"], self.bad_files
+            self.paths if paths is None else paths,
+            self.targets if targets is None else targets,
+            self.classes,
+            image_size or self.image_size,
+            self.channels,
+            bad_files or self.bad_files,
         )
 
     def resized(self, image_size: tuple[int, int]) -> FileImages:
-        return self._like(self.paths, self.targets, image_size=image_size)
+        return self._like(image_size=image_size)
 
     def subset(self, indices: Sequence[int] | Tensor) -> FileImages:
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).tolist()
         return self._like([self.paths[i] for i in idx], self.targets[idx])
 
     def with_bad_files(self, bad_files: BadFiles) -> FileImages:
-        return FileImages(
-            self.paths, self.targets, self.classes, self.image_size, self.channels, bad_files
-        )
+        return self._like(bad_files=bad_files)
 
 
 class WithIndices(Dataset):
@@ -360,7 +368,8 @@ class ConcatImages(LabelledImages):
             where = (part == p).nonzero().squeeze(1)
             local = idx[where] - self._starts[p]
             got, _, got_items = self.parts[p].read(local.tolist())
-            rows = where[_kept_mask(local, got_items)]
+            # A file is readable or not wherever it is asked for: membership is enough.
+            rows = where[torch.isin(local, got_items)]
             images[rows] = got.to(images.device)
             kept[rows] = True
         return images[kept], self.targets[idx[kept]], idx[kept]
@@ -370,20 +379,6 @@ class ConcatImages(LabelledImages):
 
     def with_bad_files(self, bad_files: BadFiles) -> ConcatImages:
         return ConcatImages([p.with_bad_files(bad_files) for p in self.parts])
-
-
-def _kept_mask(asked: Tensor, kept: Tensor) -> Tensor:
-    """Which of ``asked`` are in ``kept``, an in-order subsequence of it (``read``'s rows)."""
-    if len(kept) == len(asked):
-        return torch.ones(len(asked), dtype=torch.bool)
-    mask = torch.zeros(len(asked), dtype=torch.bool)
-    rest = kept.tolist()
-    j = 0
-    for i, item in enumerate(asked.tolist()):
-        if j < len(rest) and rest[j] == item:
-            mask[i] = True
-            j += 1
-    return mask
 
 
 def decode_image(path: str, image_size: tuple[int, int], channels: int) -> Tensor:
