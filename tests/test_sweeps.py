@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import FAST, one_line_error, run_scripts
+from conftest import FAST, ROOT, one_line_error, run_scripts
 
 from siamese.errors import ConfigError
 from siamese.metric_names import available_metrics
@@ -208,3 +215,76 @@ def test_slurm_launcher_config_composes_with_its_key_settings(tmp_path):
         "qos",
     ):
         assert key in launcher
+
+
+def _submitit_task(folder: Path) -> int | None:
+    """The pid of the submitit task process running a job from ``folder`` (Linux /proc)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "submitit.core._submit" in cmdline and any(str(folder) in a for a in cmdline):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the job's process in /proc")
+def test_a_preempted_submitit_job_resumes_in_its_own_run_directory(tmp_path: Path):
+    """submitit's requeue signal (SIGUSR2, what SLURM sends before a timeout or a
+    pre-emption) stops the job; submitit starts it again from its pickled launcher, and
+    with ckpt_path=auto it finds its own run directory and resumes from last.ckpt."""
+    grid = tmp_path / "grid"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    args = [
+        "-m",
+        "hydra/launcher=submitit_local",
+        *FAST,
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=null",
+        "checkpoints.every_n_train_steps=5",
+        "ckpt_path=auto",
+        f"hydra.sweep.dir={grid}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        last = grid / "0" / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 240
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        task = _submitit_task(grid / ".submitit")
+        assert task is not None and proc.poll() is None, "the job ended before the signal"
+        step_at_signal = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+        os.kill(task, signal.SIGUSR2)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+
+    log = (grid / "0" / "train.log").read_text()
+    assert "Requeued job" in log
+    assert log.count("ckpt_path=auto: no checkpoint in") == 1
+    assert log.count(f"ckpt_path=auto: resuming from {last}") == 1
+    assert f"Restored all states from the checkpoint at {last}" in log
+    assert sorted(p.name for p in grid.iterdir() if p.is_dir() and p.name.isdigit()) == ["0"]
+    # Three whole epochs in all (an epoch of the embedded digits is 21 class-balanced
+    # batches), not three plus the steps before the signal.
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    batches = final["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert final["epoch"] == 2 and batches["current"]["completed"] == 21
+    assert final["global_step"] == batches["total"]["completed"] == 63
+    assert 5 <= step_at_signal < 63
+    assert (grid / "0" / "metrics.json").is_file()
+    with (grid / "sweep_summary.csv").open() as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["done"]
+    assert stdout.count("sweep summary (1 runs") == 1
