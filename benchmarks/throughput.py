@@ -34,7 +34,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -245,8 +244,6 @@ def main() -> None:
         )
     with open_dict(cfg):
         cfg.paths.output_dir = os.devnull
-    # The in-batch loss is the same on every process; train.py silences this warning too.
-    warnings.filterwarnings("ignore", message=r".*self\.log\('train/loss'.*sync_dist=True")
     device = torch.device(args.device)
     pl.seed_everything(0, verbose=False)
     steps = args.steps

@@ -101,7 +101,11 @@ def many(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_csv_rows_and_config(many):
     rows = csv_rows(many)
-    assert [s for s, _ in logged(rows, "train/loss_step")] == [0, 1, 2]
+    steps = logged(rows, "train/loss_step")
+    assert [s for s, _ in steps] == [0, 1, 2]
+    # The epoch mean, summed on the device, is the mean of the steps (equal batches).
+    (epoch_mean,) = logged(rows, "train/loss_epoch")
+    assert epoch_mean[1] == pytest.approx(sum(v for _, v in steps) / 3, rel=1e-6)
     assert len(logged(rows, "val/precision_at_1")) == 1
     assert len(logged(rows, "test/precision_at_1")) == 1
     hparams = yaml.safe_load((many / "csv" / "hparams.yaml").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -67,7 +68,16 @@ def test_default_run_writes_checkpoints_and_metrics(trained, untrained):
     assert report["test/map_at_r"] > untrained["test/map_at_r"] + 0.15
     assert report["test/roc_auc"] > untrained["test/roc_auc"] + 0.08
     assert {"val/precision_at_1", "val/roc_auc", "val/loss", "train/loss"} <= set(metrics)
-    assert (out / "csv" / "metrics.csv").is_file()
+    # Step values reach the log at Lightning's trainer.log_every_n_steps steps (10 here),
+    # epoch means once an epoch; train/loss for callbacks is the last epoch's mean.
+    with (out / "csv" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    steps = list(range(9, 84, 10))
+    assert [int(r["step"]) for r in rows if r.get("train/loss_step")] == steps
+    assert [int(r["step"]) for r in rows if r.get("train/images_per_sec")] == steps
+    epochs = [r for r in rows if r.get("train/loss_epoch")]
+    assert [int(r["epoch"]) for r in epochs] == [0, 1, 2, 3]
+    assert float(epochs[-1]["train/loss_epoch"]) == pytest.approx(metrics["train/loss"])
 
 
 def test_checkpoint_rebuilds_the_model_from_the_file_alone(trained):

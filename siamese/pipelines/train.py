@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -238,12 +237,6 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     plugins: list[Any] = [AtomicCheckpointIO()]  # a kill mid-save keeps the old file
     if trainer_cfg.get("sync_batchnorm"):  # torch's SyncBatchNorm refuses CPU tensors
         plugins.append(SyncBatchNormPlugin(cpu=not uses_gpu(trainer_cfg)))
-    if cfg.data.get("pair_mode", "in_batch") == "in_batch":
-        # The in-batch loss is the gathered global batch's, the same on every process, so
-        # its epoch mean needs no cross-process reduction (that would cost a sync a step).
-        warnings.filterwarnings(
-            "ignore", message=r".*self\.log\('train/loss'.*sync_dist=True", category=Warning
-        )
     trainer: pl.Trainer = build(
         trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins
     )
