@@ -21,6 +21,11 @@
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine
 #   DEVICE=cpu STEPS=20 bash benchmarks/gpu_check.sh  # a scaled-down dry run on a CPU
 #
+# The device machines' image has torch and Lightning but not hydra-core, omegaconf, faiss-cpu
+# or mlxtend: run `bash benchmarks/gpu_wheels.sh` here first (it fills .whl/, about 20 MB) and
+# carry .whl; this script installs what is in .whl into /tmp/siamese_site and puts it on
+# PYTHONPATH. Without a .venv, PYTHON is `python`, or `python3` where there is no `python`.
+#
 # Knobs (environment): DEVICE (cuda|cpu), STEPS, WARMUP, REPEATS, IMAGES, BATCH, SPC
 # (samples per class), PRECISION, COMPILE_STEPS, BUDGET, PYTHON; SYNC_CHECK=1 runs the sync
 # check's code on a CPU too (it then finds nothing to report).
@@ -33,7 +38,10 @@ if [[ -f .venv/bin/activate ]]; then
     source .venv/bin/activate
     set -u
 fi
-PYTHON=${PYTHON:-python}
+if [[ -z ${PYTHON:-} ]]; then
+    PYTHON=python
+    command -v python >/dev/null || PYTHON=python3
+fi
 DEVICE=${DEVICE:-cuda}
 OUTDIR=${OUT:-./gpu_check_out}
 mkdir -p "$OUTDIR"
@@ -95,6 +103,25 @@ step() {
 
 # ---------------------------------------------------------------- a. the machine
 say "a. machine"
+shopt -s nullglob
+WHEELS=(.whl/*.whl)
+shopt -u nullglob
+if ((${#WHEELS[@]})); then # packages the machine's image lacks (benchmarks/gpu_wheels.sh)
+    echo "installing ${#WHEELS[@]} carried wheels into /tmp/siamese_site"
+    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/siamese_site "${WHEELS[@]}"; then
+        export PYTHONPATH="/tmp/siamese_site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "installing the carried wheels failed"
+    fi
+fi
+if ! "$PYTHON" -c 'import hydra, omegaconf, faiss, mlxtend' 2>/dev/null; then
+    echo "missing packages: $("$PYTHON" -c '
+import importlib.util as u
+print(" ".join(n for n in ("hydra", "omegaconf", "faiss", "mlxtend") if u.find_spec(n) is None))')"
+    echo "run bash benchmarks/gpu_wheels.sh where pip works and carry .whl"
+    exit 1
+fi
 if command -v nvidia-smi >/dev/null; then
     timeout 30 nvidia-smi -L || true
 else
