@@ -155,7 +155,12 @@ class TensorImages(LabelledImages):
         self.classes = list(classes)
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.int64).to(self.images.device, non_blocking=True)
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        if self.images.is_cuda:
+            # From pinned memory the copy is queued behind the GPU's work; from pageable
+            # memory the driver may wait for that work first (a sync every batch).
+            idx = idx.pin_memory()
+        idx = idx.to(self.images.device, non_blocking=True)
         images = self.images[idx]
         if images.dtype == torch.uint8:
             images = images.to(torch.float32).div_(255.0)
