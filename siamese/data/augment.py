@@ -89,7 +89,8 @@ class BatchRandomAffine(nn.Module):
             1,
         )
         keep = torch.rand(batch, device=device) >= self.p
-        identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=device)
+        # Made on the device (torch.tensor(data, device=...) would copy from the host).
+        identity = torch.eye(2, 3, device=device)
         return torch.where(keep.view(-1, 1, 1), identity, theta)
 
     def elastic_field(self, batch: int, height: int, width: int, device: torch.device) -> Tensor:
@@ -107,9 +108,9 @@ class BatchRandomAffine(nn.Module):
             F.pad(noise, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1)
         )
         noise = noise / noise.abs().amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
-        field = noise.view(batch, 2, height, width).permute(0, 2, 3, 1)
-        scale = torch.tensor([2.0 / width, 2.0 / height], device=device)
-        return field * self.elastic_alpha * scale
+        field = noise.view(batch, 2, height, width).permute(0, 2, 3, 1) * self.elastic_alpha
+        # Pixels to grid units, x then y, without a host-to-device copy of the two factors.
+        return torch.stack((field[..., 0] * (2.0 / width), field[..., 1] * (2.0 / height)), -1)
 
     def forward(self, images: Tensor) -> Tensor:
         b, _, h, w = images.shape
