@@ -8,15 +8,19 @@ measures the real thing on a GPU.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from test_datamodule import TinySource
 from test_distributed import LOSSES, TOWER
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from siamese.config import build
 from siamese.data import SiameseDataModule
+from siamese.data.augment import BatchRandomAffine
 from siamese.data.sources import ImageFolder
 from siamese.errors import ConfigError
 from siamese.module import SiameseModule
@@ -133,3 +137,76 @@ def test_no_training_metric_reaches_the_progress_bar_per_step(make_cfg):
     trainer.fit(build_module(cfg, dm), datamodule=dm)
     assert len(bars) == 4 and bars[0] == bars[1] == {}  # nothing per step
     assert set(bars[2]) == set(bars[3]) == {"val/precision_at_1", "val/roc_auc"}
+
+
+class HostToDeviceCopies(TorchFunctionMode):
+    """Records every torch call that moves host data onto the ``meta`` device: a tensor
+    argument on the CPU with a result on meta (``.to``, ``copy_``, indexing by a CPU index),
+    or ``torch.tensor``/``as_tensor`` of Python data made there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        on_device = any(o.device.type == "meta" for o in tree_flatten(out)[0] if torch.is_tensor(o))
+        host = [tuple(a.shape) for a in tensors if a.device.type == "cpu"]
+        made = not tensors and getattr(func, "__name__", "") in ("tensor", "as_tensor")
+        if on_device and (host or made):
+            self.copies.append((getattr(func, "__name__", str(func)), host))
+        return out
+
+
+@pytest.mark.parametrize(
+    ("loss", "distance", "pair_mode"),
+    [
+        ("multi_similarity", "EuclideanDistance", "in_batch"),
+        ("triplet_batch_hard", "EuclideanDistance", "in_batch"),
+        ("contrastive", "CosineSimilarity", "explicit"),
+    ],
+)
+def test_a_training_step_on_a_device_reads_nothing_back_and_copies_only_the_indices(
+    monkeypatch, loss, distance, pair_mode
+):
+    """The step's data path, augmentation, loss, epoch sums, backward and optimizer step on
+    the ``meta`` device (a GPU stand-in whose tensors hold no data: reading a value back,
+    ``.item()``, ``bool()``, a data-dependent shape, fails). The only host data that reaches
+    the device is each batch's index list, once."""
+    meta = torch.device("meta")
+    dm = SiameseDataModule(
+        TinySource(),
+        batch_size=8,
+        samples_per_class=2,
+        image_size=12,
+        pair_mode=pair_mode,
+        augment=BatchRandomAffine(elastic_alpha=2.0),
+    )
+    monkeypatch.setattr(dm, "_device", lambda: meta)
+    dm.setup("fit")
+    monkeypatch.setattr(
+        dm, "trainer", SimpleNamespace(training=True, global_rank=0, world_size=1), raising=False
+    )
+    torch.manual_seed(0)
+    module = SiameseModule(
+        tower=TOWER,
+        distance={"_target_": f"siamese.distances.{distance}"},
+        loss=LOSSES[loss],
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+    ).to(meta)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    batches = iter(dm.train_dataloader())
+    for step in range(3):
+        with HostToDeviceCopies() as log:
+            batch = dm.on_after_batch_transfer(next(batches), 0)
+            out, images = module._shared_step(batch)
+            module._epoch_stats.add(0, out, images)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+        # The batch's indices, once (explicit pairs: the 8 first and 8 second images).
+        images_read = 16 if pair_mode == "explicit" else 8
+        assert log.copies == [("to", [(images_read,)])], step
+        assert batch[0].device.type == "meta" and batch[0].shape[0] == 8
+    assert module._epoch_stats.means(0).device.type == "meta"
