@@ -244,7 +244,7 @@ def run(precision):
         f"trainer.precision={precision}",
         f"++trainer.max_steps={STEPS}",
         "trainer.log_every_n_steps=1000",
-        "trainer.enable_progress_bar=false",
+        # The progress bar stays on, as in train.py: its per-step refresh is inside the windows.
         "++data.on_device=true",
         "test=false",
         "~callbacks.plots",
