@@ -220,6 +220,46 @@ def test_trainer_check_refuses_missing_devices_and_moves_fp16_off_the_cpu(make_c
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="trainer.accelerator=gpu but no CUDA GPU"):
             check_trainer(make_cfg("trainer.accelerator=gpu").trainer)
+        with pytest.raises(
+            ConfigError, match=r"devices=\[0, 1\] lists device ids, which only GPUs"
+        ):
+            check_trainer(make_cfg("trainer.accelerator=cpu", "trainer.devices=[0,1]").trainer)
+    for bad in (0, -2):
+        with pytest.raises(ConfigError, match=rf"trainer.devices={bad} is not a number of devices"):
+            check_trainer(make_cfg(f"trainer.devices={bad}").trainer)
+
+
+def test_trainer_check_on_a_machine_with_two_gpus(make_cfg, monkeypatch):
+    from siamese.pipelines.train import check_trainer, planned_processes
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpu = ["trainer.accelerator=gpu"]
+    assert planned_processes(check_trainer(make_cfg(*gpu, "trainer.devices=[1,0]").trainer)) == 2
+    assert planned_processes(check_trainer(make_cfg(*gpu, "trainer.devices=-1").trainer)) == 2
+    for ids in ("[0,2]", "[1,1]", "[]"):
+        with pytest.raises(ConfigError, match="must list distinct GPU ids from 0 to 1"):
+            check_trainer(make_cfg(*gpu, f"trainer.devices={ids}").trainer)
+    with pytest.raises(ConfigError, match="trainer.devices=3 but this machine has 2 GPUs"):
+        check_trainer(make_cfg(*gpu, "trainer.devices=3").trainer)
+
+
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ("trainer.precision=foo", "Precision 'foo' is invalid. Allowed precision values"),
+        ("trainer.strategy=fsdpx", "You selected an invalid strategy name: `strategy='fsdpx'`"),
+        ("trainer.devices=abc", "`devices` selected with `CPUAccelerator` should be an int > 0"),
+    ],
+)
+def test_a_trainer_value_lightning_refuses_is_one_config_error(make_cfg, override, reason):
+    from siamese.pipelines.train import build_trainer
+
+    cfg = make_cfg("trainer.accelerator=cpu", override)
+    with pytest.raises(ConfigError) as refused:
+        build_trainer(cfg.trainer, logger=False)
+    message = str(refused.value)
+    assert message.startswith("Lightning refused the trainer config: ") and reason in message
+    assert "\n" not in message
 
 
 def test_same_config_and_seed_give_identical_results_twice_in_a_row(tmp_path):

@@ -9,14 +9,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import InstantiationException
+from lightning_fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from siamese.callbacks import is_positive_int, select_callbacks
 from siamese.checkpointing import AtomicCheckpointIO
 from siamese.config import build
 from siamese.distributed import SyncBatchNormPlugin
-from siamese.errors import ConfigError
+from siamese.errors import ConfigError, find_in_chain
 from siamese.inference import check_checkpoint
 from siamese.loggers import build_loggers
 from siamese.losses import PairLoss
@@ -78,9 +80,29 @@ def check_trainer(trainer_cfg: DictConfig) -> DictConfig:
             f"trainer.accelerator={accelerator} but no CUDA GPU is visible on this machine; "
             "use trainer.accelerator=cpu (or auto, which picks a GPU when there is one)"
         )
+    if isinstance(devices, ListConfig | list | tuple):  # device ids: GPUs only
+        ids = list(devices)
+        if not on_gpu:
+            raise ConfigError(
+                f"trainer.devices={ids} lists device ids, which only GPUs take; on the CPU "
+                "give a number of processes (e.g. trainer.devices=2)"
+            )
+        wrong = [
+            d for d in ids if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < gpus
+        ]
+        if wrong or not ids or len(set(ids)) != len(ids):
+            raise ConfigError(
+                f"trainer.devices={ids} must list distinct GPU ids from 0 to {gpus - 1} (this "
+                f"machine has {gpus} GPUs); or give a count (e.g. trainer.devices={gpus})"
+            )
     if isinstance(devices, int) and not isinstance(devices, bool):
         available = gpus if on_gpu else os.cpu_count() or 1
         kind = "GPUs" if on_gpu else "CPU cores"
+        if devices == 0 or devices < -1:
+            raise ConfigError(
+                f"trainer.devices={devices} is not a number of devices; use 1 to "
+                f"{available}, -1 (all {available} {kind}) or auto"
+            )
         if devices > available:
             raise ConfigError(
                 f"trainer.devices={devices} but this machine has {available} {kind}; use "
@@ -97,6 +119,28 @@ def check_trainer(trainer_cfg: DictConfig) -> DictConfig:
         trainer_cfg = OmegaConf.create(OmegaConf.to_container(trainer_cfg, resolve=True))
         trainer_cfg.precision = "bf16-mixed"
     return trainer_cfg
+
+
+def build_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
+    """``pl.Trainer`` from ``trainer_cfg``. A value Lightning refuses (an unknown precision,
+    accelerator or strategy name, devices it cannot use, a package it needs for them)
+    becomes one ConfigError line with Lightning's own reason, not Hydra's report."""
+    try:
+        return build(trainer_cfg, **kwargs)
+    except InstantiationException as exc:
+        refused = find_in_chain(
+            exc,
+            lambda e: isinstance(
+                e, MisconfigurationException | ValueError | TypeError | ImportError
+            ),
+        )
+        if refused is None:
+            raise
+        reason = " ".join(str(refused).split())  # Lightning's message, on one line
+        raise ConfigError(
+            f"Lightning refused the trainer config: {reason} (set by trainer.* overrides or "
+            "conf/trainer/*.yaml)"
+        ) from exc
 
 
 def planned_processes(trainer_cfg: DictConfig) -> int:
@@ -237,7 +281,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     plugins: list[Any] = [AtomicCheckpointIO()]  # a kill mid-save keeps the old file
     if trainer_cfg.get("sync_batchnorm"):  # torch's SyncBatchNorm refuses CPU tensors
         plugins.append(SyncBatchNormPlugin(cpu=not uses_gpu(trainer_cfg)))
-    trainer: pl.Trainer = build(
+    trainer = build_trainer(
         trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
