@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from siamese.config import user_error_in
 
@@ -44,12 +47,90 @@ def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str] | None:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
+@functools.cache
+def config_keys(conf_dir: Path = CONF_DIR) -> frozenset[str]:
+    """Every dotted key any config file under ``conf_dir`` can put into a composed config
+    (each file read where its package puts it: its group, or ``# @package``)."""
+    keys: set[str] = set()
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            items = [(n, v) for n, v in node.items() if prefix or n != "defaults"]
+        elif isinstance(node, list):  # list items by index (model.layers.0.out_channels)
+            items = list(enumerate(node))
+        else:
+            return
+        for name, value in items:
+            path = f"{prefix}.{name}" if prefix else str(name)
+            keys.add(path)
+            walk(value, path)
+
+    for file in sorted(conf_dir.rglob("*.yaml")):
+        text = file.read_text()
+        package = ".".join(file.relative_to(conf_dir).parent.parts)
+        first = text.lstrip().splitlines()[0] if text.strip() else ""
+        if first.startswith("# @package"):
+            package = first.split("@package", 1)[1].strip()
+            package = "" if package == "_global_" else package
+        try:
+            node = yaml.safe_load(text)
+        except yaml.YAMLError:
+            continue  # Hydra reports a broken file itself
+        walk(node, package)
+        # A defaults entry "csv@csv" puts a config at a package of its own (logger.csv).
+        entries = node.get("defaults", []) if isinstance(node, dict) else []
+        for entry in entries if isinstance(entries, list) else []:
+            for text_ in [entry] if isinstance(entry, str) else list(entry or {}):
+                if isinstance(text_, str) and "@" in text_:
+                    at = text_.split("@", 1)[1].split(":")[0].strip()
+                    keys.add(f"{package}.{at}" if package else at)
+    return frozenset(keys)
+
+
+def check_key_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    """Fail with one line for ``a.b=value`` whose last name no config file has anywhere
+    (a typo: Hydra would refuse it with a five-line report), naming the closest key.
+
+    A key whose name some file has, even at another place, is left to Hydra, so nothing
+    valid is refused: experiments and presets may put keys anywhere."""
+    dotted = []
+    for arg in argv:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if "." in key and not key.startswith("hydra.") and "/" not in key:
+            dotted.append((key, arg))
+    if not dotted:
+        return
+    keys = config_keys(conf_dir)
+    names = {k.rsplit(".", 1)[-1] for k in keys}
+    for key, arg in dotted:
+        if key in keys or key.rsplit(".", 1)[-1] in names:
+            continue
+        close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.7)
+        parent = key.rsplit(".", 1)[0]
+        siblings = sorted(
+            k[len(parent) + 1 :]
+            for k in keys
+            if k.startswith(f"{parent}.") and "." not in k[len(parent) + 1 :]
+        )
+        if close:
+            hint = f"; did you mean {close[0]}?"
+        elif siblings:
+            hint = f"; {parent} has: {', '.join(siblings)}"
+        else:
+            hint = ""
+        fail(f"{key} is not a key of any config{hint} (+{arg} would add it as a new key)")
+
+
 def check_group_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
-    """Fail with one line for ``group=option`` where the option does not exist.
+    """Fail with one line for ``group=option`` where the option does not exist, and for a
+    ``a.b=value`` key that no config has (``check_key_overrides``).
 
     Hydra's own report spans a dozen lines; this catches the common typo first. Sweep lists
     (``loss=contrastive,triplet``) are checked item by item; sweep functions are left to Hydra.
     """
+    check_key_overrides(argv, conf_dir)
     for arg in argv:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue

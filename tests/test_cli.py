@@ -42,6 +42,70 @@ BAD_INPUT = {
 }
 
 
+def flat_keys(node, prefix=""):
+    """Every dotted key of a composed config (list items by index)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for name, value in items:
+        key = f"{prefix}.{name}" if prefix else str(name)
+        yield key
+        if isinstance(value, dict | list):
+            yield from flat_keys(value, key)
+
+
+@pytest.mark.parametrize(
+    ("arg", "line"),
+    [
+        (
+            "trainer.max_epoch=3",
+            "error: trainer.max_epoch is not a key of any config; did you mean "
+            "trainer.max_epochs? (+trainer.max_epoch=3 would add it as a new key)",
+        ),
+        (
+            "optimizer.learning_rate=0.1",
+            "error: optimizer.learning_rate is not a key of any config; optimizer has: "
+            "_partial_, _target_, lr, momentum, nesterov, weight_decay "
+            "(+optimizer.learning_rate=0.1 would add it as a new key)",
+        ),
+    ],
+)
+def test_a_key_no_config_has_is_one_line_before_hydra(capsys, arg, line):
+    from siamese.cli import check_group_overrides
+
+    with pytest.raises(SystemExit) as stopped:
+        check_group_overrides(["trainer.max_epochs=2", arg, "seed=1"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_every_key_a_composed_config_has_passes_the_key_check():
+    """No false alarm: every key of the train, evaluate and export configs, with each
+    experiment and preset, is accepted (new keys with +, hydra.* and groups are Hydra's)."""
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    from siamese.cli import check_key_overrides
+
+    # Every option of every group at least once, in as few compositions as that takes.
+    choices = [("train", []), ("evaluate", ["index=ivf"]), ("evaluate", ["index=hnsw"])]
+    choices += [("export", [])]
+    for group in ("experiment", "debug"):
+        choices += [("train", [f"{group}={p.stem}"]) for p in sorted((CONF / group).glob("*.yaml"))]
+    choices += [
+        ("train", ["model=koch", "loss=contrastive", "distance=cosine", "data=omniglot"]),
+        ("train", ["model=resnet18", "loss=triplet", "data=fashion_mnist", "logger=many"]),
+        ("train", ["loss=bce", "distance=learned", "data=kmnist", "logger=tensorboard"]),
+        ("train", ["data=image_folder", "logger=wandb", "optimizer=sgd", "scheduler=cosine"]),
+        ("train", ["data=mnist", "model=convnet"]),
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        for name, overrides in choices:
+            cfg = OmegaConf.to_container(compose(name, overrides=overrides))
+            keys = list(flat_keys(cfg))
+            assert len(keys) > 5, (name, overrides)
+            check_key_overrides([f"{k}=1" for k in keys])  # exits on a false alarm
+    check_key_overrides(["+trainer.foo=1", "++x.y=2", "~logger", "hydra.run.dir=d", "-m"])
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     # Independent commands, run side by side (start-up is most of each one's time).
     procs = run_scripts(
