@@ -98,7 +98,7 @@ def check_key_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue
         key = arg.split("=", 1)[0]
-        if "." in key and not key.startswith("hydra.") and "/" not in key:
+        if "." in key and not key.startswith("hydra.") and not set("/@:") & set(key):
             dotted.append((key, arg))
     if not dotted:
         return
