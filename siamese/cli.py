@@ -80,9 +80,9 @@ def config_keys(conf_dir: Path = CONF_DIR) -> frozenset[str]:
         # A defaults entry "csv@csv" puts a config at a package of its own (logger.csv).
         entries = node.get("defaults", []) if isinstance(node, dict) else []
         for entry in entries if isinstance(entries, list) else []:
-            for text_ in [entry] if isinstance(entry, str) else list(entry or {}):
-                if isinstance(text_, str) and "@" in text_:
-                    at = text_.split("@", 1)[1].split(":")[0].strip()
+            for spec in [entry] if isinstance(entry, str) else list(entry or {}):
+                if isinstance(spec, str) and "@" in spec:
+                    at = spec.split("@", 1)[1].split(":")[0].strip()
                     keys.add(f"{package}.{at}" if package else at)
     return frozenset(keys)
 
