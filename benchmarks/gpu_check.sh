@@ -115,10 +115,11 @@ if ((${#WHEELS[@]})); then # packages the machine's image lacks (benchmarks/gpu_
         echo "installing the carried wheels failed"
     fi
 fi
-if ! "$PYTHON" -c 'import hydra, omegaconf, faiss, mlxtend' 2>/dev/null; then
-    echo "missing packages: $("$PYTHON" -c '
+MISSING=$("$PYTHON" -c '
 import importlib.util as u
-print(" ".join(n for n in ("hydra", "omegaconf", "faiss", "mlxtend") if u.find_spec(n) is None))')"
+print(" ".join(n for n in ("hydra", "omegaconf", "faiss", "mlxtend") if u.find_spec(n) is None))')
+if [[ -n $MISSING ]]; then
+    echo "missing packages: $MISSING"
     echo "run bash benchmarks/gpu_wheels.sh where pip works and carry .whl"
     exit 1
 fi
