@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from numbers import Integral
@@ -77,6 +79,22 @@ def select_callbacks(
 def is_positive_int(value: Any) -> bool:
     """An int (not a bool) of at least 1: a count or an interval from a config."""
     return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+
+
+def parse_signal(name: str | int | None) -> signal.Signals | None:
+    """``SIGUSR2``, ``USR2`` or a number as a signal; None for none."""
+    if name is None or (isinstance(name, str) and name.strip().lower() in ("", "none", "null")):
+        return None
+    try:
+        if isinstance(name, Integral) or str(name).isdigit():
+            return signal.Signals(int(name))
+        text = str(name).strip().upper()
+        return signal.Signals[text if text.startswith("SIG") else f"SIG{text}"]
+    except (KeyError, ValueError):
+        raise ConfigError(
+            f"checkpoints.requeue_signal={name!r} is not a signal; use SIGUSR2 (what "
+            "submitit sends), another name such as SIGUSR1, or null"
+        ) from None
 
 
 def batch_images(batch: Any) -> int:
@@ -176,14 +194,31 @@ class LastCheckpoint(Checkpoint):
     trainer's checkpoint IO (temporary file, fsync, rename), so a kill mid-save keeps the
     previous file.
 
+    A job about to be stopped loses nothing either. On ``SIGTERM`` (a pre-emption, a
+    ``kill``) Lightning stops after the running training batch; ``last.ckpt`` is written at
+    that batch's end first. When ``requeue_signal`` already has a Python handler as
+    training starts (submitit installs one for ``SIGUSR2``, which SLURM sends
+    ``signal_delay_s`` before a time limit or a pre-emption), the signal is held until the
+    running training batch ends (during validation: the epoch), ``last.ckpt`` is written,
+    and then it goes on to that handler (submitit requeues the job and exits;
+    ``ckpt_path=auto`` resumes at that step). A signal with no handler keeps its default
+    action. Only rank 0 writes, with no barrier, since the other ranks may see the signal a
+    batch later.
+
     Args:
         dirpath: folder of the checkpoint.
         filename: its name without ``.ckpt``.
         every_n_train_steps: also save every this many optimizer steps (null: epochs only).
+        requeue_signal: the signal name (``SIGUSR2``) to save on before its handler runs, or
+            null for none.
     """
 
     def __init__(
-        self, dirpath: str, filename: str = "last", every_n_train_steps: int | None = None
+        self,
+        dirpath: str,
+        filename: str = "last",
+        every_n_train_steps: int | None = None,
+        requeue_signal: str | None = "SIGUSR2",
     ) -> None:
         super().__init__()
         if every_n_train_steps is not None and not is_positive_int(every_n_train_steps):
@@ -194,13 +229,62 @@ class LastCheckpoint(Checkpoint):
         self.dirpath = Path(dirpath)
         self.filename = filename
         self.every_n_train_steps = every_n_train_steps
+        self.requeue_signal = parse_signal(requeue_signal)
         self.last_model_path = ""
-        self._step_saved = -1  # the optimizer step of the last every-N save
+        self._step_saved = -1  # the optimizer step of the last save during an epoch
+        self._handed_on: Any = None  # the handler the signal goes on to, while held
+        self._held: tuple[int, Any] | None = None  # (signum, frame) of a held signal
 
-    def _save(self, trainer: pl.Trainer) -> None:
+    def _save(self, trainer: pl.Trainer, barrier: bool = True) -> None:
         path = self.dirpath / f"{self.filename}.ckpt"
-        trainer.save_checkpoint(path)
+        if barrier:
+            trainer.save_checkpoint(path, weights_only=False)
+        else:  # rank 0 alone: Trainer.save_checkpoint would wait for the others
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            trainer.strategy.save_checkpoint(checkpoint, path)
         self.last_model_path = str(path)
+
+    # -- the requeue signal ----------------------------------------------------------------
+    def _hold(self, signum: int, frame: Any) -> None:
+        if self._held is None:
+            self._held = (signum, frame)
+
+    def _release(self) -> tuple[int, Any] | None:
+        """Give the signal back to its handler; return the held signal, if any."""
+        held, self._held = self._held, None
+        if self._handed_on is not None:
+            signal.signal(self.requeue_signal, self._handed_on)
+            self._handed_on = None
+        return held
+
+    def _hand_on(self, trainer: pl.Trainer) -> None:
+        handler = self._handed_on
+        held = self._release()
+        if held is not None and callable(handler):
+            if trainer.is_global_zero:
+                log.info(
+                    "%s: last.ckpt written at step %d; handing the signal on",
+                    signal.Signals(held[0]).name,
+                    trainer.global_step,
+                )
+            handler(*held)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sig = self.requeue_signal
+        if sig is None or threading.current_thread() is not threading.main_thread():
+            return
+        handler = signal.getsignal(sig)
+        if callable(handler) and handler != self._hold:
+            self._handed_on = handler
+            signal.signal(sig, self._hold)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._hand_on(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()  # the run is failing anyway; the handler is back for what follows
 
     def _fitting(self, trainer: pl.Trainer) -> bool:
         return trainer.state.fn == "fit" and not trainer.sanity_checking
@@ -220,10 +304,18 @@ class LastCheckpoint(Checkpoint):
             self._step_saved = step
             if self._fitting(trainer):
                 self._save(trainer)
+        # SIGTERM (a pre-emption, a kill): Lightning stops after this batch; save it first.
+        stopping = self._held is not None or trainer.received_sigterm
+        if stopping and self._fitting(trainer) and step != self._step_saved:
+            self._step_saved = step
+            self._save(trainer, barrier=False)
+        if self._held is not None:
+            self._hand_on(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fitting(trainer):
             self._save(trainer)
+            self._hand_on(trainer)
 
 
 class DivergenceError(SiameseError, ArithmeticError):

@@ -7,6 +7,7 @@ import pickle
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,8 +27,9 @@ def load(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> Sia
     return model.eval()
 
 
-def check_checkpoint(path: Path) -> None:
-    """Refuse a file that is not a readable Lightning checkpoint, naming it."""
+def check_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` (plain data, on the CPU); a file that is not a readable
+    Lightning checkpoint is refused, naming it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -48,6 +50,7 @@ def check_checkpoint(path: Path) -> None:
             f"ckpt_path={str(path)!r} holds no model state_dict; pass a .ckpt file written by "
             "train.py"
         )
+    return ckpt
 
 
 def _unreadable(path: Path, exc: BaseException) -> ConfigError:

@@ -11,11 +11,17 @@ import signal
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import ROOT, run_script, run_scripts
+from pytorch_lightning.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
 
+from siamese.callbacks import LastCheckpoint, parse_signal
 from siamese.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 from siamese.data.samplers import ClassBalancedBatchSampler
+from siamese.errors import ConfigError
+from siamese.pipelines.train import exit_on_sigterm
 
 RUN = [
     "trainer.accelerator=cpu",
@@ -173,3 +179,166 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path: 
         assert "\n" not in message and str(evil) in message
         assert "holds pickled Python objects (posix.system) that would run code" in message
     assert not marker.exists()
+
+
+class _Tiny(pl.LightningModule):
+    """A linear layer on random numbers: just enough for Lightning's loops and checkpoints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _SignalWhen(Callback):
+    """Sends a signal to this process at one hook: a training batch's start, or validation."""
+
+    def __init__(self, hook: str, step: int, signum: int = signal.SIGUSR2) -> None:
+        self.hook, self.step, self.signum = hook, step, signum
+
+    def _maybe(self, trainer: pl.Trainer, hook: str) -> None:
+        if hook == self.hook and trainer.global_step == self.step and not trainer.sanity_checking:
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._maybe(trainer, "batch")
+
+    def on_validation_start(self, trainer, pl_module):
+        self._maybe(trainer, "validation")
+
+
+@pytest.mark.parametrize(
+    ("hook", "step", "saved_at"),
+    [("batch", 3, 4), ("validation", 5, 5)],  # 5 batches an epoch
+)
+def test_a_requeue_signal_writes_last_ckpt_before_its_handler_runs(
+    tmp_path: Path, hook: str, step: int, saved_at: int
+):
+    """submitit's handler requeues and exits at once; LastCheckpoint holds the signal until
+    the running batch (or the epoch, during validation) ends and last.ckpt is written."""
+    last = tmp_path / "last.ckpt"
+    seen: list[tuple[int, int, int]] = []
+
+    def requeue_and_exit(signum, frame):  # what submitit's handler does on rank 0
+        saved = torch.load(last, weights_only=True)
+        seen.append((signum, saved["global_step"], saved["epoch"]))
+        raise SystemExit(-1)
+
+    before = signal.signal(signal.SIGUSR2, requeue_and_exit)
+    try:
+        callback = LastCheckpoint(str(tmp_path))  # every_n_train_steps=None: epoch ends only
+        trainer = pl.Trainer(
+            max_epochs=3,
+            limit_train_batches=5,
+            limit_val_batches=1,
+            callbacks=[callback, _SignalWhen(hook, step)],
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            plugins=[AtomicCheckpointIO()],
+        )
+        data = DataLoader(TensorDataset(torch.randn(20, 4)), batch_size=4)
+        with pytest.raises(SystemExit):
+            trainer.fit(_Tiny(), data, data)
+        assert seen == [(signal.SIGUSR2, saved_at, 0)]  # epoch 0's end is still epoch 0
+        assert signal.getsignal(signal.SIGUSR2) is requeue_and_exit
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_a_signal_with_no_handler_is_left_alone(tmp_path: Path):
+    during: list = []
+
+    class Look(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            during.append(signal.getsignal(signal.SIGUSR2))
+
+    before = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    try:
+        trainer = pl.Trainer(
+            max_epochs=1,
+            limit_train_batches=2,
+            callbacks=[LastCheckpoint(str(tmp_path)), Look()],
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(_Tiny(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+    assert during == [signal.SIG_DFL, signal.SIG_DFL]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "want"),
+    [("SIGUSR2", signal.SIGUSR2), ("usr1", signal.SIGUSR1), (None, None), ("null", None)],
+)
+def test_requeue_signal_names(name, want):
+    assert parse_signal(name) == want
+
+
+def test_an_unknown_requeue_signal_is_one_line():
+    with pytest.raises(ConfigError, match=r"requeue_signal='SIGNOPE' is not a signal; use SIGUSR2"):
+        LastCheckpoint("x", requeue_signal="SIGNOPE")
+
+
+def test_sigterm_writes_last_ckpt_as_a_step_save_would_then_exits_143(tmp_path: Path, capsys):
+    """Lightning stops at the end of the batch SIGTERM came in; last.ckpt is written at that
+    batch's end, in the same state an every-N-steps save writes there (the resume path
+    test_a_run_killed_mid_epoch_resumes_to_the_same_metrics checks end to end), and the
+    run exits 143 with one line, not 0 as Lightning's SIGTERMException (a SystemExit) would."""
+
+    class CopyAt(Callback):  # Lightning runs checkpoint callbacks last: copy a batch later
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 4:
+                (tmp_path / "every4.ckpt").write_bytes(
+                    (tmp_path / "a" / "checkpoints" / "last.ckpt").read_bytes()
+                )
+
+    def fit(folder: str, *callbacks: Callback, every: int | None = None) -> None:
+        trainer = pl.Trainer(
+            max_epochs=2,
+            limit_train_batches=5,
+            callbacks=[
+                LastCheckpoint(str(tmp_path / folder / "checkpoints"), every_n_train_steps=every),
+                *callbacks,
+            ],
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        torch.manual_seed(0)
+        with exit_on_sigterm(trainer, tmp_path / folder, "training"):
+            trainer.fit(_Tiny(), DataLoader(TensorDataset(torch.randn(20, 4)), batch_size=4))
+
+    fit("a", CopyAt(), every=4)
+    capsys.readouterr()
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            fit("b", _SignalWhen("batch", 3, signal.SIGTERM))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.code == 143
+    assert capsys.readouterr().err.splitlines() == [
+        "stopped: SIGTERM while training, at epoch 0, step 4; checkpoints/last.ckpt holds "
+        f"epoch 0, step 4: resume with ckpt_path=last hydra.run.dir={tmp_path / 'b'}"
+    ]
+    want = torch.load(tmp_path / "every4.ckpt", weights_only=True)
+    got = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert got["global_step"] == want["global_step"] == 4
+    assert got["loops"] == want["loops"]
+    for name, value in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], value), name

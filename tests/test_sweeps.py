@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -275,7 +276,11 @@ def test_a_preempted_submitit_job_resumes_in_its_own_run_directory(tmp_path: Pat
     log = (grid / "0" / "train.log").read_text()
     assert "Requeued job" in log
     assert log.count("ckpt_path=auto: no checkpoint in") == 1
-    assert log.count(f"ckpt_path=auto: resuming from {last}") == 1
+    # The signal was held until the running batch ended and last.ckpt was written there,
+    # after the every-5-steps save it was sent at; the requeued job resumed at that step.
+    saved = re.findall(r"SIGUSR2: last\.ckpt written at step (\d+); handing the signal on", log)
+    assert len(saved) == 1 and int(saved[0]) > step_at_signal, log[-3000:]
+    assert log.count(f"ckpt_path=auto: resuming from {last} (epoch 0, step {saved[0]})") == 1
     assert f"Restored all states from the checkpoint at {last}" in log
     assert sorted(p.name for p in grid.iterdir() if p.is_dir() and p.name.isdigit()) == ["0"]
     # Three whole epochs in all (an epoch of the embedded digits is 21 class-balanced

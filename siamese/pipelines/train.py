@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
+import signal
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +18,7 @@ from hydra.errors import InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from siamese.callbacks import is_positive_int, select_callbacks
 from siamese.checkpointing import AtomicCheckpointIO
@@ -180,7 +186,6 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             log.info("ckpt_path=auto: no checkpoint in %s yet, starting from scratch", output_dir)
             return None
         path = max(found, key=lambda p: p.stat().st_mtime_ns)
-        log.info("ckpt_path=auto: resuming from %s", path)
     else:
         path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
@@ -191,7 +196,14 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             else "pass the path of a .ckpt file written by train.py"
         )
         raise ConfigError(f"ckpt_path={ckpt_path!r}: {str(path)!r} does not exist; {hint}")
-    check_checkpoint(path)
+    ckpt = check_checkpoint(path)
+    log.info(
+        "%sresuming from %s (epoch %s, step %s)",
+        f"ckpt_path={ckpt_path}: " if ckpt_path in ("auto", "last") else "",
+        path,
+        ckpt.get("epoch", "?"),
+        ckpt.get("global_step", "?"),
+    )
     return str(path)
 
 
@@ -284,7 +296,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(
         trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with exit_on_sigterm(trainer, output_dir, "training"):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = scalar_metrics(trainer.callback_metrics)
     # The monitored metric is reported at its best epoch, the checkpoint that gets tested
     # (what a sweeper should compare), not at the last epoch.
@@ -296,7 +309,8 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         best = checkpoint.best_model_path or checkpoint.last_model_path or None
         if not best:
             log.warning("no checkpoint was written; testing the weights in memory")
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        with exit_on_sigterm(trainer, output_dir, "testing (training had finished)"):
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         tested = {
             k: v
             for k, v in scalar_metrics(trainer.callback_metrics).items()
@@ -312,6 +326,38 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     if report and trainer.is_global_zero:
         write_metrics(output_dir / "metrics.json", report)
     return metrics
+
+
+@contextlib.contextmanager
+def exit_on_sigterm(trainer: pl.Trainer, output_dir: Path, doing: str) -> Iterator[None]:
+    """Lightning ends a stage it got SIGTERM in with ``SIGTERMException``, a SystemExit that
+    would exit 0, as if the run had finished: say where it stopped and what ``last.ckpt``
+    holds (``LastCheckpoint`` writes it at the end of the batch the signal came in), and
+    exit 143 instead."""
+    try:
+        yield
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(
+                f"stopped: SIGTERM while {doing}, at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}; {_resume_hint(output_dir)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def _resume_hint(output_dir: Path) -> str:
+    last = output_dir / "checkpoints" / "last.ckpt"
+    try:  # mmap: only the two numbers are read
+        saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        where = f"epoch {saved['epoch']}, step {saved['global_step']}"
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError):
+        return f"no readable {last} was written: run it again to start over"
+    return (
+        f"checkpoints/last.ckpt holds {where}: resume with ckpt_path=last "
+        f"hydra.run.dir={output_dir}"
+    )
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
