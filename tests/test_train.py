@@ -262,6 +262,18 @@ def test_a_trainer_value_lightning_refuses_is_one_config_error(make_cfg, overrid
     assert "\n" not in message
 
 
+def test_the_trainer_is_checked_before_any_data_is_read(make_cfg, tmp_path):
+    """A folder that does not exist would be refused too, but only once it is read: the
+    trainer's refusal comes first, without waiting for the data."""
+    from siamese.pipelines.train import run_training
+
+    cfg = make_cfg(
+        "trainer.precision=foo", "data=image_folder", f"data.root={tmp_path / 'missing'}"
+    )
+    with pytest.raises(ConfigError, match="^Lightning refused the trainer config: Precision"):
+        run_training(cfg)
+
+
 def test_same_config_and_seed_give_identical_results_twice_in_a_row(tmp_path):
     # The default trainer (deterministic=false) on the CPU, with augmentation and shuffling:
     # the same numbers to the last bit, not merely close ones.

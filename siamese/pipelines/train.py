@@ -274,9 +274,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = build(cfg.data)
-    datamodule.check_batches(processes)  # DDP: each process needs whole classes
-    module = build_module(cfg, datamodule)
+    # The trainer first: a value Lightning refuses is reported before any data is read.
     loggers, logger_callbacks = build_loggers(cfg, ckpt_path)
     # Progress bar / model summary callbacks go when the trainer flags turn them off.
     callbacks = select_callbacks(
@@ -296,6 +294,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(
         trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins
     )
+    datamodule = build(cfg.data)
+    datamodule.check_batches(processes)  # DDP: each process needs whole classes
+    module = build_module(cfg, datamodule)
     with exit_on_sigterm(trainer, output_dir, "training"):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = scalar_metrics(trainer.callback_metrics)
