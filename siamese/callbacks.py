@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imsave
 from pytorch_lightning.callbacks import Callback, Checkpoint, ModelSummary, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from siamese.data.pairs import sample_pairs
@@ -195,15 +196,21 @@ class LastCheckpoint(Checkpoint):
     previous file.
 
     A job about to be stopped loses nothing either. On ``SIGTERM`` (a pre-emption, a
-    ``kill``) Lightning stops after the running training batch; ``last.ckpt`` is written at
-    that batch's end first. When ``requeue_signal`` already has a Python handler as
-    training starts (submitit installs one for ``SIGUSR2``, which SLURM sends
-    ``signal_delay_s`` before a time limit or a pre-emption), the signal is held until the
-    running training batch ends (during validation: the epoch), ``last.ckpt`` is written,
-    and then it goes on to that handler (submitit requeues the job and exits;
-    ``ckpt_path=auto`` resumes at that step). A signal with no handler keeps its default
-    action. Only rank 0 writes, with no barrier, since the other ranks may see the signal a
-    batch later.
+    ``kill``) training stops after the running training batch, with ``last.ckpt`` written
+    at its end. With one process that is Lightning's own stop. Under DDP, Lightning 2.6's
+    SIGTERM handler broadcasts from inside the signal handler, which can meet another
+    rank's gradient all-reduce and hang every process; while fitting, the handler here only
+    notes the signal, and at each training batch's end (and epoch's end) the processes agree
+    with one tiny all-reduce whether any of them got it, then all save and stop together
+    (Lightning already reads a flag back from the device at every DDP step).
+
+    When ``requeue_signal`` already has a Python handler as training starts (submitit
+    installs one for ``SIGUSR2``, which SLURM sends ``signal_delay_s`` before a time limit
+    or a pre-emption), the signal is held until the running training batch ends (during
+    validation: the epoch), ``last.ckpt`` is written, and then it goes on to that handler
+    (submitit requeues the job and exits; ``ckpt_path=auto`` resumes at that step). Only
+    rank 0 writes there, with no barrier: submitit signals ranks apart, and only rank 0
+    requeues. A signal with no handler keeps its default action.
 
     Args:
         dirpath: folder of the checkpoint.
@@ -234,6 +241,8 @@ class LastCheckpoint(Checkpoint):
         self._step_saved = -1  # the optimizer step of the last save during an epoch
         self._handed_on: Any = None  # the handler the signal goes on to, while held
         self._held: tuple[int, Any] | None = None  # (signum, frame) of a held signal
+        self._lightning_sigterm: Any = None  # Lightning's SIGTERM handler, while replaced
+        self._sigterm = False  # this process got SIGTERM (DDP, while fitting)
 
     def _save(self, trainer: pl.Trainer, barrier: bool = True) -> None:
         path = self.dirpath / f"{self.filename}.ckpt"
@@ -250,41 +259,74 @@ class LastCheckpoint(Checkpoint):
             self._held = (signum, frame)
 
     def _release(self) -> tuple[int, Any] | None:
-        """Give the signal back to its handler; return the held signal, if any."""
+        """Give the signals back to their handlers; return the held signal, if any."""
         held, self._held = self._held, None
         if self._handed_on is not None:
             signal.signal(self.requeue_signal, self._handed_on)
             self._handed_on = None
+        if self._lightning_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._lightning_sigterm)
+            self._lightning_sigterm = None
         return held
 
     def _hand_on(self, trainer: pl.Trainer) -> None:
         handler = self._handed_on
-        held = self._release()
-        if held is not None and callable(handler):
-            if trainer.is_global_zero:
-                log.info(
-                    "%s: last.ckpt written at step %d; handing the signal on",
-                    signal.Signals(held[0]).name,
-                    trainer.global_step,
-                )
-            handler(*held)
+        if self._held is None or not callable(handler):
+            return
+        held, self._held = self._held, None
+        signal.signal(self.requeue_signal, handler)
+        self._handed_on = None
+        if trainer.is_global_zero:
+            log.info(
+                "%s: last.ckpt written at step %d; handing the signal on",
+                signal.Signals(held[0]).name,
+                trainer.global_step,
+            )
+        handler(*held)
+
+    # -- SIGTERM under DDP -----------------------------------------------------------------
+    def _note_sigterm(self, signum: int, frame: Any) -> None:
+        self._sigterm = True  # no collective here: this rank may be inside one
+
+    def _sigterm_agreed(self, trainer: pl.Trainer) -> bool:
+        """Whether training stops for SIGTERM now. Under DDP every rank calls this at the same
+        points, and one all-reduce tells them all whether any rank got the signal."""
+        if self._lightning_sigterm is None:
+            return trainer.received_sigterm
+        flag = torch.tensor([float(self._sigterm)], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def _stop_for_sigterm(self, trainer: pl.Trainer) -> None:
+        if trainer.is_global_zero:
+            log.info(
+                "SIGTERM: last.ckpt written at step %d; stopping all %d processes",
+                trainer.global_step,
+                trainer.world_size,
+            )
+        raise SIGTERMException  # on every rank at the same point: the way Lightning stops
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sig = self.requeue_signal
-        if sig is None or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return
-        handler = signal.getsignal(sig)
+        sig = self.requeue_signal
+        handler = signal.getsignal(sig) if sig is not None else None
         if callable(handler) and handler != self._hold:
             self._handed_on = handler
             signal.signal(sig, self._hold)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            self._sigterm = False
+            self._lightning_sigterm = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._note_sigterm)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hand_on(trainer)
+        self._release()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._release()  # the run is failing anyway; the handler is back for what follows
+        self._release()  # the run is stopping; the handlers are back for what follows
 
     def _fitting(self, trainer: pl.Trainer) -> bool:
         return trainer.state.fn == "fit" and not trainer.sanity_checking
@@ -297,25 +339,32 @@ class LastCheckpoint(Checkpoint):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if not self._fitting(trainer):
+            return
         every = self.every_n_train_steps
         step = trainer.global_step
         # An unchanged global_step means gradient accumulation: no optimizer step yet.
         if every and step % every == 0 and step != self._step_saved:
             self._step_saved = step
-            if self._fitting(trainer):
-                self._save(trainer)
-        # SIGTERM (a pre-emption, a kill): Lightning stops after this batch; save it first.
-        stopping = self._held is not None or trainer.received_sigterm
-        if stopping and self._fitting(trainer) and step != self._step_saved:
+            self._save(trainer)
+        sigterm = self._sigterm_agreed(trainer)  # DDP: every rank, every batch
+        if (sigterm or self._held is not None) and step != self._step_saved:
             self._step_saved = step
-            self._save(trainer, barrier=False)
-        if self._held is not None:
-            self._hand_on(trainer)
+            # SIGTERM reaches every rank here together (DDP) or there is one process; a
+            # requeue signal may have reached rank 0 alone.
+            self._save(trainer, barrier=sigterm)
+        self._hand_on(trainer)
+        if sigterm and self._lightning_sigterm is not None:
+            self._stop_for_sigterm(trainer)
+        # One process: Lightning raises SIGTERMException itself once this batch is done.
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._fitting(trainer):
-            self._save(trainer)
-            self._hand_on(trainer)
+        if not self._fitting(trainer):
+            return
+        self._save(trainer)
+        self._hand_on(trainer)
+        if self._lightning_sigterm is not None and self._sigterm_agreed(trainer):
+            self._stop_for_sigterm(trainer)  # got during validation: stop at the epoch's save
 
 
 class DivergenceError(SiameseError, ArithmeticError):

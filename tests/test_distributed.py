@@ -336,3 +336,55 @@ def test_a_local_sweep_of_ddp_runs_keeps_one_sweep_dir_and_one_summary(tmp_path:
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     assert all((sweep / job / "metrics.json").is_file() for job in ("0", "1"))
     assert proc.stdout.count("sweep summary") == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_saves_and_stops_them_all_without_a_hang(tmp_path: Path):
+    """SLURM, ``timeout`` and container runtimes signal every task at once. Lightning 2.6's
+    own SIGTERM handler broadcasts from inside the handler and can meet the other rank's
+    gradient all-reduce (a hang until the 30-minute gloo/NCCL timeout); with
+    LastCheckpoint's handler the ranks agree at a batch's end, save and exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *DDP_CPU_FAST,
+            "trainer.max_epochs=50",
+            "trainer.enable_model_summary=false",
+            "eval_pairs=500",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a SLURM job step
+    )
+    try:
+        last = run / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 240
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(1.0)  # into the next epoch's training
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1, stderr[-3000:]  # rank 0 alone says it
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    where = f"epoch {ckpt['epoch']}, step {ckpt['global_step']}"
+    assert f"at {where}; checkpoints/last.ckpt holds {where}: resume with" in stopped[0]
+    assert ckpt["global_step"] > 0 and not (run / "metrics.json").exists()
