@@ -1,7 +1,8 @@
 """Callbacks for what a run shows and how it fails: throughput, pictures, divergence.
 
 ``Throughput`` logs ``train/images_per_sec`` at the trainer's logging points.
-``LastCheckpoint`` writes ``last.ckpt`` at every epoch's end and every N steps (resume).
+``LastCheckpoint`` writes ``last.ckpt`` at every epoch's end, every N steps, and at the end
+of the batch a SIGTERM or a requeue signal came in (resume).
 ``DivergenceGuard`` stops a run at the first non-finite loss or gradient, before any
 checkpoint is written from broken weights, and warns once about a collapsed embedding.
 ``DashboardPlots`` draws pictures of the evaluated split (sample pairs with their distances,
