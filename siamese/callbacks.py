@@ -259,24 +259,25 @@ class LastCheckpoint(Checkpoint):
         if self._held is None:
             self._held = (signum, frame)
 
-    def _release(self) -> tuple[int, Any] | None:
-        """Give the signals back to their handlers; return the held signal, if any."""
-        held, self._held = self._held, None
+    def _give_back_requeue_signal(self) -> None:
         if self._handed_on is not None:
             signal.signal(self.requeue_signal, self._handed_on)
             self._handed_on = None
+
+    def _release(self) -> None:
+        """Give the signals back to their handlers, dropping a held one."""
+        self._held = None
+        self._give_back_requeue_signal()
         if self._lightning_sigterm is not None:
             signal.signal(signal.SIGTERM, self._lightning_sigterm)
             self._lightning_sigterm = None
-        return held
 
     def _hand_on(self, trainer: pl.Trainer) -> None:
-        handler = self._handed_on
-        if self._held is None or not callable(handler):
+        handler, held = self._handed_on, self._held
+        if held is None or not callable(handler):
             return
-        held, self._held = self._held, None
-        signal.signal(self.requeue_signal, handler)
-        self._handed_on = None
+        self._held = None
+        self._give_back_requeue_signal()
         if trainer.is_global_zero:
             log.info(
                 "%s: last.ckpt written at step %d; handing the signal on",

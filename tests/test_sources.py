@@ -134,7 +134,11 @@ def test_mnist_subset_bad_config():
 
 
 @pytest.mark.parametrize(("name", "folder"), FAMILY)
-def test_torchvision_mnist_family_from_idx_files(tmp_path, name, folder):
+def test_torchvision_mnist_family_from_idx_files(tmp_path, monkeypatch, name, folder):
+    def no_network(url, *args, **kwargs):  # download=True below finds the files: no fetch
+        raise AssertionError(f"{folder}: tried to fetch {url}")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", no_network)
     written = make_mnist_family(tmp_path, folder, per_class=4, n_test=20)
     splits = TorchvisionMNIST(name=name, download=False, val_size=10).load(str(tmp_path))
     assert (len(splits.train), len(splits.val), len(splits.test)) == (30, 10, 20)

@@ -173,6 +173,12 @@ def planned_processes(trainer_cfg: DictConfig) -> int:
     return max(1, per_node) * int(trainer_cfg.get("num_nodes", 1))
 
 
+def last_checkpoint(output_dir: Path) -> Path:
+    """The run directory's ``last.ckpt`` (callbacks.last_checkpoint), what ``ckpt_path=last``
+    resumes from."""
+    return output_dir / "checkpoints" / "last.ckpt"
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     """``last`` -> this run directory's checkpoints/last.ckpt; ``auto`` -> the newest
     checkpoint there (last.ckpt, or Lightning's ``hpc_ckpt_N.ckpt`` from a SLURM requeue
@@ -180,14 +186,14 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if not ckpt_path:
         return None
     if ckpt_path == "auto":
-        found = [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
+        found = [last_checkpoint(output_dir), *output_dir.glob("hpc_ckpt_*.ckpt")]
         found = [p for p in found if p.is_file()]
         if not found:
             log.info("ckpt_path=auto: no checkpoint in %s yet, starting from scratch", output_dir)
             return None
         path = max(found, key=lambda p: p.stat().st_mtime_ns)
     else:
-        path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+        path = last_checkpoint(output_dir) if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         hint = (
             "set hydra.run.dir to the run directory you want to resume, or pass "
@@ -349,7 +355,7 @@ def exit_on_sigterm(trainer: pl.Trainer, output_dir: Path, doing: str) -> Iterat
 
 
 def _resume_hint(output_dir: Path) -> str:
-    last = output_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(output_dir)
     try:  # mmap: only the two numbers are read
         saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
         where = f"epoch {saved['epoch']}, step {saved['global_step']}"
