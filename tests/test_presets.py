@@ -22,13 +22,16 @@ from siamese.pipelines.train import build_module, run_training, split_model_conf
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 DEBUGS = sorted(p.stem for p in (CONF / "debug").glob("*.yaml"))
 
-# Every run on one CPU device; few verification pairs, so tiny splits score at once.
+# Every run on one CPU device; few verification pairs, so tiny splits score at once. No
+# dashboard pictures: they were most of each run's time, and tests/test_callbacks.py
+# checks them.
 CPU = [
     "trainer.accelerator=cpu",
     "trainer.devices=1",
     "trainer.enable_progress_bar=false",
     "eval_pairs=200",
     "data.num_workers=0",
+    "~callbacks.plots",
 ]
 # Not a key of conf/trainer: added for these runs only.
 FAST_DEV_RUN = "+trainer.fast_dev_run=true"
