@@ -2,7 +2,7 @@
 
 ``Throughput`` logs ``train/images_per_sec`` at the trainer's logging points.
 ``LastCheckpoint`` writes ``last.ckpt`` at every epoch's end, every N steps, and at the end
-of the batch a SIGTERM or a requeue signal came in (resume).
+of the batch a SIGTERM, a Ctrl-C or a requeue signal came in (resume).
 ``DivergenceGuard`` stops a run at the first non-finite loss or gradient, before any
 checkpoint is written from broken weights, and warns once about a collapsed embedding.
 ``DashboardPlots`` draws pictures of the evaluated split (sample pairs with their distances,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -185,6 +186,16 @@ class Throughput(Callback):
         self._pause()
 
 
+class StopSignalled(SIGTERMException):
+    """Training stopped for a signal (``signum``) at a training batch's or epoch's end, with
+    ``last.ckpt`` written there. A ``SIGTERMException`` (a ``SystemExit``), as Lightning's own
+    stop for SIGTERM, so Lightning runs its interrupt hooks and tears down the same way."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = int(signum)
+
+
 class LastCheckpoint(Checkpoint):
     """Write ``<dirpath>/<filename>.ckpt`` at every training epoch's end (after its
     validation, so it holds the calibrated threshold) and every ``every_n_train_steps``
@@ -204,6 +215,13 @@ class LastCheckpoint(Checkpoint):
     notes the signal, and at each training batch's end (and epoch's end) the processes agree
     with one tiny all-reduce whether any of them got it, then all save and stop together
     (Lightning already reads a flag back from the device at every DDP step).
+
+    Ctrl-C (``SIGINT``) while fitting is handled the same way: the first press says that
+    training stops at the end of the running training batch (after validation, if it is
+    running) with ``last.ckpt`` written, and it does (under DDP every process, as with
+    SIGTERM); a second press stops at once, unsaved, as Lightning does (its "graceful
+    shutdown"). Only Python's default SIGINT handler is replaced (not an ignored SIGINT, as
+    in a background job, nor another handler). Either stop raises ``StopSignalled``.
 
     When ``requeue_signal`` already has a Python handler as training starts (submitit
     installs one for ``SIGUSR2``, which SLURM sends ``signal_delay_s`` before a time limit
@@ -243,7 +261,10 @@ class LastCheckpoint(Checkpoint):
         self._handed_on: Any = None  # the handler the signal goes on to, while held
         self._held: tuple[int, Any] | None = None  # (signum, frame) of a held signal
         self._lightning_sigterm: Any = None  # Lightning's SIGTERM handler, while replaced
-        self._sigterm = False  # this process got SIGTERM (DDP, while fitting)
+        self._int_handler: Any = None  # Python's SIGINT handler, while replaced
+        self._noted = 0  # the stop signal this process got while fitting (0: none)
+        self._pressed = False  # Ctrl-C was pressed once while fitting
+        self._says = False  # this process prints the Ctrl-C line (rank 0)
 
     def _save(self, trainer: pl.Trainer, barrier: bool = True) -> None:
         path = self.dirpath / f"{self.filename}.ckpt"
@@ -271,6 +292,12 @@ class LastCheckpoint(Checkpoint):
         if self._lightning_sigterm is not None:
             signal.signal(signal.SIGTERM, self._lightning_sigterm)
             self._lightning_sigterm = None
+        if self._int_handler is not None:
+            # After a second Ctrl-C Lightning ignores SIGINT until its teardown puts back the
+            # handlers it found: leave that to it.
+            if signal.getsignal(signal.SIGINT) == self._note_interrupt:
+                signal.signal(signal.SIGINT, self._int_handler)
+            self._int_handler = None
 
     def _hand_on(self, trainer: pl.Trainer) -> None:
         handler, held = self._handed_on, self._held
@@ -286,27 +313,43 @@ class LastCheckpoint(Checkpoint):
             )
         handler(*held)
 
-    # -- SIGTERM under DDP -----------------------------------------------------------------
+    # -- SIGTERM under DDP, and Ctrl-C ------------------------------------------------------
     def _note_sigterm(self, signum: int, frame: Any) -> None:
-        self._sigterm = True  # no collective here: this rank may be inside one
+        self._noted = max(self._noted, signum)  # no collective here: this rank may be in one
 
-    def _sigterm_agreed(self, trainer: pl.Trainer) -> bool:
-        """Whether training stops for SIGTERM now. Under DDP every rank calls this at the same
-        points, and one all-reduce tells them all whether any rank got the signal."""
+    def _note_interrupt(self, signum: int, frame: Any) -> None:
+        if self._pressed:  # the second press: stop at once, as Lightning does
+            signal.default_int_handler(signum, frame)
+        self._pressed = True
+        self._noted = max(self._noted, signum)
+        if self._says:  # os.write: a print could land inside another write to stderr
+            os.write(
+                2,
+                b"\nCtrl-C: training stops at the end of this batch (after validation, if it "
+                + f"is running) with {self.dirpath / self.filename}.ckpt written; press "
+                "Ctrl-C again to stop at once without saving\n".encode(),
+            )
+
+    def _stop_agreed(self, trainer: pl.Trainer) -> int:
+        """The signal training stops for now (0: none). Under DDP every rank calls this at the
+        same points, and one all-reduce tells them all whether any rank got one."""
         if self._lightning_sigterm is None:
-            return trainer.received_sigterm
-        flag = torch.tensor([float(self._sigterm)], device=trainer.strategy.root_device)
-        torch.distributed.all_reduce(flag)
-        return bool(flag.item() > 0)
+            if self._noted:
+                return self._noted
+            return signal.SIGTERM if trainer.received_sigterm else 0
+        flag = torch.tensor([float(self._noted)], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
 
-    def _stop_for_sigterm(self, trainer: pl.Trainer) -> None:
+    def _stop_for(self, trainer: pl.Trainer, signum: int) -> None:
         if trainer.is_global_zero:
             log.info(
-                "SIGTERM: last.ckpt written at step %d; stopping all %d processes",
+                "%s: last.ckpt written at step %d; stopping %d process(es)",
+                signal.Signals(signum).name,
                 trainer.global_step,
                 trainer.world_size,
             )
-        raise SIGTERMException  # on every rank at the same point: the way Lightning stops
+        raise StopSignalled(signum)  # on every rank at the same point: the way Lightning stops
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -316,10 +359,14 @@ class LastCheckpoint(Checkpoint):
         if callable(handler) and handler != self._hold:
             self._handed_on = handler
             signal.signal(sig, self._hold)
+        self._noted, self._pressed = 0, False
         if trainer.world_size > 1 and torch.distributed.is_initialized():
-            self._sigterm = False
             self._lightning_sigterm = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGTERM, self._note_sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._says = trainer.is_global_zero
+            self._int_handler = signal.default_int_handler
+            signal.signal(signal.SIGINT, self._note_interrupt)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hand_on(trainer)
@@ -349,24 +396,24 @@ class LastCheckpoint(Checkpoint):
         if every and step % every == 0 and step != self._step_saved:
             self._step_saved = step
             self._save(trainer)
-        sigterm = self._sigterm_agreed(trainer)  # DDP: every rank, every batch
-        if (sigterm or self._held is not None) and step != self._step_saved:
+        stop = self._stop_agreed(trainer)  # DDP: every rank, every batch
+        if (stop or self._held is not None) and step != self._step_saved:
             self._step_saved = step
-            # SIGTERM reaches every rank here together (DDP) or there is one process; a
+            # A stop reaches every rank here together (DDP) or there is one process; a
             # requeue signal may have reached rank 0 alone.
-            self._save(trainer, barrier=sigterm)
+            self._save(trainer, barrier=bool(stop))
         self._hand_on(trainer)
-        if sigterm and self._lightning_sigterm is not None:
-            self._stop_for_sigterm(trainer)
-        # One process: Lightning raises SIGTERMException itself once this batch is done.
+        if stop:
+            self._stop_for(trainer, stop)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._fitting(trainer):
             return
         self._save(trainer)
         self._hand_on(trainer)
-        if self._lightning_sigterm is not None and self._sigterm_agreed(trainer):
-            self._stop_for_sigterm(trainer)  # got during validation: stop at the epoch's save
+        stop = self._stop_agreed(trainer)
+        if stop:
+            self._stop_for(trainer, stop)  # got during validation: stop at the epoch's save
 
 
 class DivergenceError(SiameseError, ArithmeticError):

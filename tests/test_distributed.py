@@ -339,11 +339,15 @@ def test_a_local_sweep_of_ddp_runs_keeps_one_sweep_dir_and_one_summary(tmp_path:
 
 
 @pytest.mark.slow
-def test_sigterm_to_every_process_saves_and_stops_them_all_without_a_hang(tmp_path: Path):
-    """SLURM, ``timeout`` and container runtimes signal every task at once. Lightning 2.6's
-    own SIGTERM handler broadcasts from inside the handler and can meet the other rank's
-    gradient all-reduce (a hang until the 30-minute gloo/NCCL timeout); with
-    LastCheckpoint's handler the ranks agree at a batch's end, save and exit 143."""
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_every_process_saves_and_stops_them_all_without_a_hang(
+    tmp_path: Path, name: str
+):
+    """SLURM, ``timeout`` and container runtimes signal every task at once, as a terminal's
+    Ctrl-C does. Lightning 2.6's own SIGTERM handler broadcasts from inside the handler and
+    can meet the other rank's gradient all-reduce (a hang until the 30-minute gloo/NCCL
+    timeout); with LastCheckpoint's handlers the ranks agree at a batch's end, save and exit
+    143 (130 for Ctrl-C)."""
     import signal
     import subprocess
     import sys
@@ -368,6 +372,8 @@ def test_sigterm_to_every_process_saves_and_stops_them_all_without_a_hang(tmp_pa
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a SLURM job step
+        # Python's Ctrl-C handler, even when pytest runs where SIGINT is ignored (a & job).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         last = run / "checkpoints" / "last.ckpt"
@@ -376,15 +382,17 @@ def test_sigterm_to_every_process_saves_and_stops_them_all_without_a_hang(tmp_pa
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(1.0)  # into the next epoch's training
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.Signals[name])
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert proc.returncode == 128 + signal.Signals[name], stderr[-3000:]
     stopped = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
     assert len(stopped) == 1, stderr[-3000:]  # rank 0 alone says it
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     where = f"epoch {ckpt['epoch']}, step {ckpt['global_step']}"
     assert f"at {where}; checkpoints/last.ckpt holds {where}: resume with" in stopped[0]
+    if name == "SIGINT":  # the Ctrl-C line, from rank 0 alone
+        assert sum(line.startswith("Ctrl-C: ") for line in stderr.splitlines()) == 1
     assert ckpt["global_step"] > 0 and not (run / "metrics.json").exists()

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from siamese.callbacks import LastCheckpoint, parse_signal
 from siamese.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 from siamese.data.samplers import ClassBalancedBatchSampler
 from siamese.errors import ConfigError
-from siamese.pipelines.train import exit_on_sigterm
+from siamese.pipelines.train import exit_on_stop_signal
 
 RUN = [
     "trainer.accelerator=cpu",
@@ -293,11 +294,15 @@ def test_an_unknown_requeue_signal_is_one_line():
         LastCheckpoint("x", requeue_signal="SIGNOPE")
 
 
-def test_sigterm_writes_last_ckpt_as_a_step_save_would_then_exits_143(tmp_path: Path, capsys):
-    """Lightning stops at the end of the batch SIGTERM came in; last.ckpt is written at that
-    batch's end, in the same state an every-N-steps save writes there (the resume path
-    test_a_run_killed_mid_epoch_resumes_to_the_same_metrics checks end to end), and the
-    run exits 143 with one line, not 0 as Lightning's SIGTERMException (a SystemExit) would."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_writes_last_ckpt_as_a_step_save_would_then_exits_128_plus_it(
+    tmp_path: Path, capfd, signum: int
+):
+    """Training stops at the end of the batch SIGTERM or Ctrl-C came in; last.ckpt is
+    written at that batch's end, in the same state an every-N-steps save writes there (the
+    resume path test_a_run_killed_mid_epoch_resumes_to_the_same_metrics checks end to end),
+    and the run exits 143 (130) with one line, not 0 as Lightning's SIGTERMException (a
+    SystemExit) would, nor 1 with nothing saved as Lightning's Ctrl-C would."""
 
     class CopyAt(Callback):  # Lightning runs checkpoint callbacks last: copy a batch later
         def on_train_batch_start(self, trainer, *args):
@@ -320,25 +325,102 @@ def test_sigterm_writes_last_ckpt_as_a_step_save_would_then_exits_143(tmp_path: 
             enable_model_summary=False,
         )
         torch.manual_seed(0)
-        with exit_on_sigterm(trainer, tmp_path / folder, "training"):
+        with exit_on_stop_signal(trainer, tmp_path / folder, "training"):
             trainer.fit(_Tiny(), DataLoader(TensorDataset(torch.randn(20, 4)), batch_size=4))
 
     fit("a", CopyAt(), every=4)
-    capsys.readouterr()
-    before = signal.getsignal(signal.SIGTERM)
+    capfd.readouterr()
+    before = signal.getsignal(signum)
+    if signum == signal.SIGINT:
+        signal.signal(signum, signal.default_int_handler)  # as Python starts it
+    handler = signal.getsignal(signum)
     try:
         with pytest.raises(SystemExit) as stopped:
-            fit("b", _SignalWhen("batch", 3, signal.SIGTERM))
+            fit("b", _SignalWhen("batch", 3, signum))
+        assert signal.getsignal(signum) == handler  # given back
     finally:
-        signal.signal(signal.SIGTERM, before)
-    assert stopped.value.code == 143
-    assert capsys.readouterr().err.splitlines() == [
-        "stopped: SIGTERM while training, at epoch 0, step 4; checkpoints/last.ckpt holds "
-        f"epoch 0, step 4: resume with ckpt_path=last hydra.run.dir={tmp_path / 'b'}"
-    ]
+        signal.signal(signum, before)
+    assert stopped.value.code == 128 + signum
+    stopped_line = (
+        "while training, at epoch 0, step 4; checkpoints/last.ckpt holds epoch 0, step 4: "
+        f"resume with ckpt_path=last hydra.run.dir={tmp_path / 'b'}"
+    )
+    if signum == signal.SIGTERM:
+        want = [f"stopped: SIGTERM {stopped_line}"]
+    else:
+        want = [
+            "Ctrl-C: training stops at the end of this batch (after validation, if it is "
+            f"running) with {tmp_path / 'b' / 'checkpoints' / 'last.ckpt'} written; press "
+            "Ctrl-C again to stop at once without saving",
+            f"stopped: Ctrl-C (SIGINT) {stopped_line}",
+        ]
+    assert [line for line in capfd.readouterr().err.splitlines() if line] == want
     want = torch.load(tmp_path / "every4.ckpt", weights_only=True)
     got = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
     assert got["global_step"] == want["global_step"] == 4
     assert got["loops"] == want["loops"]
     for name, value in want["state_dict"].items():
         assert torch.equal(got["state_dict"][name], value), name
+
+
+class _PressTwice(Callback):
+    """Ctrl-C twice within one training batch, or once during one validation."""
+
+    def __init__(self, hook: str, step: int) -> None:
+        self.hook, self.step = hook, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.hook == "batch" and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the first is handled before the second is sent
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_validation_start(self, trainer, pl_module):
+        at = trainer.global_step == self.step and not trainer.sanity_checking
+        if self.hook == "validation" and at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize(
+    ("hook", "step", "epoch", "saved_at"),
+    [
+        # Once during epoch 0's validation: the epoch's end save is the stop (step 5).
+        ("validation", 5, 0, 5),
+        # Twice at step 7: Lightning's own stop at once; last.ckpt is epoch 0's end save.
+        ("batch", 7, 1, 5),
+    ],
+    ids=["once-during-validation", "twice"],
+)
+def test_ctrl_c_during_validation_or_twice(
+    tmp_path: Path, capfd, hook: str, step: int, epoch: int, saved_at: int
+):
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        trainer = pl.Trainer(
+            max_epochs=3,
+            limit_train_batches=5,
+            limit_val_batches=1,
+            callbacks=[LastCheckpoint(str(tmp_path / "checkpoints")), _PressTwice(hook, step)],
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        data = DataLoader(TensorDataset(torch.randn(20, 4)), batch_size=4)
+        with (
+            pytest.raises(SystemExit) as stopped,
+            exit_on_stop_signal(trainer, tmp_path, "training"),
+        ):
+            trainer.fit(_Tiny(), data, data)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert stopped.value.code == 130
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["global_step"], saved["epoch"]) == (saved_at, 0)
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("stopped")]
+    assert err == [
+        f"stopped: Ctrl-C (SIGINT) while training, at epoch {epoch}, step {step}; "
+        f"checkpoints/last.ckpt holds epoch 0, step {saved_at}: resume with "
+        f"ckpt_path=last hydra.run.dir={tmp_path}"
+    ]

@@ -303,7 +303,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     datamodule = build(cfg.data)
     datamodule.check_batches(processes)  # DDP: each process needs whole classes
     module = build_module(cfg, datamodule)
-    with exit_on_sigterm(trainer, output_dir, "training"):
+    with exit_on_stop_signal(trainer, output_dir, "training"):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = scalar_metrics(trainer.callback_metrics)
     # The monitored metric is reported at its best epoch, the checkpoint that gets tested
@@ -316,7 +316,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         best = checkpoint.best_model_path or checkpoint.last_model_path or None
         if not best:
             log.warning("no checkpoint was written; testing the weights in memory")
-        with exit_on_sigterm(trainer, output_dir, "testing (training had finished)"):
+        with exit_on_stop_signal(trainer, output_dir, "testing (training had finished)"):
             trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         tested = {
             k: v
@@ -336,22 +336,36 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def exit_on_sigterm(trainer: pl.Trainer, output_dir: Path, doing: str) -> Iterator[None]:
-    """Lightning ends a stage it got SIGTERM in with ``SIGTERMException``, a SystemExit that
-    would exit 0, as if the run had finished: say where it stopped and what ``last.ckpt``
-    holds (``LastCheckpoint`` writes it at the end of the batch the signal came in), and
-    exit 143 instead."""
+def exit_on_stop_signal(trainer: pl.Trainer, output_dir: Path, doing: str) -> Iterator[None]:
+    """Say where a stage stopped for a signal and what ``last.ckpt`` holds, and exit
+    128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C).
+
+    Lightning ends a stage it got SIGTERM in with ``SIGTERMException``, a SystemExit that
+    would exit 0, as if the run had finished; ``LastCheckpoint`` stops the same way for
+    SIGTERM under DDP and for a Ctrl-C, after writing ``last.ckpt`` at the end of that
+    batch. A second Ctrl-C is Lightning's own stop (``sys.exit(1)`` after its "graceful
+    shutdown"), reported here too."""
     try:
         yield
-    except SIGTERMException:
-        if trainer.is_global_zero:
-            print(
-                f"stopped: SIGTERM while {doing}, at epoch {trainer.current_epoch}, step "
-                f"{trainer.global_step}; {_resume_hint(output_dir)}",
-                file=sys.stderr,
-                flush=True,
-            )
-        raise SystemExit(128 + signal.SIGTERM) from None
+    except SIGTERMException as stop:
+        _say_stopped(trainer, output_dir, doing, getattr(stop, "signum", signal.SIGTERM))
+        raise SystemExit(128 + getattr(stop, "signum", signal.SIGTERM)) from None
+    except SystemExit as stop:
+        if stop.code != 1 or not trainer.interrupted:
+            raise
+        _say_stopped(trainer, output_dir, doing, signal.SIGINT)  # Lightning's KeyboardInterrupt
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+def _say_stopped(trainer: pl.Trainer, output_dir: Path, doing: str, signum: int) -> None:
+    if trainer.is_global_zero:
+        name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(
+            f"stopped: {name} while {doing}, at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}; {_resume_hint(output_dir)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _resume_hint(output_dir: Path) -> str:
