@@ -161,6 +161,10 @@ class SiameseModule(pl.LightningModule):
         self._epoch_stats = _EpochStats()
         # The last evaluated split (callbacks draw their pictures from it).
         self.last_eval: EvalOutputs | None = None
+        # (C,) group of each class code of the test split (Omniglot's alphabets) for one-shot
+        # episodes within a group; None: classes across the split. Set by whoever knows the
+        # class names (train.py, from ``oneshot_within``); not saved in checkpoints.
+        self.oneshot_groups: np.ndarray | None = None
 
     # -- inference -------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
@@ -387,6 +391,7 @@ class SiameseModule(pl.LightningModule):
                 seed=self.hparams.eval_seed,
                 metric=self.distance.faiss_metric,
                 scorer=self.episode_scorer(),
+                groups=None if self.oneshot_groups is None else self.oneshot_groups[labels_np],
             )
             metrics.update({k: v for k, v in shots.items() if not k.endswith("_ci95")})
         return metrics, dist, same

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, compose_eval, compose_train, one_line_error, run_scripts
-from fixtures_data import make_image_folder
+from fixtures_data import make_image_folder, make_omniglot_set
 
 import siamese
 from siamese.data.pairs import sample_pairs
 from siamese.errors import ConfigError, DataError
-from siamese.evaluation import retrieval_metrics
+from siamese.evaluation import oneshot_metrics, retrieval_metrics
 from siamese.pipelines.evaluate import REPORTED, recall_ks, run_evaluation
 from siamese.pipelines.train import run_training
 
@@ -174,6 +174,40 @@ def test_an_image_folder_of_new_classes_all_splits(trained, tmp_path):
     assert "recall_at_10" not in report and "recall_at_5" in report
     assert "oneshot_5way_1shot" in report and "oneshot_20way_1shot" not in report
     assert (tmp_path / "y" / "retrieval.png").is_file()
+
+
+def test_one_shot_episodes_within_an_alphabet(trained, evaluated, tmp_path):
+    root = tmp_path / "omniglot"
+    make_omniglot_set(root, "images_background", {"Alpha": [2] * 4, "Beta": [2] * 4}, size=28)
+    make_omniglot_set(root, "images_evaluation", {"Gamma": [3] * 6, "Delta": [2] * 5}, size=28)
+    ckpt = trained / "checkpoints" / "best.ckpt"
+    data = ["data=omniglot", f"data.root={root}", "data.source.download=false"]
+    data += ["data.image_size=28", "data.num_workers=0", "eval.plots=false"]
+    report = run_evaluation(
+        compose_eval(
+            [f"ckpt_path={ckpt}", *data, *EVAL_FAST, "eval.k=5", "eval.oneshot.within=alphabet"],
+            tmp_path / "run",
+        )
+    )
+    assert report["oneshot_within"] == "alphabet"
+    # Classes: background Alpha, Beta (8), then evaluation Delta (labels 8-12), Gamma (13-18).
+    emb = np.load(tmp_path / "run" / "embeddings" / "query.npy")
+    labels = np.load(tmp_path / "run" / "embeddings" / "query_labels.npy")
+    assert sorted(set(labels.tolist())) == list(range(8, 19))
+    groups = np.where(labels < 13, "Delta", "Gamma")
+    want = oneshot_metrics(emb, labels, ways=(5, 20), episodes=200, groups=groups)
+    # 20-way fits no alphabet (6 and 5 characters): left out, as across 11 classes.
+    assert list(want) == ["oneshot_5way_1shot", "oneshot_5way_1shot_ci95"]
+    assert report["oneshot_5way_1shot"] == want["oneshot_5way_1shot"]
+    assert "oneshot_20way_1shot" not in report
+
+    out = evaluated[0]
+    with pytest.raises(ConfigError, match=r"within=alphabet needs the split's class names"):
+        run_evaluation(
+            compose_eval([f"eval.from_run={out}", "eval.oneshot.within=alphabet"], tmp_path / "a")
+        )
+    with pytest.raises(ConfigError, match=r"within='script' is unknown"):
+        run_evaluation(compose_eval([f"ckpt_path={ckpt}", "eval.oneshot.within=script"], tmp_path))
 
 
 def test_nan_weights_and_impossible_options_are_refused(trained, tmp_path):

@@ -11,6 +11,7 @@ import torch
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation.oneshot import (
     Episodes,
+    class_groups,
     oneshot_accuracy,
     oneshot_metrics,
     predict_episodes,
@@ -306,3 +307,83 @@ def test_a_learned_head_scores_one_shot_episodes_with_its_logits():
     # logit = 0.25 - |dq0| - 2|dq1| + 0.5|dq3|; distance = -logit
     expected = -np.array([[0.25 - 1 + 0.5, 0.25 - 2 + 1.0]])
     np.testing.assert_allclose(learned.episode_scorer()(q, proto), expected, rtol=1e-6)
+
+
+def grouped_labels(seed: int = 0):
+    """Group 0 has classes 0-5, group 1 classes 6-8, group 2 classes 9-13 of which class 13
+    has one item (never eligible): with n_way=4 only groups 0 and 2 (4 eligible) qualify."""
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.repeat(np.arange(13), rng.integers(2, 6, 13)), [13]])
+    group_of_class = np.array([0] * 6 + [1] * 3 + [2] * 5)
+    order = rng.permutation(len(labels))
+    return labels[order], group_of_class[labels[order]]
+
+
+def test_episodes_within_groups_draw_their_classes_from_one_group():
+    labels, groups = grouped_labels()
+    eps = sample_episodes(labels, 4, 1, 4000, seed=1, groups=groups)
+    classes = labels[eps.support[..., 0]]  # (E, 4)
+    episode_groups = groups[eps.support[..., 0]]
+    assert (episode_groups == episode_groups[:, :1]).all()  # one group per episode
+    assert (labels[eps.query] == classes[np.arange(4000), eps.target]).all()
+    assert (np.sort(classes, axis=1)[:, 1:] != np.sort(classes, axis=1)[:, :-1]).all()
+    # Group 1 has 3 classes: never drawn; groups 0 and 2 each about half the episodes.
+    share = np.bincount(episode_groups[:, 0], minlength=3) / 4000
+    assert share[1] == 0 and abs(share[0] - 0.5) < 0.03
+    # Every eligible class of those groups appears, class 13 (one item) never; group 2's
+    # four eligible classes are all in each of its episodes.
+    assert set(np.unique(classes)) == set(range(6)) | {9, 10, 11, 12}
+    assert (np.sort(classes[episode_groups[:, 0] == 2], axis=1) == [9, 10, 11, 12]).all()
+    # Group 0: 4 of 6 classes, each in about 4/6 of its episodes.
+    in0 = classes[episode_groups[:, 0] == 0]
+    freq = np.bincount(in0.ravel(), minlength=6)[:6] / len(in0)
+    assert np.abs(freq - 4 / 6).max() < 0.04
+    again = sample_episodes(labels, 4, 1, 4000, seed=1, groups=groups)
+    assert all(np.array_equal(a, b) for a, b in zip(eps, again, strict=True))
+
+
+def test_within_group_episodes_are_harder_by_the_hand_computed_amount():
+    # 1-D, two groups far apart, each of two classes: class a at {0, 1}, class b at {3, 100}
+    # (+1000 for the second group). 2-way 1-shot within a group is always {a, b}:
+    # - target a: the query (0 or 1) is nearer the other a item (distance 1) than any b
+    #   item (2 or more): always right;
+    # - target b: query 3 with support 100 (97 away) loses to a's support (2 or 3 away);
+    #   query 100 with support 3 wins (97 against 99 or 100): right half the time.
+    # Within: 0.5 + 0.5 * 0.5 = 0.75. Across the split a 2-way episode draws 2 of the 4
+    # classes: the 2 same-group pairs score 0.75, the 4 cross-group pairs always 1.0, so
+    # (2 * 0.75 + 4) / 6 = 0.9167.
+    points = np.array([0.0, 1.0, 3.0, 100.0])
+    emb = np.concatenate([points, points + 1000.0])[:, None]
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    groups = labels // 2
+    within = oneshot_accuracy(emb, labels, n_way=2, episodes=8000, seed=0, groups=groups)
+    across = oneshot_accuracy(emb, labels, n_way=2, episodes=8000, seed=0)
+    assert within["accuracy"] == pytest.approx(0.75, abs=0.015)
+    assert across["accuracy"] == pytest.approx(11 / 12, abs=0.01)
+
+
+def test_class_groups_from_alphabet_names():
+    names = ["Greek/c01", "Latin/c01", "Greek/c02", "Old/Runic/c01"]
+    assert class_groups(names, None) is None
+    # Greek, Latin, Old/Runic (the part before the last "/"), numbered in sorted order.
+    assert class_groups(names, "alphabet").tolist() == [0, 1, 0, 2]
+    with pytest.raises(ConfigError, match=r"2 of the 3 classes have none \(e.g. '3'\)"):
+        class_groups(["Greek/c01", "3", "4"], "alphabet")
+    with pytest.raises(ConfigError, match=r"within='script' is unknown; use null"):
+        class_groups(names, "script")
+
+
+def test_group_checks_and_ways_that_no_group_can_hold():
+    labels, groups = grouped_labels()
+    emb = np.random.default_rng(0).standard_normal((len(labels), 3))
+    # The largest group has 6 eligible classes: 5-way fits, 7- and 20-way are left out.
+    got = oneshot_metrics(emb, labels, ways=(5, 7, 20), episodes=50, groups=groups)
+    assert list(got) == ["oneshot_5way_1shot", "oneshot_5way_1shot_ci95"]
+    with pytest.raises(ConfigError, match="the largest has 6; use n_way <= 6"):
+        sample_episodes(labels, 7, 1, 10, groups=groups)
+    split = groups.copy()
+    split[np.flatnonzero(labels == 0)[0]] = 2  # one item of class 0 in another group
+    with pytest.raises(DataError, match="class 0 has items in more than one group"):
+        sample_episodes(labels, 4, 1, 10, groups=split)
+    with pytest.raises(DataError, match="groups has 3 entries but labels has"):
+        sample_episodes(labels, 4, 1, 10, groups=[0, 1, 2])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from siamese.config import build
 from siamese.data.pairs import PairBatchSampler
 from siamese.data.samplers import ClassBalancedBatchSampler
 from siamese.errors import ConfigError
+from siamese.evaluation import oneshot_metrics
 from siamese.models import ConvTower
 from siamese.pipelines.train import build_module, run_training, split_model_config
 
@@ -36,9 +38,10 @@ CPU = [
 # Not a key of conf/trainer: added for these runs only.
 FAST_DEV_RUN = "+trainer.fast_dev_run=true"
 MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
-# 20 test characters of two images: enough for the 20-way one-shot metric.
+# 20 test characters of two images in one alphabet: enough for the 20-way one-shot metric
+# within an alphabet (omniglot_koch's oneshot_within=alphabet).
 BACKGROUND = {"Alpha": [3] * 4, "Beta": [3] * 4}
-EVALUATION = {"Gamma": [2] * 10, "Delta": [2] * 10}
+EVALUATION = {"Gamma": [2] * 20, "Delta": [2] * 5}
 
 
 def tiny_data(cfg: DictConfig, root: Path) -> list[str]:
@@ -102,6 +105,42 @@ def test_experiment_runs_fast_dev_run(name, tmp_path):
     check_test_metrics(metrics)
     if name == "omniglot_koch":  # the paper's figure: 20-way one-shot on unseen alphabets
         assert 0.0 <= metrics["test/oneshot_20way_1shot"] <= 1.0
+        report = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+        assert report["oneshot_within"] == "alphabet"
+
+
+def test_omniglot_koch_draws_one_shot_episodes_within_an_alphabet(tmp_path):
+    cfg = compose_preset(["experiment=omniglot_koch", *CPU], tmp_path)
+    datamodule = build(cfg.data)
+    module = build_module(cfg, datamodule)
+    test = datamodule.load_splits().test
+    # One class list for all splits: background Alpha, Beta, then evaluation Delta, Gamma
+    # (folders in sorted order), numbered by alphabet name in sorted order.
+    assert module.oneshot_groups.tolist() == [0] * 4 + [1] * 4 + [2] * 5 + [3] * 20
+    assert test.classes[8].startswith("Delta/") and test.classes[13].startswith("Gamma/")
+    labels = test.targets
+    emb = torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(0))
+    module.distance = build({"_target_": "siamese.distances.EuclideanDistance"})
+    metrics = module._split_metrics(emb, labels, oneshot=True)[0]
+    want = oneshot_metrics(
+        emb.numpy(),
+        labels.numpy(),
+        ways=(5, 20),
+        episodes=1000,
+        seed=cfg.eval_seed,
+        groups=module.oneshot_groups[labels.numpy()],
+    )
+    assert metrics["oneshot_5way_1shot"] == want["oneshot_5way_1shot"]
+    assert metrics["oneshot_20way_1shot"] == want["oneshot_20way_1shot"]
+    # Across the split the same episodes would differ (different classes drawn).
+    across = oneshot_metrics(emb.numpy(), labels.numpy(), ways=(5,), episodes=1000)
+    assert across["oneshot_5way_1shot"] != want["oneshot_5way_1shot"]
+
+
+def test_one_shot_within_alphabet_on_data_without_alphabets_is_one_line(tmp_path):
+    cfg = compose_train(["oneshot_within=alphabet", *CPU], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"alphabet/character, but 10 of the 10 classes"):
+        build_module(cfg, build(cfg.data))
 
 
 # debug=fast runs in full below (test_debug_fast_trains_five_batches_and_tests).

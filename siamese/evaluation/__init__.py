@@ -4,6 +4,7 @@ Lightning. Plots live in ``siamese.evaluation.plots`` (imported on demand: matpl
 from siamese.evaluation.index import build_index
 from siamese.evaluation.oneshot import (
     Episodes,
+    class_groups,
     oneshot_accuracy,
     oneshot_metrics,
     sample_episodes,
@@ -14,6 +15,7 @@ from siamese.evaluation.verification import threshold_at_far, verification_metri
 __all__ = [
     "Episodes",
     "build_index",
+    "class_groups",
     "normalize",
     "oneshot_accuracy",
     "oneshot_metrics",

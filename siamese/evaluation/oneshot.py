@@ -3,6 +3,10 @@
 An episode draws N classes, K support items of each and one query of one of them; the query
 is classified as the class whose support (the mean support embedding when K > 1) is
 nearest. Episodes are sampled and scored as whole arrays, so a seed fixes the result.
+
+With ``groups`` (one group per item, e.g. Omniglot's alphabet) every episode first draws a
+group, then its N classes within that group: Lake et al.'s within-alphabet tasks, which
+Koch et al. report, harder than classes drawn across the whole split.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from siamese.errors import ConfigError, DataError
 from siamese.evaluation.arrays import as_embeddings, to_numpy
 
 METRICS = ("l2", "ip")
+# What an episode's classes share: nothing (any classes of the split), or the alphabet (the
+# part of the class name before its last "/", e.g. Omniglot's "Greek/character05").
+WITHIN = (None, "alphabet")
 
 # scorer(query (B, 1, D), prototypes (B, N, D)) -> (B, N) distances, lower = closer: a model's
 # own pair score (a learned head) instead of ``metric``.
@@ -45,6 +52,7 @@ def oneshot_accuracy(
     episodes: int = 1000,
     seed: int = 0,
     metric: str = "l2",
+    groups: Any = None,
 ) -> dict[str, float]:
     """Mean accuracy of nearest-support classification over random N-way K-shot episodes.
 
@@ -63,6 +71,9 @@ def oneshot_accuracy(
         episodes: number of episodes.
         seed: seed of the numpy Generator; the same seed gives the same result every call.
         metric: "l2" or "ip".
+        groups: optional (M,) group of each item (every item of a class in one group): each
+            episode's classes come from one group, drawn uniformly among the groups with
+            ``n_way`` eligible classes.
 
     Returns:
         ``accuracy``; ``ci95``, the half-width of the normal-approximation 95% confidence
@@ -72,7 +83,8 @@ def oneshot_accuracy(
     """
     metric = _check_metric(metric)
     x = as_embeddings(embeddings, "embeddings", np.float64)
-    eps = sample_episodes(_check_labels(labels, len(x)), n_way, k_shot, episodes, seed)
+    y = _check_labels(labels, len(x))
+    eps = sample_episodes(y, n_way, k_shot, episodes, seed, groups=groups)
     correct = _predict(x, eps, metric) == eps.target
     return _summary(correct, n_way, k_shot)
 
@@ -87,15 +99,17 @@ def oneshot_metrics(
     seed: int = 0,
     metric: str = "l2",
     scorer: Scorer | None = None,
+    groups: Any = None,
 ) -> dict[str, float]:
     """One-shot accuracy for each N in ``ways`` that the split can support, as flat metrics.
 
     ``scorer`` (optional) replaces ``metric``: it gets the queries (B, 1, D) and the class
     prototypes (B, N, D) and returns (B, N) distances, e.g. Koch et al.'s learned L1 head.
 
-    Each N runs :func:`oneshot_accuracy` with the same ``seed``. An N larger than the number
-    of classes with at least ``k_shot + 1`` items is left out without a word (20-way on
-    MNIST's 10 classes), so the result may be empty.
+    Each N runs :func:`oneshot_accuracy` with the same ``seed`` (and ``groups``). An N
+    larger than the number of classes with at least ``k_shot + 1`` items (in the largest
+    group, with ``groups``) is left out without a word (20-way on MNIST's 10 classes), so
+    the result may be empty.
 
     Returns:
         ``oneshot_<N>way_<K>shot`` (accuracy) and ``oneshot_<N>way_<K>shot_ci95`` for each
@@ -111,11 +125,15 @@ def oneshot_metrics(
     y = _check_labels(labels, len(x))
     _check_counts(2, k_shot, episodes, seed)
     eligible = _eligible_classes(y, int(k_shot))[0]
+    grouped = _check_groups(groups, y)
+    most = len(eligible)  # the most classes an episode can draw from
+    if grouped is not None and most:
+        most = int(np.bincount(grouped[eligible]).max())
     out: dict[str, float] = {}
     for n in dict.fromkeys(int(n) for n in values):
-        if n > len(eligible):
+        if n > most:
             continue
-        eps = sample_episodes(y, n, k_shot, episodes, seed)
+        eps = sample_episodes(y, n, k_shot, episodes, seed, groups=groups)
         summary = _summary(_predict(x, eps, metric, scorer) == eps.target, n, k_shot)
         key = f"oneshot_{n}way_{int(k_shot)}shot"
         out[key] = summary["accuracy"]
@@ -129,18 +147,22 @@ def sample_episodes(
     k_shot: int,
     episodes: int,
     seed: int = 0,
+    groups: Any = None,
 ) -> Episodes:
     """Draw N-way K-shot episodes as item indices, the same ones for the same seed.
 
-    Each episode takes N distinct classes uniformly among those with at least K + 1 items,
-    in a uniformly random order; K + 1 distinct items of each class, uniformly; the target
-    position uniformly in [0, N). The first K items of every class are its support; the
-    (K + 1)-th item of the target class is the query, so it never coincides with a support.
+    Each episode takes N distinct classes uniformly among those with at least K + 1 items
+    (with ``groups``: first a group, uniformly among those with N such classes, then N of
+    its classes uniformly), in a uniformly random order; K + 1 distinct items of each
+    class, uniformly; the target position uniformly in [0, N). The first K items of every
+    class are its support; the (K + 1)-th item of the target class is the query, so it
+    never coincides with a support.
     """
     labels = _check_labels(labels, None)
     _check_counts(n_way, k_shot, episodes, seed)
     n_way, k_shot, episodes = int(n_way), int(k_shot), int(episodes)
     eligible, counts, starts, by_class = _eligible_classes(labels, k_shot)
+    class_group = _check_groups(groups, labels)
     if n_way > len(eligible):
         raise ConfigError(
             f"n_way={n_way} needs {n_way} classes with at least k_shot + 1 = {k_shot + 1} "
@@ -150,9 +172,28 @@ def sample_episodes(
     rng = np.random.default_rng(seed)
 
     # N distinct classes per episode, then shuffled so the class order is uniform too.
-    picked = _floyd_sample(rng, np.full(episodes, len(eligible)), n_way)  # (E, N)
-    picked = np.take_along_axis(picked, rng.random(picked.shape).argsort(axis=1), axis=1)
-    classes = eligible[picked]  # (E, N) class codes
+    if class_group is None:
+        picked = _floyd_sample(rng, np.full(episodes, len(eligible)), n_way)  # (E, N)
+        picked = np.take_along_axis(picked, rng.random(picked.shape).argsort(axis=1), axis=1)
+        classes = eligible[picked]  # (E, N) class codes
+    else:
+        # The eligible classes listed group after group; an episode draws a group with
+        # N of them, then N positions within the group's stretch of that list.
+        in_group = class_group[eligible]
+        listed = eligible[np.argsort(in_group, kind="stable")]
+        sizes = np.bincount(in_group)
+        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        usable = np.flatnonzero(sizes >= n_way)
+        if len(usable) == 0:
+            raise ConfigError(
+                f"n_way={n_way} within a group needs a group with {n_way} classes of at least "
+                f"k_shot + 1 = {k_shot + 1} items, but the largest has {int(sizes.max())}; "
+                f"use n_way <= {int(sizes.max())} (or episodes across groups)"
+            )
+        group = usable[rng.integers(0, len(usable), size=episodes)]  # (E,)
+        picked = _floyd_sample(rng, sizes[group], n_way)  # (E, N) within the group
+        picked = np.take_along_axis(picked, rng.random(picked.shape).argsort(axis=1), axis=1)
+        classes = listed[first[group][:, None] + picked]
     # K + 1 distinct positions within each class, shuffled, so any of them can be the query.
     pos = _floyd_sample(rng, counts[classes], k_shot + 1)  # (E, N, K + 1)
     pos = np.take_along_axis(pos, rng.random(pos.shape).argsort(axis=2), axis=2)
@@ -222,6 +263,48 @@ def _eligible_classes(
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     by_class = np.argsort(codes, kind="stable")
     return np.flatnonzero(counts >= k_shot + 1), counts, starts, by_class
+
+
+def class_groups(classes: Sequence[str], within: str | None) -> np.ndarray | None:
+    """(C,) group code of each class name for episodes ``within`` WITHIN: None for none;
+    "alphabet": the part of the name before its last "/" (Omniglot's "Greek/character05")."""
+    if within not in WITHIN:
+        raise ConfigError(
+            f"one-shot within={within!r} is unknown; use null (classes across the split) or "
+            "alphabet (classes of one alphabet, as Lake's and Koch's 20-way tasks)"
+        )
+    if within is None:
+        return None
+    flat = [name for name in classes if "/" not in str(name)]
+    if flat:
+        raise ConfigError(
+            f"one-shot within=alphabet needs class names of the form alphabet/character, but "
+            f"{len(flat)} of the {len(classes)} classes have none (e.g. {str(flat[0])!r}); "
+            "use within=null for this data"
+        )
+    _, codes = np.unique([str(name).rsplit("/", 1)[0] for name in classes], return_inverse=True)
+    return codes.reshape(-1).astype(np.int64)
+
+
+def _check_groups(groups: Any, labels: np.ndarray) -> np.ndarray | None:
+    """(C,) group code of each class code (np.unique order of ``labels``) from per-item
+    ``groups``, or None; refuses a class whose items are in several groups."""
+    if groups is None:
+        return None
+    g = to_numpy(groups).reshape(-1)
+    if len(g) != len(labels):
+        raise DataError(
+            f"groups has {len(g)} entries but labels has {len(labels)}; pass one group per item"
+        )
+    _, codes = np.unique(labels, return_inverse=True)
+    _, gcodes = np.unique(g, return_inverse=True)
+    codes, gcodes = codes.reshape(-1), gcodes.reshape(-1)
+    per_class = np.full(codes.max() + 1, -1, dtype=np.int64)
+    per_class[codes] = gcodes
+    if not np.array_equal(per_class[codes], gcodes):
+        bad = labels[np.flatnonzero(per_class[codes] != gcodes)[0]].item()
+        raise DataError(f"class {bad!r} has items in more than one group; give a class one group")
+    return per_class
 
 
 def _summary(correct: np.ndarray, n_way: int, k_shot: int) -> dict[str, float]:

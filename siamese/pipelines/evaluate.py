@@ -28,6 +28,7 @@ from siamese.data.datasets import ConcatImages, LabelledImages
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation import (
     build_index,
+    class_groups,
     oneshot_metrics,
     retrieval_metrics,
     threshold_at_far,
@@ -85,6 +86,7 @@ def check_eval_config(ev: DictConfig) -> None:
             or value < (2 if key == "pairs" else 1)
         ):
             raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
+    class_groups([], ev.oneshot.get("within"))  # a known value
     if ev.projection not in PROJECTIONS:
         raise ConfigError(f"eval.projection={ev.projection!r} is unknown; expected pca or tsne")
     far = ev.get("target_far")
@@ -312,6 +314,16 @@ def saved_inputs(folder: Path, model: SiameseModule, kind: str) -> Embedded:
     )
 
 
+def _item_groups(
+    split: LabelledImages | None, labels: np.ndarray, within: str | None
+) -> np.ndarray | None:
+    """The one-shot group (alphabet) of each evaluated item, or None for episodes across
+    the split."""
+    if within is None or split is None:
+        return None
+    return class_groups(split.classes, within)[labels]
+
+
 def index_kind(index: faiss.Index) -> str:
     """flat, ivf or hnsw: the ``index=`` option that builds an index of this type."""
     name = type(faiss.downcast_index(index)).__name__
@@ -378,6 +390,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     kind = index_params.pop("kind", "flat")
     device = resolve_device(str(ev.device))
     from_run = saved_run(ev.get("from_run"))
+    within = ev.oneshot.get("within")
+    if from_run is not None and within is not None:
+        raise ConfigError(
+            f"eval.oneshot.within={within} needs the split's class names, which the embeddings "
+            "saved by eval.from_run do not hold; evaluate from the images (no eval.from_run) "
+            "or use eval.oneshot.within=null"
+        )
     model, ckpt_path = load_model(cfg, device, from_run)
     metric = model.distance.faiss_metric
     out_dir = Path(cfg.paths.output_dir)
@@ -427,6 +446,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         seed=ev.oneshot.seed,
         metric=metric,
         scorer=model.episode_scorer(),  # a learned head scores its own episodes
+        groups=_item_groups(inputs.query_split, query_labels, within),
     )
 
     protocol = (
@@ -442,6 +462,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         "split": inputs.split,
         "index": kind,
         "distance": model.distance.name,
+        "oneshot_within": within,
         **({"from_run": str(from_run)} if from_run is not None else {}),
         **{k: float(v) for k, v in numbers.items()},
     }

@@ -25,6 +25,7 @@ from siamese.checkpointing import AtomicCheckpointIO
 from siamese.config import build
 from siamese.distributed import SyncBatchNormPlugin
 from siamese.errors import ConfigError, find_in_chain
+from siamese.evaluation.oneshot import class_groups
 from siamese.inference import check_checkpoint
 from siamese.loggers import build_loggers
 from siamese.losses import PairLoss
@@ -241,7 +242,8 @@ def build_module(cfg: DictConfig, datamodule: Any) -> SiameseModule:
         )
     container = OmegaConf.to_container(cfg, resolve=True)
     container["model"] = tower
-    return SiameseModule(
+    groups = class_groups(datamodule.load_splits().test.classes, cfg.get("oneshot_within"))
+    module = SiameseModule(
         tower=tower,
         distance=OmegaConf.to_container(cfg.distance, resolve=True),
         loss=OmegaConf.to_container(cfg.loss, resolve=True),
@@ -255,6 +257,8 @@ def build_module(cfg: DictConfig, datamodule: Any) -> SiameseModule:
         channels_last=bool(options.get("channels_last", False)),
         compile=options.get("compile", False),
     )
+    module.oneshot_groups = groups
+    return module
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -324,7 +328,12 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             if k.startswith("test/")
         }
         metrics.update(tested)
-        report = {"protocol": "leave-one-out over the test split", "checkpoint": best, **tested}
+        report = {
+            "protocol": "leave-one-out over the test split",
+            "oneshot_within": cfg.get("oneshot_within"),
+            "checkpoint": best,
+            **tested,
+        }
         if trainer.is_global_zero:
             print_table(tested, prefix="test/", order=REPORTED)
     optimized = cfg.get("optimized_metric")
