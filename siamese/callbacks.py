@@ -214,7 +214,9 @@ class LastCheckpoint(Checkpoint):
     rank's gradient all-reduce and hang every process; while fitting, the handler here only
     notes the signal, and at each training batch's end (and epoch's end) the processes agree
     with one tiny all-reduce whether any of them got it, then all save and stop together
-    (Lightning already reads a flag back from the device at every DDP step).
+    (Lightning already reads a flag back from the device at every DDP step). The test after
+    fitting is covered the same way under DDP (agreed at each test batch's end, nothing
+    saved); the sanity check before training is not.
 
     Ctrl-C (``SIGINT``) while fitting is handled the same way: the first press says that
     training stops at the end of the running training batch (after validation, if it is
@@ -341,15 +343,20 @@ class LastCheckpoint(Checkpoint):
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
 
-    def _stop_for(self, trainer: pl.Trainer, signum: int) -> None:
+    def _stop_for(self, trainer: pl.Trainer, signum: int, saved: bool = True) -> None:
         if trainer.is_global_zero:
             log.info(
-                "%s: last.ckpt written at step %d; stopping %d process(es)",
+                "%s: %s; stopping %d process(es)",
                 signal.Signals(signum).name,
-                trainer.global_step,
+                f"last.ckpt written at step {trainer.global_step}" if saved else "testing",
                 trainer.world_size,
             )
         raise StopSignalled(signum)  # on every rank at the same point: the way Lightning stops
+
+    def _note_sigterm_under_ddp(self, trainer: pl.Trainer) -> None:
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            self._lightning_sigterm = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._note_sigterm)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -360,9 +367,7 @@ class LastCheckpoint(Checkpoint):
             self._handed_on = handler
             signal.signal(sig, self._hold)
         self._noted, self._pressed = 0, False
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            self._lightning_sigterm = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._note_sigterm)
+        self._note_sigterm_under_ddp(trainer)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._says = trainer.is_global_zero
             self._int_handler = signal.default_int_handler
@@ -376,6 +381,32 @@ class LastCheckpoint(Checkpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._release()  # the run is stopping; the handlers are back for what follows
+
+    # Testing under DDP (train.py tests after fitting): SIGTERM is noted and agreed at each
+    # test batch's end, as while fitting (every process has the same number of test
+    # batches), so Lightning's broadcast inside its handler cannot meet the embeddings'
+    # gather. Nothing is saved: training has finished. A Ctrl-C is Lightning's.
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._noted = 0
+            self._note_sigterm_under_ddp(trainer)
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._lightning_sigterm is not None:
+            stop = self._stop_agreed(trainer)
+            if stop:
+                self._stop_for(trainer, stop, saved=False)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
 
     def _fitting(self, trainer: pl.Trainer) -> bool:
         return trainer.state.fn == "fit" and not trainer.sanity_checking

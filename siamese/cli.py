@@ -24,12 +24,21 @@ def fail(message: str) -> None:
 
 
 def report_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a SiameseError raised by ``fn`` into one line and a non-zero exit."""
+    """Turn a SiameseError raised by ``fn`` into one line and a non-zero exit, and a
+    Ctrl-C into one line and exit 130 (Python would print a traceback). train.py's own
+    Ctrl-C line while fitting comes first (an exit, not an interrupt, by then)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            print(
+                "stopped: Ctrl-C (SIGINT) before the run finished; run it again to start over",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(128 + 2)  # 130, as a shell reports a process stopped by SIGINT
         except Exception as exc:
             cause = user_error_in(exc)  # also unwraps Hydra's InstantiationException
             if cause is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytorch_lightning as pl
 import torch
@@ -40,3 +41,17 @@ class PoisonAtStep(pl.Callback):
     def on_after_backward(self, trainer, pl_module) -> None:
         if self.grad and trainer.global_step + 1 == self.step:
             self._first_weight(pl_module).grad.view(-1)[0] = float("inf")
+
+
+class SlowTestOnRank(pl.Callback):
+    """Process ``rank`` writes ``marker`` and sleeps ``seconds`` before its first test batch:
+    the other processes run ahead, toward the gather of the test embeddings."""
+
+    def __init__(self, rank: int, seconds: float, marker: str) -> None:
+        self.rank, self.seconds, self.marker = rank, seconds, marker
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_rank == self.rank and batch_idx == 0:
+            with open(self.marker, "w") as f:
+                f.write("testing\n")
+            time.sleep(self.seconds)

@@ -233,3 +233,18 @@ def test_resume_with_another_schedule_length_is_refused(make_cfg):
     run_training(make_cfg())
     with pytest.raises(ConfigError, match="planned for 3 steps, but this run plans 6"):
         run_training(make_cfg("ckpt_path=last", "trainer.max_epochs=2"))
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
+    """evaluate.py, export.py, or train.py before fitting: no traceback wall."""
+    from siamese.cli import report_errors
+
+    def job() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        report_errors(job)()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "stopped: Ctrl-C (SIGINT) before the run finished; run it again to start over"
+    ]

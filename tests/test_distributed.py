@@ -396,3 +396,62 @@ def test_a_stop_signal_to_every_process_saves_and_stops_them_all_without_a_hang(
     if name == "SIGINT":  # the Ctrl-C line, from rank 0 alone
         assert sum(line.startswith("Ctrl-C: ") for line in stderr.splitlines()) == 1
     assert ckpt["global_step"] > 0 and not (run / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_while_testing_under_ddp_stops_every_process_without_a_hang(tmp_path: Path):
+    """The test after fit: rank 1 is slow on its first test batch while rank 0 would run
+    ahead to the embeddings' gather. With Lightning's handler, rank 1's broadcast inside it
+    meets rank 0's gather; with LastCheckpoint's the ranks agree at a test batch's end and
+    both exit 143 with one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    run, marker = tmp_path / "run", tmp_path / "testing"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *DDP_CPU_FAST,
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "trainer.enable_model_summary=false",
+            "eval_pairs=500",
+            f"hydra.run.dir={run}",
+            "+callbacks.slow._target_=fault_callbacks.SlowTestOnRank",
+            "+callbacks.slow.rank=1",
+            "+callbacks.slow.seconds=4",
+            f"+callbacks.slow.marker={marker}",
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "WANDB_MODE": "offline",
+            "PYTHONWARNINGS": "ignore",
+            "PYTHONPATH": str(ROOT / "tests"),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.5)  # rank 0 is past its first test batch
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1, stderr[-3000:]
+    assert stopped[0].startswith("stopped: SIGTERM while testing (training had finished)")
+    assert not (run / "metrics.json").exists()
