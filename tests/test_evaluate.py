@@ -4,6 +4,7 @@ with the exported arrays, the calibrated threshold, other data, and one-line bad
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import faiss
@@ -176,7 +177,7 @@ def test_an_image_folder_of_new_classes_all_splits(trained, tmp_path):
     assert (tmp_path / "y" / "retrieval.png").is_file()
 
 
-def test_one_shot_episodes_within_an_alphabet(trained, evaluated, tmp_path):
+def test_one_shot_episodes_within_an_alphabet(trained, evaluated, tmp_path, caplog):
     root = tmp_path / "omniglot"
     make_omniglot_set(root, "images_background", {"Alpha": [2] * 4, "Beta": [2] * 4}, size=28)
     make_omniglot_set(root, "images_evaluation", {"Gamma": [3] * 6, "Delta": [2] * 5}, size=28)
@@ -200,6 +201,21 @@ def test_one_shot_episodes_within_an_alphabet(trained, evaluated, tmp_path):
     assert list(want) == ["oneshot_5way_1shot", "oneshot_5way_1shot_ci95"]
     assert report["oneshot_5way_1shot"] == want["oneshot_5way_1shot"]
     assert "oneshot_20way_1shot" not in report
+
+    # auto (the default) follows the checkpoint's oneshot_within: alphabet here...
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state["hyper_parameters"]["config"]["oneshot_within"] = "alphabet"
+    torch.save(state, tmp_path / "koch_like.ckpt")
+    koch_like = [f"ckpt_path={tmp_path / 'koch_like.ckpt'}", *EVAL_FAST, "eval.plots=false"]
+    auto = run_evaluation(compose_eval([*koch_like, *data, "eval.k=5"], tmp_path / "auto"))
+    assert auto["oneshot_within"] == "alphabet"
+    assert auto["oneshot_5way_1shot"] == report["oneshot_5way_1shot"]
+    # ... and across the split, with a warning, on digits (no alphabet in "0".."9").
+    with caplog.at_level(logging.WARNING, logger="siamese.pipelines.evaluate"):
+        digits = run_evaluation(compose_eval(koch_like, tmp_path / "digits"))
+    assert digits["oneshot_within"] is None and "oneshot_20way_1shot" not in digits
+    assert digits["oneshot_5way_1shot"] == evaluated[1]["oneshot_5way_1shot"]
+    assert "one-shot episodes across the split, not the checkpoint's" in caplog.text
 
     out = evaluated[0]
     with pytest.raises(ConfigError, match=r"within=alphabet needs the split's class names"):

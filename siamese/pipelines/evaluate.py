@@ -86,7 +86,8 @@ def check_eval_config(ev: DictConfig) -> None:
             or value < (2 if key == "pairs" else 1)
         ):
             raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
-    class_groups([], ev.oneshot.get("within"))  # a known value
+    if ev.oneshot.get("within", "auto") != "auto":
+        class_groups([], ev.oneshot.get("within"))  # a known value
     if ev.projection not in PROJECTIONS:
         raise ConfigError(f"eval.projection={ev.projection!r} is unknown; expected pca or tsne")
     far = ev.get("target_far")
@@ -314,14 +315,38 @@ def saved_inputs(folder: Path, model: SiameseModule, kind: str) -> Embedded:
     )
 
 
-def _item_groups(
-    split: LabelledImages | None, labels: np.ndarray, within: str | None
-) -> np.ndarray | None:
-    """The one-shot group (alphabet) of each evaluated item, or None for episodes across
-    the split."""
-    if within is None or split is None:
-        return None
-    return class_groups(split.classes, within)[labels]
+def oneshot_groups(
+    ev: DictConfig, model: SiameseModule, inputs: Embedded
+) -> tuple[str | None, np.ndarray | None]:
+    """``eval.oneshot.within`` and the one-shot group (alphabet) of each evaluated item
+    (None: episodes across the split).
+
+    ``auto`` takes the checkpoint's own ``oneshot_within`` (train.py's test metrics), and
+    falls back to episodes across the split, with a warning, where the evaluated classes
+    have no alphabet in their names or only saved embeddings are read (``eval.from_run``);
+    a value given on the command line is refused there instead."""
+    asked = ev.oneshot.get("within", "auto")
+    explicit = asked != "auto"
+    within = asked if explicit else (model.hparams.get("config") or {}).get("oneshot_within")
+    if within is None:
+        return None, None
+    if inputs.query_split is None:  # eval.from_run: no class names
+        why = "the embeddings saved by eval.from_run hold no class names"
+        if explicit:
+            raise ConfigError(
+                f"eval.oneshot.within={within} needs the split's class names, which {why}; "
+                "evaluate from the images (no eval.from_run) or use eval.oneshot.within=null"
+            )
+        log.warning("one-shot episodes across the split, not within=%s: %s", within, why)
+        return None, None
+    try:
+        groups = class_groups(inputs.query_split.classes, within)
+    except ConfigError as exc:
+        if explicit:
+            raise
+        log.warning("one-shot episodes across the split, not the checkpoint's: %s", exc)
+        return None, None
+    return within, groups[inputs.query_labels]
 
 
 def index_kind(index: faiss.Index) -> str:
@@ -390,13 +415,6 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     kind = index_params.pop("kind", "flat")
     device = resolve_device(str(ev.device))
     from_run = saved_run(ev.get("from_run"))
-    within = ev.oneshot.get("within")
-    if from_run is not None and within is not None:
-        raise ConfigError(
-            f"eval.oneshot.within={within} needs the split's class names, which the embeddings "
-            "saved by eval.from_run do not hold; evaluate from the images (no eval.from_run) "
-            "or use eval.oneshot.within=null"
-        )
     model, ckpt_path = load_model(cfg, device, from_run)
     metric = model.distance.faiss_metric
     out_dir = Path(cfg.paths.output_dir)
@@ -437,6 +455,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         at = verification_metrics(distances, same, threshold=threshold)
         verification["accuracy_at_threshold"] = at["accuracy_at_threshold"]
 
+    within, groups = oneshot_groups(ev, model, inputs)
     oneshot = oneshot_metrics(
         query,
         query_labels,
@@ -446,7 +465,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         seed=ev.oneshot.seed,
         metric=metric,
         scorer=model.episode_scorer(),  # a learned head scores its own episodes
-        groups=_item_groups(inputs.query_split, query_labels, within),
+        groups=groups,
     )
 
     protocol = (
