@@ -222,7 +222,7 @@ def test_one_shot_episodes_within_an_alphabet(trained, evaluated, tmp_path, capl
         run_evaluation(
             compose_eval([f"eval.from_run={out}", "eval.oneshot.within=alphabet"], tmp_path / "a")
         )
-    with pytest.raises(ConfigError, match=r"within='script' is unknown"):
+    with pytest.raises(ConfigError, match=r"eval.oneshot.within='script' is unknown"):
         run_evaluation(compose_eval([f"ckpt_path={ckpt}", "eval.oneshot.within=script"], tmp_path))
 
 

@@ -139,7 +139,11 @@ def test_omniglot_koch_draws_one_shot_episodes_within_an_alphabet(tmp_path):
 
 def test_one_shot_within_alphabet_on_data_without_alphabets_is_one_line(tmp_path):
     cfg = compose_train(["oneshot_within=alphabet", *CPU], tmp_path / "run")
-    with pytest.raises(ConfigError, match=r"alphabet/character, but 10 of the 10 classes"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^oneshot_within=alphabet needs .* 10 of the 10 .*"
+        r"use oneshot_within=null for this data$",
+    ):
         build_module(cfg, build(cfg.data))
 
 

@@ -265,12 +265,15 @@ def _eligible_classes(
     return np.flatnonzero(counts >= k_shot + 1), counts, starts, by_class
 
 
-def class_groups(classes: Sequence[str], within: str | None) -> np.ndarray | None:
+def class_groups(
+    classes: Sequence[str], within: str | None, key: str = "within"
+) -> np.ndarray | None:
     """(C,) group code of each class name for episodes ``within`` WITHIN: None for none;
-    "alphabet": the part of the name before its last "/" (Omniglot's "Greek/character05")."""
+    "alphabet": the part of the name before its last "/" (Omniglot's "Greek/character05").
+    ``key`` names the setting in error messages."""
     if within not in WITHIN:
         raise ConfigError(
-            f"one-shot within={within!r} is unknown; use null (classes across the split) or "
+            f"{key}={within!r} is unknown; use null (one-shot classes across the split) or "
             "alphabet (classes of one alphabet, as Lake's and Koch's 20-way tasks)"
         )
     if within is None:
@@ -278,9 +281,9 @@ def class_groups(classes: Sequence[str], within: str | None) -> np.ndarray | Non
     flat = [name for name in classes if "/" not in str(name)]
     if flat:
         raise ConfigError(
-            f"one-shot within=alphabet needs class names of the form alphabet/character, but "
+            f"{key}=alphabet needs class names of the form alphabet/character, but "
             f"{len(flat)} of the {len(classes)} classes have none (e.g. {str(flat[0])!r}); "
-            "use within=null for this data"
+            f"use {key}=null for this data"
         )
     _, codes = np.unique([str(name).rsplit("/", 1)[0] for name in classes], return_inverse=True)
     return codes.reshape(-1).astype(np.int64)

@@ -87,7 +87,7 @@ def check_eval_config(ev: DictConfig) -> None:
         ):
             raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
     if ev.oneshot.get("within", "auto") != "auto":
-        class_groups([], ev.oneshot.get("within"))  # a known value
+        class_groups([], ev.oneshot.get("within"), "eval.oneshot.within")  # a known value
     if ev.projection not in PROJECTIONS:
         raise ConfigError(f"eval.projection={ev.projection!r} is unknown; expected pca or tsne")
     far = ev.get("target_far")
@@ -340,7 +340,7 @@ def oneshot_groups(
         log.warning("one-shot episodes across the split, not within=%s: %s", within, why)
         return None, None
     try:
-        groups = class_groups(inputs.query_split.classes, within)
+        groups = class_groups(inputs.query_split.classes, within, "eval.oneshot.within")
     except ConfigError as exc:
         if explicit:
             raise

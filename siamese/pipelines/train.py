@@ -242,7 +242,8 @@ def build_module(cfg: DictConfig, datamodule: Any) -> SiameseModule:
         )
     container = OmegaConf.to_container(cfg, resolve=True)
     container["model"] = tower
-    groups = class_groups(datamodule.load_splits().test.classes, cfg.get("oneshot_within"))
+    test_classes = datamodule.load_splits().test.classes
+    groups = class_groups(test_classes, cfg.get("oneshot_within"), "oneshot_within")
     module = SiameseModule(
         tower=tower,
         distance=OmegaConf.to_container(cfg.distance, resolve=True),
