@@ -358,8 +358,9 @@ def exit_on_stop_signal(trainer: pl.Trainer, output_dir: Path, doing: str) -> It
     try:
         yield
     except SIGTERMException as stop:
-        _say_stopped(trainer, output_dir, doing, getattr(stop, "signum", signal.SIGTERM))
-        raise SystemExit(128 + getattr(stop, "signum", signal.SIGTERM)) from None
+        signum = getattr(stop, "signum", signal.SIGTERM)  # Lightning's own: SIGTERM
+        _say_stopped(trainer, output_dir, doing, signum)
+        raise SystemExit(128 + signum) from None
     except SystemExit as stop:
         if stop.code != 1 or not trainer.interrupted:
             raise
