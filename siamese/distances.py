@@ -87,7 +87,8 @@ class CosineSimilarity(Distance):
 class LearnedDistance(Distance):
     """Koch et al. 2015: |e1 - e2| -> Linear -> logit of "same" (larger means closer).
 
-    Retrieval cannot search a learned head, so faiss searches the raw embeddings by L2.
+    No index can search a learned head, so faiss searches the raw embeddings by L2;
+    ``evaluate.py eval.rank_by=head`` ranks with the head instead, by brute force.
     """
 
     name = "learned"

@@ -411,6 +411,21 @@ class SiameseModule(pl.LightningModule):
 
         return score
 
+    def retrieval_scorer(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """Brute-force retrieval by this model's own pair distance (a learned head too):
+        query rows (B, D) and gallery (M, D) as numpy -> (B, M) distances, float64."""
+        gallery: list[Any] = [None, None]  # (the array, its tensor): one copy per gallery
+
+        @torch.no_grad()
+        def score(query: np.ndarray, items: np.ndarray) -> np.ndarray:
+            if gallery[0] is not items:
+                gallery[:] = [items, torch.as_tensor(items, dtype=torch.float32).to(self.device)]
+            q = torch.as_tensor(query, dtype=torch.float32).to(self.device)
+            scores = self.distance.pairwise(q, gallery[1])
+            return self.distance.to_distance(scores).double().cpu().numpy()
+
+        return score
+
     @torch.no_grad()
     def pair_distances(
         self, emb: Tensor, labels: Tensor, num_pairs: int, seed: int

@@ -17,7 +17,7 @@ from fixtures_data import make_image_folder, make_omniglot_set
 import siamese
 from siamese.data.pairs import sample_pairs
 from siamese.errors import ConfigError, DataError
-from siamese.evaluation import oneshot_metrics, retrieval_metrics
+from siamese.evaluation import oneshot_metrics, retrieval_metrics, scored_retrieval_metrics
 from siamese.pipelines.evaluate import REPORTED, recall_ks, run_evaluation
 from siamese.pipelines.train import run_training
 
@@ -226,6 +226,37 @@ def test_one_shot_episodes_within_an_alphabet(trained, evaluated, tmp_path, capl
         run_evaluation(compose_eval([f"ckpt_path={ckpt}", "eval.oneshot.within=script"], tmp_path))
 
 
+def test_rank_by_head_ranks_every_item_with_the_learned_head(trained, tmp_path):
+    out = tmp_path / "learned"
+    learned = ["distance=learned", "loss=bce", "trainer.max_epochs=1"]
+    run_training(
+        compose_train([*FAST, *learned, "trainer.limit_train_batches=3", "test=false"], out)
+    )
+    ckpt = out / "checkpoints" / "last.ckpt"
+    base = [f"ckpt_path={ckpt}", *EVAL_FAST, "eval.plots=false"]
+    head = run_evaluation(compose_eval([*base, "eval.rank_by=head"], tmp_path / "head"))
+    assert head["rank_by"] == "head" and head["num_queries"] == 1000.0
+    emb = np.load(tmp_path / "head" / "embeddings" / "query.npy")
+    labels = np.load(tmp_path / "head" / "embeddings" / "query_labels.npy")
+    model = siamese.load(ckpt)
+    scorer = model.retrieval_scorer()
+    # The scorer is the head's distance, pair by pair.
+    a, b = torch.from_numpy(emb[:3]), torch.from_numpy(emb[3:8])
+    pairs = model.distance.to_distance(
+        model.distance.paired(a.repeat_interleave(5, 0), b.repeat(3, 1))
+    )
+    assert scorer(emb[:3], emb[3:8]) == pytest.approx(pairs.detach().double().view(3, 5).numpy())
+    want = scored_retrieval_metrics(emb, labels, scorer=scorer, ks=(1, 5, 10))
+    for key, value in want.items():
+        assert head[key] == value, key
+
+    euclidean = trained / "checkpoints" / "best.ckpt"
+    with pytest.raises(ConfigError, match=r"eval.rank_by=head needs .* uses euclidean"):
+        run_evaluation(compose_eval([f"ckpt_path={euclidean}", "eval.rank_by=head"], tmp_path))
+    with pytest.raises(ConfigError, match=r"eval.rank_by='faiss' is unknown"):
+        run_evaluation(compose_eval([f"ckpt_path={euclidean}", "eval.rank_by=faiss"], tmp_path))
+
+
 def test_nan_weights_and_impossible_options_are_refused(trained, tmp_path):
     ckpt = trained / "checkpoints" / "best.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -245,10 +276,10 @@ def test_nan_weights_and_impossible_options_are_refused(trained, tmp_path):
 def test_evaluate_py_end_to_end_and_bad_input(trained, tmp_path):
     ckpt = trained / "checkpoints" / "best.ckpt"
     (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
+    # The command line's own paths to one line: a missing key (Hydra) and an unknown option
+    # (before Hydra); what run_evaluation refuses is checked in-process below.
     cases = [
         ([], "ckpt_path is required"),
-        ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], "does not exist"),
-        ([f"ckpt_path={tmp_path / 'corrupt.ckpt'}"], "is not a readable checkpoint"),
         ([f"ckpt_path={ckpt}", "index=annoy"], "unknown index=annoy; choose one of: flat, hnsw"),
     ]
     # Independent commands side by side: the good run first, then the bad inputs.
@@ -267,6 +298,12 @@ def test_evaluate_py_end_to_end_and_bad_input(trained, tmp_path):
     assert (tmp_path / "ok" / "metrics.json").is_file()
     for (args, expected), bad in zip(cases, procs, strict=True):
         assert expected in one_line_error(bad), args
+    for name, expected in [
+        ("missing.ckpt", "missing.ckpt' does not exist"),
+        ("corrupt.ckpt", "corrupt.ckpt' is not a readable checkpoint"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            run_evaluation(compose_eval([f"ckpt_path={tmp_path / name}"], tmp_path / "x"))
 
 
 def test_readme_example_load_embed_a_folder_search(trained, tmp_path):

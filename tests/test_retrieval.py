@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from siamese.errors import ConfigError, DataError
-from siamese.evaluation import build_index, normalize, retrieval, retrieval_metrics
+from siamese.evaluation import (
+    build_index,
+    normalize,
+    retrieval,
+    retrieval_metrics,
+    scored_retrieval_metrics,
+)
 
 # Six 2-D points on the x axis, three classes; p5 is the only C.
 #   x:     0    1    3    2.2  7    12
@@ -509,3 +515,56 @@ def test_index_errors():
         retrieval_metrics(emb[:100], labels[:100], index=index, index_params={"nprobe": 2})
     with pytest.raises(ConfigError, match="does not search by metric='ip'"):
         retrieval_metrics(emb[:100], labels[:100], metric="ip", index=index)
+
+
+def _squared_l2(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    return ((a[:, None, :].astype(np.float64) - g[None].astype(np.float64)) ** 2).sum(-1)
+
+
+def test_scored_ranking_with_l2_equals_the_exact_index_ties_included():
+    """Integer points in a small cube: many exact ties, broken by gallery index in both."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (300, 4)).astype(np.float32)
+    y = rng.integers(0, 8, 300)
+    ks = (1, 5, 10)
+    loo = scored_retrieval_metrics(x, y, scorer=_squared_l2, ks=ks)
+    assert loo == retrieval_metrics(x, y, ks=ks)
+    q, g = x[:100], x[100:]
+    sep = scored_retrieval_metrics(q, y[:100], g, y[100:], scorer=_squared_l2, ks=ks)
+    assert sep == retrieval_metrics(q, y[:100], g, y[100:], ks=ks)
+    assert 0 < loo["map_at_r"] < 1 and loo["num_queries"] == 300
+
+
+def test_a_head_that_weighs_one_dimension_ranks_by_hand():
+    # Points 0, 1 of class a and 2, 3 of class b; the "head" scores |x0 - y0| only.
+    #   query 0: 2 (0.1), 1 (0.5), 3 (10)   -> first relevant at rank 2
+    #   query 1: 2 (0.4), 0 (0.5), 3 (9.5)  -> rank 2
+    #   query 2: 0 (0.1), 1 (0.4), 3 (9.9)  -> rank 3
+    #   query 3: 1 (9.5), 2 (9.9), 0 (10)   -> rank 2
+    # R = 1 for each: precision@1 = R-precision = MAP@R = 0, recall@2 = 3/4. Euclidean
+    # distance ranks 0 and 1 right (each other at 0.5): precision@1 1/2.
+    x = np.array([[0, 0], [0.5, 0], [0.1, 5], [10, 0]], dtype=np.float32)
+    y = np.array([0, 0, 1, 1])
+
+    def first_dimension(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return np.abs(a[:, None, 0] - g[None, :, 0])
+
+    got = scored_retrieval_metrics(x, y, scorer=first_dimension, ks=(1, 2))
+    assert got == {
+        "precision_at_1": 0.0,
+        "recall_at_1": 0.0,
+        "recall_at_2": 0.75,
+        "r_precision": 0.0,
+        "map_at_r": 0.0,
+        "num_queries": 4.0,
+        "num_queries_without_positive": 0.0,
+    }
+    assert retrieval_metrics(x, y, ks=(1, 2))["precision_at_1"] == 0.5
+
+
+def test_a_bad_scorer_is_one_line():
+    x, y = np.zeros((4, 2), dtype=np.float32), np.array([0, 0, 1, 1])
+    with pytest.raises(DataError, match=r"scorer returned shape \(4, 3\); expected \(4, 4\)"):
+        scored_retrieval_metrics(x, y, scorer=lambda a, g: np.zeros((len(a), 3)), ks=(1,))
+    with pytest.raises(DataError, match="non-finite distances"):
+        scored_retrieval_metrics(x, y, scorer=lambda a, g: np.full((len(a), 4), np.nan), ks=(1,))

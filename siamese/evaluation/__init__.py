@@ -9,7 +9,7 @@ from siamese.evaluation.oneshot import (
     oneshot_metrics,
     sample_episodes,
 )
-from siamese.evaluation.retrieval import normalize, retrieval_metrics
+from siamese.evaluation.retrieval import normalize, retrieval_metrics, scored_retrieval_metrics
 from siamese.evaluation.verification import threshold_at_far, verification_metrics
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "oneshot_metrics",
     "retrieval_metrics",
     "sample_episodes",
+    "scored_retrieval_metrics",
     "threshold_at_far",
     "verification_metrics",
 ]

@@ -106,7 +106,6 @@ def retrieval_metrics(
         whose class has no other item in the gallery are left out of every metric and only
         counted.
     """
-    ks = _check_ks(ks)
     if metric not in METRICS:
         raise ConfigError(
             f"metric {metric!r} is not supported; expected one of {METRICS} "
@@ -118,43 +117,11 @@ def retrieval_metrics(
         raise ConfigError(f"recall_sample {recall_sample!r} must be a positive integer")
     if recall_sample < 1:
         raise ConfigError(f"recall_sample {recall_sample!r} must be a positive integer")
-    if (gallery is None) != (gallery_labels is None):
-        raise ConfigError(
-            "gallery and gallery_labels must be given together: pass both for a separate "
-            "gallery, or neither for leave-one-out"
-        )
-
+    ks, q32, g32, q_codes, g_codes, num_relevant = _split(
+        query, query_labels, gallery, gallery_labels, ks
+    )
     leave_one_out = gallery is None
-    q32 = as_embeddings(query, "query")
-    q_labels = _labels(query_labels, len(q32), "query")
-    if gallery is None or gallery_labels is None:
-        g32, g_labels = q32, q_labels
-    else:
-        g32 = as_embeddings(gallery, "gallery")
-        g_labels = _labels(gallery_labels, len(g32), "gallery")
-        if g32.shape[1] != q32.shape[1]:
-            raise DataError(
-                f"gallery has dimension {g32.shape[1]} but query has {q32.shape[1]}; "
-                "embed both with the same model"
-            )
-
     retrievable = len(g32) - leave_one_out
-    if max(ks) > retrievable:
-        where = "the other queries (leave-one-out)" if leave_one_out else "the gallery"
-        raise ConfigError(
-            f"k={max(ks)} is larger than the {retrievable} items a query can retrieve from "
-            f"{where}; lower ks or evaluate on more data"
-        )
-
-    # Relevant items per query (R): same-class gallery items, the query itself excluded.
-    _, codes = np.unique(np.concatenate([q_labels, g_labels]), return_inverse=True)
-    q_codes, g_codes = codes[: len(q32)], codes[len(q32) :]
-    num_relevant = np.bincount(g_codes, minlength=codes.max() + 1)[q_codes] - leave_one_out
-    if not (num_relevant > 0).any():
-        raise DataError(
-            f"none of the {len(q32)} queries has another item of its class in the gallery, "
-            "so retrieval metrics are undefined; check that query and gallery share classes"
-        )
 
     gal = _Gallery(g32, metric, g_codes)
     _check_range(q32, gal)
@@ -200,6 +167,67 @@ def retrieval_metrics(
         hits = sum(len(np.intersect1d(a, e)) for a, e in zip(approx_top, exact, strict=True))
         out["approx_recall_at_10"] = hits / exact.size
     return out
+
+
+# scorer(query rows (B, D), gallery (M, D)) -> (B, M) distances, lower = closer: a model's
+# own pair score (a learned head) for every query-gallery pair.
+PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# Scores of (queries x gallery items) ranked at once by scored_retrieval_metrics (32 MB).
+_SCORED_ELEMENTS = 1 << 22
+
+
+def scored_retrieval_metrics(
+    query: ArrayLike,
+    query_labels: ArrayLike,
+    gallery: ArrayLike | None = None,
+    gallery_labels: ArrayLike | None = None,
+    *,
+    scorer: PairScorer,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """:func:`retrieval_metrics` with every gallery item ranked by ``scorer`` (brute force).
+
+    For a pair score no index can search, such as Koch et al.'s learned head: each block
+    of queries is scored against the whole gallery and sorted by (score, gallery index),
+    the order a brute-force sort gives, with the query's own entry left out when
+    ``gallery`` is None. Costs N * M scores; memory grows with M, not N * M.
+
+    Args:
+        query, query_labels, gallery, gallery_labels, ks: as in :func:`retrieval_metrics`.
+        scorer: ``(query rows (B, D), gallery (M, D)) -> (B, M)`` distances, lower = closer
+            (negate a similarity); finite.
+
+    Returns:
+        The keys of :func:`retrieval_metrics` for an exact index.
+    """
+    ks, q32, g32, q_codes, g_codes, num_relevant = _split(
+        query, query_labels, gallery, gallery_labels, ks
+    )
+    leave_one_out = gallery is None
+    m = len(g32)
+    scored = np.flatnonzero(num_relevant > 0)
+    step = max(1, _SCORED_ELEMENTS // m)
+    scores = _PerQueryScores.empty(len(q32), ks)
+    for start in range(0, len(scored), step):
+        rows = scored[start : start + step]
+        d = np.asarray(scorer(q32[rows], g32), dtype=np.float64)
+        if d.shape != (len(rows), m):
+            raise DataError(
+                f"scorer returned shape {d.shape}; expected {(len(rows), m)} (queries, "
+                "gallery items) distances"
+            )
+        if not np.isfinite(d).all():
+            raise DataError(
+                "scorer returned non-finite distances; the model's weights have probably "
+                "diverged, so evaluate an earlier checkpoint"
+            )
+        order = np.argsort(d, axis=1, kind="stable")  # ties: the lower gallery index first
+        if leave_one_out:
+            order = order[order != rows[:, None]].reshape(len(rows), m - 1)
+        k = max(max(ks), int(num_relevant[rows].max()))
+        relevant = g_codes[order[:, :k]] == q_codes[rows][:, None]
+        scores.add(rows, relevant, num_relevant[rows])
+    return scores.summary(num_queries=len(q32))
 
 
 def _in_order(
@@ -816,6 +844,56 @@ def _searcher(
     if index_kind(index) == "flat":
         return _ExactSearch(gal)
     return _IndexSearch(index, gal)
+
+
+def _split(
+    query: ArrayLike,
+    query_labels: ArrayLike,
+    gallery: ArrayLike | None,
+    gallery_labels: ArrayLike | None,
+    ks: Sequence[int],
+) -> tuple[tuple[int, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Checked ks, float32 query and gallery, their class codes, and R (relevant gallery
+    items) per query: the query's own entry excluded when ``gallery`` is None."""
+    ks = _check_ks(ks)
+    if (gallery is None) != (gallery_labels is None):
+        raise ConfigError(
+            "gallery and gallery_labels must be given together: pass both for a separate "
+            "gallery, or neither for leave-one-out"
+        )
+
+    leave_one_out = gallery is None
+    q32 = as_embeddings(query, "query")
+    q_labels = _labels(query_labels, len(q32), "query")
+    if gallery is None or gallery_labels is None:
+        g32, g_labels = q32, q_labels
+    else:
+        g32 = as_embeddings(gallery, "gallery")
+        g_labels = _labels(gallery_labels, len(g32), "gallery")
+        if g32.shape[1] != q32.shape[1]:
+            raise DataError(
+                f"gallery has dimension {g32.shape[1]} but query has {q32.shape[1]}; "
+                "embed both with the same model"
+            )
+
+    retrievable = len(g32) - leave_one_out
+    if max(ks) > retrievable:
+        where = "the other queries (leave-one-out)" if leave_one_out else "the gallery"
+        raise ConfigError(
+            f"k={max(ks)} is larger than the {retrievable} items a query can retrieve from "
+            f"{where}; lower ks or evaluate on more data"
+        )
+
+    # Relevant items per query (R): same-class gallery items, the query itself excluded.
+    _, codes = np.unique(np.concatenate([q_labels, g_labels]), return_inverse=True)
+    q_codes, g_codes = codes[: len(q32)], codes[len(q32) :]
+    num_relevant = np.bincount(g_codes, minlength=codes.max() + 1)[q_codes] - leave_one_out
+    if not (num_relevant > 0).any():
+        raise DataError(
+            f"none of the {len(q32)} queries has another item of its class in the gallery, "
+            "so retrieval metrics are undefined; check that query and gallery share classes"
+        )
+    return ks, q32, g32, q_codes, g_codes, num_relevant
 
 
 def _labels(labels: ArrayLike, n: int, name: str) -> np.ndarray:

@@ -25,12 +25,14 @@ from tqdm.auto import tqdm
 from siamese.config import build
 from siamese.data.datamodule import ordered_loader
 from siamese.data.datasets import ConcatImages, LabelledImages
+from siamese.distances import LearnedDistance
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation import (
     build_index,
     class_groups,
     oneshot_metrics,
     retrieval_metrics,
+    scored_retrieval_metrics,
     threshold_at_far,
     verification_metrics,
 )
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val", "train", "all")
 GALLERIES = ("test", "train")
+RANK_BY = ("index", "head")
 PROJECTIONS = ("pca", "tsne")
 RECALL_KS = (1, 5, 10)
 REPORTED = (
@@ -86,6 +89,11 @@ def check_eval_config(ev: DictConfig) -> None:
             or value < (2 if key == "pairs" else 1)
         ):
             raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
+    if ev.get("rank_by", "index") not in RANK_BY:
+        raise ConfigError(
+            f"eval.rank_by={ev.get('rank_by')!r} is unknown; expected index (the faiss index) "
+            "or head (a learned distance's head, brute force)"
+        )
     if ev.oneshot.get("within", "auto") != "auto":
         class_groups([], ev.oneshot.get("within"), "eval.oneshot.within")  # a known value
     if ev.projection not in PROJECTIONS:
@@ -417,6 +425,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     from_run = saved_run(ev.get("from_run"))
     model, ckpt_path = load_model(cfg, device, from_run)
     metric = model.distance.faiss_metric
+    rank_by = ev.get("rank_by", "index")
+    if rank_by == "head" and not isinstance(model.distance, LearnedDistance):
+        raise ConfigError(
+            f"eval.rank_by=head needs a checkpoint trained with distance=learned, but "
+            f"{str(ckpt_path)!r} uses {model.distance.name}, which the index already ranks "
+            "by; drop eval.rank_by"
+        )
     out_dir = Path(cfg.paths.output_dir)
     if from_run is not None:
         inputs = saved_inputs(from_run, model, kind)
@@ -432,15 +447,18 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     index = inputs.index
     if index is None:
         index = build_index(gallery, metric=metric, kind=kind, **index_params)
-    retrieval = retrieval_metrics(
+    searched = (
         query,
         query_labels,
         None if leave_one_out else gallery,
         None if leave_one_out else gallery_labels,
-        metric=metric,
-        ks=recall_ks(ev.k),
-        index=index,
     )
+    if rank_by == "head":  # the learned head ranks every gallery item: brute force
+        retrieval = scored_retrieval_metrics(
+            *searched, scorer=model.retrieval_scorer(), ks=recall_ks(ev.k)
+        )
+    else:
+        retrieval = retrieval_metrics(*searched, metric=metric, ks=recall_ks(ev.k), index=index)
 
     # Verification on fixed-seed balanced pairs of the evaluated split.
     distances, same = model.pair_distances(
@@ -480,6 +498,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         "data": inputs.data_name,
         "split": inputs.split,
         "index": kind,
+        "rank_by": rank_by,
         "distance": model.distance.name,
         "oneshot_within": within,
         **({"from_run": str(from_run)} if from_run is not None else {}),
