@@ -187,9 +187,10 @@ class Throughput(Callback):
 
 
 class StopSignalled(SIGTERMException):
-    """Training stopped for a signal (``signum``) at a training batch's or epoch's end, with
-    ``last.ckpt`` written there. A ``SIGTERMException`` (a ``SystemExit``), as Lightning's own
-    stop for SIGTERM, so Lightning runs its interrupt hooks and tears down the same way."""
+    """A run stopped for a signal (``signum``) at a batch's or epoch's end: while fitting with
+    ``last.ckpt`` written there, while testing with nothing to save. A ``SIGTERMException``
+    (a ``SystemExit``), as Lightning's own stop for SIGTERM, so Lightning runs its interrupt
+    hooks and tears down the same way."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(128 + signum)
@@ -348,7 +349,7 @@ class LastCheckpoint(Checkpoint):
             log.info(
                 "%s: %s; stopping %d process(es)",
                 signal.Signals(signum).name,
-                f"last.ckpt written at step {trainer.global_step}" if saved else "testing",
+                f"last.ckpt written at step {trainer.global_step}" if saved else "while testing",
                 trainer.world_size,
             )
         raise StopSignalled(signum)  # on every rank at the same point: the way Lightning stops
