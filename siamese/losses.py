@@ -227,8 +227,10 @@ class MultiSimilarityLoss(nn.Module):
         L_i = 1/alpha log(1 + sum_p exp(-alpha (S_ip - base)))
             + 1/beta  log(1 + sum_n exp( beta (S_in - base)))
 
-    averaged over anchors (pytorch-metric-learning's defaults: alpha 2, beta 50, base 0.5,
-    epsilon 0.1).
+    averaged over the anchors that have both a positive and a negative in the batch (every
+    anchor of a class-balanced batch; pytorch-metric-learning averages over all anchors,
+    counting the others as 0, which scales an evaluation batch's loss down). Defaults are
+    pytorch-metric-learning's: alpha 2, beta 50, base 0.5, epsilon 0.1.
     """
 
     def __init__(

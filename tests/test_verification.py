@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,38 @@ def test_errors():
     # 0/1 integers are accepted as labels.
     got = verification_metrics(d, np.array([1, 0, 1]))
     assert got["num_same"] == 2.0
+
+
+def _accepted_as_stored(d: torch.Tensor, threshold: float) -> torch.Tensor:
+    """What a model does with a calibrated threshold: a float32 buffer, float32 distances."""
+    buffer = torch.tensor(math.nan)  # SiameseModule.threshold
+    buffer.fill_(threshold)
+    return d <= buffer
+
+
+def test_threshold_kept_in_a_float32_buffer_accepts_exactly_the_counted_pairs():
+    # The nearest pair is a different one: FAR 0 must accept nothing. A float64 value just
+    # below float32(0.3) rounds back onto it in float32, and would accept that pair.
+    d = torch.tensor([0.3, 0.5, 0.7, 0.9])
+    s = torch.tensor([False, True, True, False])
+    th = threshold_at_far(d, s, 0.0)
+    assert th < float(d[0]) and np.float32(th) == th  # a float32 value below the distance
+    assert not _accepted_as_stored(d, th).any()
+    # Adjacent float32 distances whose lower one has an odd last bit: their float64 midpoint
+    # rounds (to even) onto the upper one in float32, which would then be accepted too.
+    low = np.float32(0.5)
+    while np.frombuffer(low.tobytes(), np.uint32)[0] % 2 == 0:
+        low = np.nextafter(low, np.float32(1))
+    high = np.nextafter(low, np.float32(1))
+    assert np.float32((float(low) + float(high)) / 2) == high  # the trap is real
+    d = torch.tensor([0.1, float(low), float(high), 0.9], dtype=torch.float32)
+    s = torch.tensor([True, True, False, False])
+    th = threshold_at_far(d, s, 0.0)  # accept the two same pairs, not the third
+    assert _accepted_as_stored(d, th).tolist() == [True, True, False, False]
+    best = verification_metrics(d, s)
+    assert best["verification_accuracy"] == 1.0
+    assert _accepted_as_stored(d, best["threshold"]).tolist() == [True, True, False, False]
+    # float64 distances keep float64 thresholds: a midpoint float32 could not represent.
+    d64 = np.array([0.1, 0.5, 0.5 + 2**-40, 0.9])
+    th64 = threshold_at_far(d64, s.numpy(), 0.0)
+    assert 0.5 < th64 < 0.5 + 2**-40

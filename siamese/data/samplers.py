@@ -74,10 +74,14 @@ class EpochBatchSampler(Sampler):
 class ClassBalancedBatchSampler(EpochBatchSampler):
     """Batches of ``batch_size // samples_per_class`` classes x ``samples_per_class`` images.
 
-    Every image is used about once per epoch: each class keeps a shuffled queue that is
-    refilled when empty; classes are visited in shuffled rounds. A class with fewer images
-    than ``samples_per_class`` is sampled with replacement (augmentation makes repeats
-    distinct views). One epoch has ``len(targets) // batch_size`` batches. ``reshuffle=False``
+    Classes are visited in shuffled rounds, each as often as any other whatever its size
+    (as pytorch-metric-learning's ``MPerClassSampler``); each class keeps a shuffled queue
+    that is refilled when empty. With classes of equal size every image is used about once
+    per epoch; with unequal ones a small class's images recur within an epoch and a large
+    class's are not all seen. A class with fewer images than ``samples_per_class`` is
+    sampled with replacement: without augmentation a batch can then hold the same image
+    twice (a zero-distance positive pair). One epoch has ``len(targets) // batch_size``
+    batches. ``reshuffle=False``
     ignores ``set_epoch``: every epoch repeats epoch 0's batches (``debug=overfit``).
 
     Under DDP (``world_size`` > 1) ``batch_size`` is per process: the sampler draws the

@@ -64,7 +64,9 @@ def threshold_at_far(distances: Any, same: Any, far: float) -> float:
 
     The value lies midway between the last accepted and the first rejected distance, so it
     does not sit on a data point; when even the smallest distance is a false accept beyond
-    ``far``, it lies just below that distance (nothing is accepted).
+    ``far``, it lies just below that distance (nothing is accepted). It is a value of the
+    distances' own precision (float32 distances give a float32 value), so a model that
+    stores it as such and compares float32 distances accepts exactly the pairs counted here.
     """
     roc = _Roc.from_pairs(distances, same)
     return roc.threshold_at_point(roc.point_at_far(_check_far(far)))
@@ -87,9 +89,14 @@ class _Roc:
     false_accepts: np.ndarray  # (T + 1,) int64: different pairs accepted
     num_same: int
     num_diff: int
+    # The precision thresholds are chosen in: float32 for float32 (or narrower) distances,
+    # so that a float32 buffer holds the threshold exactly; float64 otherwise.
+    precision: type[np.floating] = np.float64
 
     @classmethod
     def from_pairs(cls, distances: Any, same: Any) -> _Roc:
+        distances = to_numpy(distances)
+        precision = _precision(distances)
         d, s = _check_pairs(distances, same)
         order = np.argsort(d, kind="stable")
         d, s = d[order], s[order]
@@ -102,6 +109,7 @@ class _Roc:
             false_accepts=np.concatenate([zero, np.cumsum(~s, dtype=np.int64)[last]]),
             num_same=int(s.sum()),
             num_diff=int((~s).sum()),
+            precision=precision,
         )
 
     @property
@@ -157,16 +165,24 @@ class _Roc:
         return int(np.argmax(self.correct))
 
     def threshold_at_point(self, t: int) -> float:
-        """A distance that accepts exactly the pairs point t accepts, midway to the next."""
+        """A distance that accepts exactly the pairs point t accepts, midway to the next,
+        exactly representable in ``precision`` (and so in anything wider)."""
+        p = self.precision
         if t == 0:
-            return float(np.nextafter(self.thresholds[0], -np.inf))
-        low = float(self.thresholds[t - 1])
+            return float(np.nextafter(p(self.thresholds[0]), p(-np.inf)))
+        low = p(self.thresholds[t - 1])
         if t == len(self.thresholds):
-            return low
-        high = float(self.thresholds[t])
-        mid = low + (high - low) / 2
+            return float(low)
+        high = p(self.thresholds[t])
+        mid = p(float(low) + (float(high) - float(low)) / 2)
         # Adjacent floats can round the midpoint onto `high`, which would accept it too.
-        return mid if low <= mid < high else low
+        return float(mid if low <= mid < high else low)
+
+
+def _precision(distances: np.ndarray) -> type[np.floating]:
+    """float32 for float16/bfloat16/float32 distances, float64 for anything else."""
+    narrow = np.issubdtype(distances.dtype, np.floating) and distances.dtype.itemsize <= 4
+    return np.float32 if narrow else np.float64
 
 
 def _check_pairs(distances: Any, same: Any) -> tuple[np.ndarray, np.ndarray]:
