@@ -57,12 +57,13 @@ def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str] | None:
 
 
 @functools.cache
-def config_keys(conf_dir: Path = CONF_DIR) -> frozenset[str]:
+def config_values(conf_dir: Path = CONF_DIR) -> dict[str, list[tuple[Any, str]]]:
     """Every dotted key any config file under ``conf_dir`` can put into a composed config
-    (each file read where its package puts it: its group, or ``# @package``)."""
-    keys: set[str] = set()
+    (each file read where its package puts it: its group, or ``# @package``), with each
+    value it has there and the file (relative to ``conf_dir``) that sets it."""
+    values: dict[str, list[tuple[Any, str]]] = {}
 
-    def walk(node: Any, prefix: str) -> None:
+    def walk(node: Any, prefix: str, file: str) -> None:
         if isinstance(node, dict):
             items = [(n, v) for n, v in node.items() if prefix or n != "defaults"]
         elif isinstance(node, list):  # list items by index (model.layers.0.out_channels)
@@ -71,11 +72,12 @@ def config_keys(conf_dir: Path = CONF_DIR) -> frozenset[str]:
             return
         for name, value in items:
             path = f"{prefix}.{name}" if prefix else str(name)
-            keys.add(path)
-            walk(value, path)
+            values.setdefault(path, []).append((value, file))
+            walk(value, path, file)
 
     for file in sorted(conf_dir.rglob("*.yaml")):
         text = file.read_text()
+        relative = file.relative_to(conf_dir).as_posix()
         package = ".".join(file.relative_to(conf_dir).parent.parts)
         first = text.lstrip().splitlines()[0] if text.strip() else ""
         if first.startswith("# @package"):
@@ -85,15 +87,20 @@ def config_keys(conf_dir: Path = CONF_DIR) -> frozenset[str]:
             node = yaml.safe_load(text)
         except yaml.YAMLError:
             continue  # Hydra reports a broken file itself
-        walk(node, package)
+        walk(node, package, relative)
         # A defaults entry "csv@csv" puts a config at a package of its own (logger.csv).
         entries = node.get("defaults", []) if isinstance(node, dict) else []
         for entry in entries if isinstance(entries, list) else []:
             for spec in [entry] if isinstance(entry, str) else list(entry or {}):
                 if isinstance(spec, str) and "@" in spec:
                     at = spec.split("@", 1)[1].split(":")[0].strip()
-                    keys.add(f"{package}.{at}" if package else at)
-    return frozenset(keys)
+                    values.setdefault(f"{package}.{at}" if package else at, [])
+    return values
+
+
+def config_keys(conf_dir: Path = CONF_DIR) -> frozenset[str]:
+    """Every dotted key any config file under ``conf_dir`` can put into a composed config."""
+    return frozenset(config_values(conf_dir))
 
 
 def check_key_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
@@ -132,14 +139,101 @@ def check_key_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
         fail(f"{key} is not a key of any config{hint} (+{arg} would add it as a new key)")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@functools.cache
+def value_kinds(conf_dir: Path = CONF_DIR) -> dict[str, tuple[str, str]]:
+    """``key -> (kind, example)`` for each key that every config file gives one kind of
+    value: ``bool``, ``number`` or ``numbers`` (a list of numbers). Keys that take more
+    than one kind (``trainer.devices``: 2 or auto), Hydra's own and ``_target_``-like
+    keys are left out."""
+    kinds: dict[str, tuple[str, str]] = {}
+    for key, seen in config_values(conf_dir).items():
+        if key.startswith("hydra.") or key.rsplit(".", 1)[-1].startswith("_"):
+            continue
+        # Examples from the main configs first, then the key's own group, then the rest.
+        group = key.split(".", 1)[0]
+        ranked = sorted(seen, key=lambda vf: ("/" in vf[1], not vf[1].startswith(f"{group}/")))
+        present = [value for value, _ in ranked if value is not None]
+        if not present:
+            continue
+        if all(isinstance(v, bool) for v in present):
+            kind, example = "bool", str(present[0]).lower()
+        elif all(_is_number(v) for v in present):
+            kind, example = "number", str(present[0])
+        elif any(present) and all(
+            isinstance(v, list) and all(_is_number(x) for x in v) for v in present
+        ):
+            first = next(v for v in present if v)
+            kind, example = "numbers", f"[{','.join(str(x) for x in first)}]"
+        else:
+            continue
+        kinds[key] = (kind, example)
+    return kinds
+
+
+_KIND_WORDS = {"bool": "true or false", "number": "a number", "numbers": "a list of numbers"}
+
+
+def _fits(kind: str, value: Any) -> bool:
+    if value is None or (isinstance(value, str) and "${" in value):
+        return True  # null is a value Lightning and torch may take; interpolations resolve later
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "number":
+        return _is_number(value)
+    return isinstance(value, list) and all(_is_number(x) or x is None for x in value)
+
+
+def check_value_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    """Fail with one line for ``key=value`` whose value is not of the kind every config
+    gives that key (``optimizer.lr=abc``, ``test=maybe``, ``model.hidden_dims=128``): torch,
+    Lightning or Hydra would stop on it later with a traceback. Each item of a choice or
+    range sweep is checked; interval sweeps are numbers by construction."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    kinds = value_kinds(conf_dir)
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith(("-", "~")) or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_overrides([arg])[0]
+        except Exception:  # a malformed override is Hydra's to report
+            continue
+        key = override.key_or_group
+        if override.package is not None or key not in kinds or override.is_add():
+            continue
+        if override.value_type == ValueType.ELEMENT:
+            items = [override.value()]
+        elif override.value_type in (
+            ValueType.CHOICE_SWEEP,
+            ValueType.SIMPLE_CHOICE_SWEEP,
+            ValueType.RANGE_SWEEP,
+        ):
+            items = list(override.sweep_iterator())
+        else:
+            continue
+        kind, example = kinds[key]
+        for item in items:
+            if not _fits(kind, item):
+                shown = arg.split("=", 1)[1] if len(items) == 1 else f"{item} (in {arg})"
+                fail(f"{key}={shown} is not {_KIND_WORDS[kind]}; write e.g. {key}={example}")
+
+
 def check_group_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
-    """Fail with one line for ``group=option`` where the option does not exist, and for a
-    ``a.b=value`` key that no config has (``check_key_overrides``).
+    """Fail with one line for ``group=option`` where the option does not exist, for a
+    ``a.b=value`` key that no config has (``check_key_overrides``) and for a value of the
+    wrong kind (``check_value_overrides``).
 
     Hydra's own report spans a dozen lines; this catches the common typo first. Sweep lists
     (``loss=contrastive,triplet``) are checked item by item; sweep functions are left to Hydra.
     """
     check_key_overrides(argv, conf_dir)
+    check_value_overrides(argv, conf_dir)
     for arg in argv:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue

@@ -21,10 +21,25 @@ def load(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> Sia
     """The SiameseModule saved in ``ckpt_path``, in eval mode, with ``.embed``/``.compare``."""
     path = Path(ckpt_path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist; pass a .ckpt from train.py")
+        raise not_a_checkpoint_file(path, "pass a .ckpt from train.py")
     check_checkpoint(path)
     model = SiameseModule.load_from_checkpoint(path, map_location=map_location)
     return model.eval()
+
+
+def not_a_checkpoint_file(path: Path, hint: str, key: str = "ckpt_path") -> ConfigError:
+    """The error for a ``path`` that is no file: missing (``hint`` says what to pass), or
+    a folder (a run directory, say), naming a checkpoint inside it when there is one."""
+    if not path.is_dir():
+        return ConfigError(f"{key}={str(path)!r} does not exist; {hint}")
+    preferred = [path / "checkpoints" / "best.ckpt", path / "model.ckpt", path / "best.ckpt"]
+    found = [p for p in preferred if p.is_file()] or sorted(path.rglob("*.ckpt"))[:1]
+    inside = (
+        f"pass a checkpoint file, e.g. {key}={found[0]}"
+        if found
+        else "it holds no .ckpt file; pass a checkpoint file written by train.py"
+    )
+    return ConfigError(f"{key}={str(path)!r} is a folder, not a checkpoint; {inside}")
 
 
 def check_checkpoint(path: Path) -> dict[str, Any]:

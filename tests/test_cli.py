@@ -30,6 +30,10 @@ BAD_INPUT = {
         ["loss=bce"],
         "loss=bce needs the logits of distance=learned, but distance=euclidean",
     ),
+    "lr-negative": (
+        ["optimizer.lr=-1"],
+        "torch.optim.AdamW refused its settings (Invalid learning rate: -1); fix one of: ",
+    ),
     "group-null": (
         ["scheduler=null"],
         "scheduler=null cannot drop a config group; write ~scheduler",
@@ -47,6 +51,35 @@ def flat_keys(node, prefix=""):
         yield key
         if isinstance(value, dict | list):
             yield from flat_keys(value, key)
+
+
+def flat_items(node, prefix=""):
+    """Every (dotted key, leaf value) of a composed config."""
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for name, value in items:
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if isinstance(value, dict) or (isinstance(value, list) and value and not is_text(value)):
+            yield from flat_items(value, key)
+        yield key, value
+
+
+def is_text(value):
+    return isinstance(value, str) or (
+        isinstance(value, list) and any(isinstance(v, str | dict) for v in value)
+    )
+
+
+def as_override(value):
+    """A value as the command line writes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return f"[{','.join(as_override(v) for v in value)}]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{as_override(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 @pytest.mark.parametrize(
@@ -74,13 +107,59 @@ def test_a_key_no_config_has_is_one_line_before_hydra(capsys, arg, line):
     assert capsys.readouterr().err.splitlines() == [line]
 
 
+@pytest.mark.parametrize(
+    ("arg", "line"),
+    [
+        ("optimizer.lr=abc", "optimizer.lr=abc is not a number; write e.g. optimizer.lr=0.01"),
+        ("seed=abc", "seed=abc is not a number; write e.g. seed=0"),
+        ("trainer.max_epochs=ten", "trainer.max_epochs=ten is not a number; write e.g. "),
+        ("data.image_size='28'", "data.image_size='28' is not a number; write e.g. "),
+        ("test=maybe", "test=maybe is not true or false; write e.g. test=true"),
+        (
+            "model.hidden_dims=128",
+            "model.hidden_dims=128 is not a list of numbers; write e.g. model.hidden_dims=[",
+        ),
+        ("model.hidden_dims=[128,x]", "model.hidden_dims=[128,x] is not a list of numbers"),
+        ("seed=1,2,x", "seed=x (in seed=1,2,x) is not a number; write e.g. seed=0"),
+        ("eval.oneshot.ways=5", "eval.oneshot.ways=5 is not a list of numbers; write e.g. "),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_one_line_before_hydra(capsys, arg, line):
+    from siamese.cli import check_group_overrides
+
+    with pytest.raises(SystemExit) as stopped:
+        check_group_overrides(["trainer.max_epochs=2", arg, "seed=1"])
+    assert stopped.value.code == 2
+    [printed] = capsys.readouterr().err.splitlines()
+    assert printed.startswith(f"error: {line}")
+
+
+def test_values_of_the_right_kind_pass_the_value_check():
+    from siamese.cli import check_value_overrides
+
+    check_value_overrides(
+        [
+            "optimizer.lr=1e-3",  # an int where a float is, null, interpolations, sweeps
+            "trainer.max_epochs=null",
+            "trainer.limit_train_batches=0.25",
+            "optimizer.lr=${seed}",
+            "seed=range(1,4)",
+            "optimizer.lr=tag(log,interval(1e-4,1e-1))",
+            "model.hidden_dims=[]",
+            "trainer.devices=auto",  # 2 or auto: more than one kind, left to Lightning
+            "+seed2=abc",
+            "data.source.val_classes=3",
+        ]
+    )
+
+
 def test_every_key_a_composed_config_has_passes_the_key_check():
     """No false alarm: every key of the train, evaluate and export configs, with each
     experiment and preset, is accepted (new keys with +, hydra.* and groups are Hydra's)."""
     from conftest import CONF
     from hydra import compose, initialize_config_dir
 
-    from siamese.cli import check_key_overrides
+    from siamese.cli import check_key_overrides, check_value_overrides
 
     # Every option of every group at least once, in as few compositions as that takes.
     choices = [("train", []), ("evaluate", ["index=ivf"]), ("evaluate", ["index=hnsw"])]
@@ -100,6 +179,8 @@ def test_every_key_a_composed_config_has_passes_the_key_check():
             keys = list(flat_keys(cfg))
             assert len(keys) > 5, (name, overrides)
             check_key_overrides([f"{k}=1" for k in keys])  # exits on a false alarm
+            values = [f"{k}={as_override(v)}" for k, v in flat_items(cfg) if not is_text(v)]
+            check_value_overrides(values)  # the values the configs hold pass too
     check_key_overrides(["+trainer.foo=1", "++x.y=2", "~logger", "hydra.run.dir=d", "-m"])
 
 

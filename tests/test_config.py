@@ -127,3 +127,40 @@ def test_optimizer_and_schedulers_instantiate(make_cfg):
         make = instantiate(cfg.scheduler)
         kw = {"total_steps": 10} if scheduler == "onecycle" else {"T_max": 10}
         assert make(opt, **kw) is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["optimizer.lr=-1"],
+            "torch.optim.AdamW refused its settings (Invalid learning rate: -1); fix one of: "
+            "optimizer.lr=-1, optimizer.weight_decay=0.0001",
+        ),
+        (
+            ["optimizer=sgd", "optimizer.momentum=0"],
+            "torch.optim.SGD refused its settings (Nesterov momentum requires a momentum and "
+            "zero dampening); fix one of: optimizer.lr=0.05, optimizer.momentum=0, "
+            "optimizer.nesterov=True, optimizer.weight_decay=0.0005",
+        ),
+        (
+            ["scheduler.pct_start=2"],
+            "torch.optim.lr_scheduler.OneCycleLR refused its settings (Expected float between 0 "
+            "and 1 pct_start, but got 2); fix one of: scheduler.max_lr=0.01, scheduler.pct_start=2",
+        ),
+        (
+            ["+optimizer.betas=[0.9]"],
+            "torch.optim.AdamW refused its settings (list index out of range); fix one of: "
+            "optimizer.lr=0.01, optimizer.weight_decay=0.0001, optimizer.betas=[0.9]",
+        ),
+    ],
+)
+def test_optimizer_and_scheduler_values_torch_refuses_fail_at_start(make_cfg, overrides, message):
+    with pytest.raises(ConfigError) as refused:
+        check_config(make_cfg(*overrides))
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("overrides", [[], ["optimizer=sgd", "scheduler=cosine"], ["~scheduler"]])
+def test_every_optimizer_and_scheduler_config_passes_the_start_check(make_cfg, overrides):
+    check_config(make_cfg(*overrides))

@@ -198,7 +198,7 @@ def test_missing_onnx_packages_name_the_pip_command(monkeypatch, tmp_path):
 
 EXPORT_BAD_INPUT = [
     (["format=foo"], "format='foo' is unknown; choose one of: onnx, torchscript, export"),
-    (["ckpt_path=/no/such.ckpt"], "checkpoint '/no/such.ckpt' does not exist"),
+    (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt' does not exist"),
 ]
 
 

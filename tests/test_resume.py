@@ -182,6 +182,39 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path: 
     assert not marker.exists()
 
 
+def test_a_folder_passed_as_ckpt_path_names_the_checkpoint_to_pass(tmp_path: Path):
+    import siamese
+    from siamese.errors import ConfigError
+    from siamese.pipelines.train import resolve_ckpt_path
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError) as err:
+        siamese.load(empty)
+    assert str(err.value) == (
+        f"ckpt_path={str(empty)!r} is a folder, not a checkpoint; it holds no .ckpt file; "
+        "pass a checkpoint file written by train.py"
+    )
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError) as err:
+        siamese.load(run)
+    assert str(err.value) == (
+        f"ckpt_path={str(run)!r} is a folder, not a checkpoint; pass a checkpoint file, "
+        f"e.g. ckpt_path={run / 'checkpoints' / 'best.ckpt'}"
+    )
+    with pytest.raises(ConfigError, match=r"e\.g\. ckpt_path=.*best\.ckpt$"):
+        resolve_ckpt_path(str(run), tmp_path)  # no last.ckpt: nothing to resume
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError) as err:
+        resolve_ckpt_path(str(run), tmp_path)
+    assert str(err.value) == (
+        f"ckpt_path={str(run)!r} is a run folder, not a checkpoint; resume it with "
+        f"ckpt_path=last hydra.run.dir={run}"
+    )
+
+
 class _Tiny(pl.LightningModule):
     """A linear layer on random numbers: just enough for Lightning's loops and checkpoints."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import pickle
@@ -26,7 +27,7 @@ from siamese.config import build
 from siamese.distributed import SyncBatchNormPlugin
 from siamese.errors import ConfigError, find_in_chain
 from siamese.evaluation.oneshot import class_groups
-from siamese.inference import check_checkpoint
+from siamese.inference import check_checkpoint, not_a_checkpoint_file
 from siamese.loggers import build_loggers
 from siamese.losses import PairLoss
 from siamese.metric_names import EVAL_METRICS, TEST_ONLY_METRICS
@@ -60,6 +61,34 @@ def check_config(cfg: DictConfig) -> None:
             f"checkpoints.every_n_train_steps must be a positive int or null, got {every!r}"
         )
     check_optimized_metric(cfg.get("optimized_metric"))
+    check_optimization(cfg.optimizer, cfg.get("scheduler"))
+
+
+def check_optimization(optimizer_cfg: DictConfig, scheduler_cfg: DictConfig | None) -> None:
+    """Build the optimizer (and scheduler) on one dummy parameter, so that a value torch
+    refuses (``optimizer.lr=-1``, a one-cycle ``pct_start`` of 2) stops the run at start
+    in one line naming the settings, not with a traceback from inside ``fit``."""
+    for name, part in (("optimizer", optimizer_cfg), ("scheduler", scheduler_cfg)):
+        if not part:
+            continue
+        settings = ", ".join(
+            f"{name}.{k}={v}" for k, v in part.items() if not str(k).startswith("_")
+        )
+        try:
+            make = build(part)
+            if name == "optimizer":
+                optimizer = make(params=[torch.nn.Parameter(torch.zeros(1))])
+            else:
+                params = inspect.signature(make.func).parameters
+                steps = ("total_steps", "T_max")  # filled from the trainer in training
+                make(optimizer, **{n: 100 for n in steps if n in params and n not in make.keywords})
+        except Exception as exc:  # whatever the constructor raises, the settings caused
+            cause = exc.__cause__ or exc  # Hydra wraps what the constructor raised
+            reason = (str(cause).splitlines() or [type(cause).__name__])[0]
+            raise ConfigError(
+                f"{part.get('_target_', name)} refused its settings ({reason}); "
+                f"fix one of: {settings}"
+            ) from None
 
 
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -202,6 +231,13 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             if ckpt_path == "last"
             else "pass the path of a .ckpt file written by train.py"
         )
+        if path.is_dir() and last_checkpoint(path).is_file():
+            raise ConfigError(
+                f"ckpt_path={ckpt_path!r} is a run folder, not a checkpoint; resume it with "
+                f"ckpt_path=last hydra.run.dir={path}"
+            )
+        if path.is_dir():
+            raise not_a_checkpoint_file(path, hint)
         raise ConfigError(f"ckpt_path={ckpt_path!r}: {str(path)!r} does not exist; {hint}")
     ckpt = check_checkpoint(path)
     log.info(
