@@ -14,11 +14,16 @@ from siamese.cli import check_group_overrides, report_errors
 @report_errors
 def main(cfg: DictConfig) -> float | None:
     # Imported here so that a typo in the command line is reported before torch loads.
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from siamese.pipelines.train import run_training
     from siamese.sweeps import optimized_value
 
-    # A sweeper (Optuna) maximises or minimises this value.
-    return optimized_value(cfg.get("optimized_metric"), run_training(cfg))
+    metrics = run_training(cfg)
+    # A sweeper (Optuna) maximises or minimises this value; a single run only reports it.
+    sweeping = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return optimized_value(cfg.get("optimized_metric"), metrics, sweeping=sweeping)
 
 
 if __name__ == "__main__":

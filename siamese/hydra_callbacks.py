@@ -19,8 +19,9 @@ from siamese.sweeps import check_optimized_metric, summarize
 
 class RunDirGuard(Callback):
     """Stops before Hydra writes anything when ``hydra.run.dir`` holds an earlier run's
-    checkpoints or metrics and the command does not resume that run (``ckpt_path=last``,
-    ``auto`` or a checkpoint inside it)."""
+    checkpoints, metrics or export and the command does not resume that run
+    (``ckpt_path=last``, ``auto`` or a checkpoint inside it: export.py may write beside a
+    run's own checkpoint, replacing its earlier export of it)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(config.hydra.run.dir)
@@ -29,12 +30,18 @@ class RunDirGuard(Callback):
             ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
         ):
             return
-        taken = [name for name in ("checkpoints", "metrics.json") if (run_dir / name).exists()]
+        # A training or evaluation run, or an export (model.json beside its model file).
+        names = ("checkpoints", "metrics.json", "model.json")
+        taken = [name for name in names if (run_dir / name).exists()]
         if taken:
+            resume = (
+                ", or pass ckpt_path=last to resume that run"
+                if config.get("task_name") in ("train", "debug")
+                else ""  # evaluate.py and export.py have nothing to resume
+            )
             fail(
                 f"hydra.run.dir={str(run_dir)!r} already holds a run ({', '.join(taken)}); "
-                "choose another hydra.run.dir, or pass ckpt_path=last to resume that run "
-                "(nothing in it was changed)"
+                f"choose another hydra.run.dir{resume} (nothing in it was changed)"
             )
 
 

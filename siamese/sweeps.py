@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,8 @@ import yaml
 
 from siamese.errors import ConfigError
 from siamese.metric_names import EVAL_METRICS, TEST_ONLY_METRICS, available_metrics
+
+log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "sweep_summary.csv"
 
@@ -38,16 +41,24 @@ def check_optimized_metric(name: Any) -> None:
         )
 
 
-def optimized_value(name: str | None, metrics: dict[str, float]) -> float | None:
-    """The value a sweeper gets for ``name``; missing after training -> ConfigError."""
+def optimized_value(
+    name: str | None, metrics: dict[str, float], sweeping: bool = True
+) -> float | None:
+    """The value a sweeper gets for ``name``. Missing after training: a ConfigError in a
+    sweep (the sweeper cannot rank the run); a warning and None in a single run, which
+    finished and has nothing to return it to (``trainer.limit_val_batches=0``, say)."""
     if name is None:
         return None
     if name not in metrics:
-        logged = ", ".join(sorted(k for k in metrics if "/" in k))
-        raise ConfigError(
-            f"optimized_metric={name!r} was not logged by this run (a recall@k or one-shot "
-            f"key needs a split large enough for it); logged: {logged}"
+        logged = ", ".join(sorted(k for k in metrics if "/" in k)) or "nothing"
+        message = (
+            f"optimized_metric={name!r} was not logged by this run (no validation ran, or a "
+            f"recall@k or one-shot key needs a larger split); logged: {logged}"
         )
+        if sweeping:
+            raise ConfigError(message)
+        log.warning("%s; a sweep (-m) would stop here", message)
+        return None
     return float(metrics[name])
 
 

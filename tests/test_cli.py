@@ -307,6 +307,36 @@ def test_resume_continues_at_the_saved_epoch_and_auto_picks_the_newest(make_cfg,
         guard(None)
 
 
+def test_a_used_run_directory_is_refused_with_a_hint_for_the_task(tmp_path, capsys):
+    """evaluate.py and export.py have nothing to resume: their line offers no ckpt_path=last.
+    An export's folder (model.json) is a used directory too, unless the checkpoint is in it."""
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "metrics.json").write_text("{}")
+    (tmp_path / "ex").mkdir()
+    (tmp_path / "ex" / "model.json").write_text("{}")
+
+    def guard(task: str, run_dir: Path, ckpt_path: str | None = "/elsewhere/best.ckpt"):
+        config = {"hydra": {"run": {"dir": str(run_dir)}}, "task_name": task}
+        RunDirGuard().on_run_start(OmegaConf.create({**config, "ckpt_path": ckpt_path}))
+
+    expected = {
+        ("train", "ev"): f"error: hydra.run.dir={str(tmp_path / 'ev')!r} already holds a run "
+        "(metrics.json); choose another hydra.run.dir, or pass ckpt_path=last to resume that "
+        "run (nothing in it was changed)",
+        ("evaluate", "ev"): f"error: hydra.run.dir={str(tmp_path / 'ev')!r} already holds a run "
+        "(metrics.json); choose another hydra.run.dir (nothing in it was changed)",
+        ("export", "ex"): f"error: hydra.run.dir={str(tmp_path / 'ex')!r} already holds a run "
+        "(model.json); choose another hydra.run.dir (nothing in it was changed)",
+    }
+    for (task, folder), line in expected.items():
+        with pytest.raises(SystemExit) as stopped:
+            guard(task, tmp_path / folder)
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [line]
+    guard("export", tmp_path / "ex", str(tmp_path / "ex" / "checkpoints" / "best.ckpt"))
+    assert (tmp_path / "ex" / "model.json").read_text() == "{}"
+
+
 def test_resume_with_another_schedule_length_is_refused(make_cfg):
     run_training(make_cfg())
     with pytest.raises(ConfigError, match="planned for 3 steps, but this run plans 6"):

@@ -416,3 +416,19 @@ def test_from_run_refuses_a_folder_without_embeddings(tmp_path):
     cfg = compose_eval([f"eval.from_run={tmp_path}"], tmp_path / "run")
     with pytest.raises(ConfigError, match="holds no embeddings/ folder"):
         run_evaluation(cfg)
+
+
+def test_the_printed_table_lists_each_metric_once_in_order(capsys):
+    from siamese.pipelines.evaluate import REPORTED
+    from siamese.pipelines.report import print_table
+
+    assert len(REPORTED) == len(set(REPORTED))
+    metrics = {"m/roc_auc": 0.5, "m/oneshot_5way_1shot": 0.25, "m/zeta": float("nan"), "x": 1.0}
+    print_table(metrics, prefix="m/", order=("oneshot_5way_1shot", "roc_auc", "oneshot_5way_1shot"))
+    assert capsys.readouterr().out.splitlines() == [
+        "test metric         value",
+        "------------------  ------",
+        "oneshot_5way_1shot  0.2500",
+        "roc_auc             0.5000",
+        "zeta                nan",
+    ]

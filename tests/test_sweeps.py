@@ -108,6 +108,16 @@ def test_optimized_value_missing_after_training_lists_logged_metrics():
         optimized_value("val/recall_at_10", {"val/x": 0.5})
 
 
+def test_a_single_run_without_the_optimized_metric_warns_and_finishes(caplog):
+    with caplog.at_level("WARNING", logger="siamese.sweeps"):
+        assert optimized_value("val/precision_at_1", {"epoch": 1}, sweeping=False) is None
+    assert caplog.messages == [
+        "optimized_metric='val/precision_at_1' was not logged by this run (no validation ran, "
+        "or a recall@k or one-shot key needs a larger split); logged: nothing; a sweep (-m) "
+        "would stop here"
+    ]
+
+
 def test_the_optimised_value_is_the_best_epoch_that_was_tested(make_cfg, tmp_path):
     cfg = make_cfg("trainer.max_epochs=3", "trainer.limit_train_batches=2")
     metrics = run_training(cfg)

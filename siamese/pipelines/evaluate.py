@@ -56,12 +56,16 @@ GALLERIES = ("test", "train")
 RANK_BY = ("index", "head")
 PROJECTIONS = ("pca", "tsne")
 RECALL_KS = (1, 5, 10)
-REPORTED = (
-    *TRAIN_REPORTED,
-    "accuracy_at_threshold",
-    "oneshot_5way_1shot",
-    "oneshot_20way_1shot",
-    "approx_recall_at_10",
+REPORTED = tuple(
+    dict.fromkeys(
+        (
+            *TRAIN_REPORTED,
+            "accuracy_at_threshold",
+            "oneshot_5way_1shot",
+            "oneshot_20way_1shot",
+            "approx_recall_at_10",
+        )
+    )
 )
 # Counts and confidence intervals: kept in metrics.json, left out of the printed table.
 NOT_PRINTED = ("num_", "_ci95", "target_far")

@@ -21,7 +21,7 @@ def print_table(
     metrics: dict[str, float], prefix: str, order: Sequence[str] = (), title: str = "test metric"
 ) -> None:
     """Print ``prefix + name`` entries as ``name  value`` rows: ``order`` first, then the rest."""
-    names = [n for n in order if prefix + n in metrics]
+    names = [n for n in dict.fromkeys(order) if prefix + n in metrics]  # each name once
     names += sorted({k[len(prefix) :] for k in metrics if k.startswith(prefix)} - set(names))
     width = max([len(n) for n in names] + [len(title)])
     lines = [f"{title:<{width}}  value", f"{'-' * width}  ------"]
