@@ -78,12 +78,17 @@ def test_sample_pairs_is_balanced_correct_and_deterministic(n_items):
     assert not torch.equal(pairs.first, sample_pairs(labels, 1000, seed=6).first)
 
 
-def test_sample_pairs_small_set_uses_distinct_pairs_and_all_when_short():
+def test_sample_pairs_small_set_uses_distinct_pairs_and_stays_balanced_when_short():
     labels = torch.tensor([0, 0, 1, 1, 2])  # 2 same pairs, 8 different pairs exist
     pairs = sample_pairs(labels, 10, seed=0)
-    assert pairs.same.sum() == 2 and (~pairs.same).sum() == 5
+    assert pairs.same.sum() == 2 and (~pairs.same).sum() == 2  # both same pairs, 2 of 8
+    assert torch.equal(pairs.same, labels[pairs.first] == labels[pairs.second])
     keys = set(zip(pairs.first.tolist(), pairs.second.tolist(), strict=True))
-    assert len(keys) == 7
+    assert len(keys) == 4 and {(0, 1), (2, 3)} <= keys
+    odd = sample_pairs(labels, 3, seed=0)  # enough of both: 2 same (the larger half), 1 not
+    assert odd.same.sum() == 2 and len(odd.same) == 3
+    singletons = sample_pairs(torch.arange(5), 6, seed=0)  # no same pair: different alone
+    assert len(singletons.same) == 3 and not singletons.same.any()
 
 
 def test_sample_pairs_with_replacement_handles_singletons_and_one_class():

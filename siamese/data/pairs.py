@@ -28,7 +28,9 @@ def sample_pairs(labels: Tensor, num_pairs: int, seed: int = 0) -> Pairs:
 
     Deterministic for a given ``labels`` and ``seed``. For small sets (<= 2048 items) pairs
     are distinct (drawn from the enumerated list); above, they are drawn with replacement.
-    When a kind runs short, every pair of that kind is used.
+    When a small set has fewer pairs of one kind than asked, every pair of that kind is
+    used and as many of the other, so the pairs stay balanced (and fewer); a set with no
+    pair of one kind (one class, or only singletons) gives pairs of the other kind alone.
     """
     labels = torch.as_tensor(labels).reshape(-1).cpu()
     g = torch.Generator().manual_seed(seed)
@@ -39,8 +41,12 @@ def sample_pairs(labels: Tensor, num_pairs: int, seed: int = 0) -> Pairs:
     if n <= _ENUMERATE_UP_TO:
         rows, cols = torch.triu_indices(n, n, offset=1)
         same = labels[rows] == labels[cols]
+        n_same, n_diff = int(same.sum()), len(same) - int(same.sum())
+        counts = (min(num_pairs - half, n_same), min(half, n_diff))
+        if counts != (num_pairs - half, half) and n_same and n_diff:
+            counts = (min(counts),) * 2  # one kind runs short: as many of the other
         picked = []
-        for kind, count in ((same, num_pairs - half), (~same, half)):
+        for kind, count in zip((same, ~same), counts, strict=True):
             where = kind.nonzero().squeeze(1)
             picked.append(where[torch.randperm(len(where), generator=g)[:count]])
         idx = torch.cat(picked)
