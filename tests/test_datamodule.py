@@ -60,6 +60,21 @@ def test_a_split_without_any_same_pair_is_refused():
         dm.setup("fit")
 
 
+def test_one_class_is_refused_before_any_batch_size_advice():
+    """One class: no batch size or samples_per_class can help, so neither is suggested."""
+    dm = SiameseDataModule(TinySource(classes=1), batch_size=8, samples_per_class=2)
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    assert str(err.value) == (
+        "the data holds 1 class; pairs need at least 2 (a different-class pair for each "
+        "same-class one): add a sub-folder of images for each class"
+    )
+    # Other classes only in the held-out splits: training still has one.
+    dm = SiameseDataModule(TinySource(classes=1, lonely_val=True), batch_size=8)
+    with pytest.raises(DataError, match="^the train split of the data holds 1 class; training"):
+        dm.setup("fit")
+
+
 def test_class_balance_is_checked_when_the_data_is_loaded():
     dm = SiameseDataModule(TinySource(classes=3), batch_size=8, samples_per_class=2)
     with pytest.raises(ConfigError, match="4 classes per batch, but the training split has only 3"):

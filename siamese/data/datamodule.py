@@ -232,6 +232,7 @@ class SiameseDataModule(pl.LightningDataModule):
         """The splits, checked for training: each has a class with two images."""
         if self.splits is None:
             splits = self.read_splits()
+            check_classes(splits, self.root)
             for name in ("train", "val", "test"):
                 check_split(getattr(splits, name), name, self.root)
             self.splits = splits
@@ -390,6 +391,26 @@ def _size(value: int | Sequence[int] | None) -> tuple[int, int] | None:
     if len(size) != 2 or min(size) < 1:
         raise ConfigError(f"data.image_size must be a positive int or [H, W], got {value!r}")
     return size
+
+
+def check_classes(splits: DataSplits, root: str | None) -> None:
+    """Refuse data with fewer than two classes in all: no different pair can exist, and no
+    batch size or split setting could change that (so say so before naming those)."""
+    labels = torch.cat([s.targets.reshape(-1) for s in splits.as_tuple() if len(s)])
+    found = int(torch.unique(labels).numel()) if len(labels) else 0
+    in_train = int(torch.unique(splits.train.targets).numel()) if len(splits.train) else 0
+    where = f"data.root={root!r}" if root else "the data"
+    if found < 2:
+        raise DataError(
+            f"{where} holds {found} class{'es' if found != 1 else ''}; pairs need at least 2 "
+            "(a different-class pair for each same-class one): add a sub-folder of images "
+            "for each class"
+        )
+    if in_train == 1:
+        raise DataError(
+            f"the train split of {where} holds 1 class; training pairs need at least 2: add "
+            "classes, or hold out fewer for validation and test"
+        )
 
 
 def check_split(split: LabelledImages, name: str, root: str | None) -> None:
