@@ -72,10 +72,12 @@ def _unreadable(path: Path, exc: BaseException) -> ConfigError:
     text = str(exc).strip()
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # torch's real reason
     first_line = detail.group(1) if detail else (text.splitlines()[0] if text else "")
-    first_line = first_line or type(exc).__name__
+    # torch's zip reader goes on for sentences ("This is an internal miniz error. ...").
+    reason = first_line.split(". ")[0].rstrip(".") or type(exc).__name__
+    size = path.stat().st_size if path.is_file() else 0
     return ConfigError(
-        f"ckpt_path={str(path)!r} is not a readable checkpoint ({first_line}); "
-        "pass a .ckpt file written by train.py"
+        f"ckpt_path={str(path)!r} is not a readable checkpoint ({size:,} bytes; {reason}): "
+        "truncated or damaged, or not a checkpoint; pass a .ckpt file written by train.py"
     )
 
 

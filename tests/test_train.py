@@ -165,8 +165,32 @@ def test_load_refuses_missing_and_corrupt_checkpoints(tmp_path):
         siamese.load(tmp_path / "missing.ckpt")
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(b"PK\x03\x04" + b"\x00" * 20)
-    with pytest.raises(ConfigError, match="truncated.ckpt' is not a readable checkpoint"):
+    with pytest.raises(ConfigError) as err:
         siamese.load(truncated)
+    assert str(err.value) == (
+        f"ckpt_path={str(truncated)!r} is not a readable checkpoint (24 bytes; PytorchStreamReader "
+        "failed reading zip archive: failed finding central directory): truncated or damaged, "
+        "or not a checkpoint; pass a .ckpt file written by train.py"
+    )
+
+
+def test_a_damaged_last_checkpoint_names_best_ckpt_to_resume_from(tmp_path):
+    from siamese.pipelines.train import resolve_ckpt_path
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"")
+    torch.save({"state_dict": {}, "epoch": 3}, folder / "best.ckpt")
+    for mode in ("last", "auto"):
+        with pytest.raises(ConfigError) as err:
+            resolve_ckpt_path(mode, tmp_path)
+        assert str(err.value) == (
+            f"ckpt_path={mode}: ckpt_path={str(folder / 'last.ckpt')!r} is not a readable "
+            "checkpoint (0 bytes; EOFError): truncated or damaged, or not a checkpoint; pass a "
+            f".ckpt file written by train.py; or resume from the best epoch instead: "
+            f"ckpt_path={folder / 'best.ckpt'}"
+        )
+    assert resolve_ckpt_path(str(folder / "best.ckpt"), tmp_path) == str(folder / "best.ckpt")
 
 
 @pytest.mark.parametrize("reshuffle", [True, False])

@@ -239,7 +239,19 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
         if path.is_dir():
             raise not_a_checkpoint_file(path, hint)
         raise ConfigError(f"ckpt_path={ckpt_path!r}: {str(path)!r} does not exist; {hint}")
-    ckpt = check_checkpoint(path)
+    try:
+        ckpt = check_checkpoint(path)
+    except ConfigError as exc:
+        if ckpt_path not in ("last", "auto"):
+            raise
+        # A damaged last.ckpt (a disk fault: writes are atomic) need not lose the run.
+        best = output_dir / "checkpoints" / "best.ckpt"
+        fallback = (
+            f"; or resume from the best epoch instead: ckpt_path={best}"
+            if best.is_file() and best != path
+            else ""
+        )
+        raise ConfigError(f"ckpt_path={ckpt_path}: {exc}{fallback}") from None
     log.info(
         "%sresuming from %s (epoch %s, step %s)",
         f"ckpt_path={ckpt_path}: " if ckpt_path in ("auto", "last") else "",
