@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from siamese.cli import check_group_overrides, report_errors
+from siamese.cli import check_group_overrides, report_errors, with_saved_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -28,4 +28,6 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     check_group_overrides(sys.argv[1:])
+    # Resuming (hydra.run.dir=RUN ckpt_path=last): compose the run's own config again.
+    sys.argv[1:] = with_saved_overrides(sys.argv[1:])
     main()

@@ -249,3 +249,59 @@ def check_group_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> Non
         for item in value.split(","):
             if item and item not in options:
                 fail(f"unknown {key}={item}; choose one of: {', '.join(options)}")
+
+
+RESUME_MODES = ("last", "auto")
+RUN_OVERRIDES_KEY = "run_overrides"  # siamese.module.RUN_OVERRIDES_KEY (no torch import here)
+
+
+def _override_key(arg: str) -> str:
+    """``+a.b@pkg=1`` -> ``a.b``: the key or group an override sets (or deletes)."""
+    return arg.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+
+
+def _resumed_checkpoint(run_dir: Path, mode: str) -> Path | None:
+    """The checkpoint ``ckpt_path=last|auto`` resumes in ``run_dir`` (as train.py picks it)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if mode == "last":
+        return last if last.is_file() else None
+    found = [p for p in [last, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def with_saved_overrides(argv: Sequence[str]) -> list[str]:
+    """``train.py hydra.run.dir=RUN ckpt_path=last|auto [changes]``: the overrides of the
+    run that wrote the checkpoint (saved in it) first, then the command's, so the resumed
+    run composes the config it was trained with and only what the command names changes
+    (the command's value wins). Other commands, sweeps (-m) and checkpoints without saved
+    overrides are returned as they are; an unreadable checkpoint is train.py's to report.
+
+    The checkpoint, not ``RUN/.hydra/overrides.yaml``, is the record: Hydra rewrites that
+    file at every start, a failed resume attempt included."""
+    args = list(argv)
+    values = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+    run_dir, mode = values.get("hydra.run.dir"), values.get("ckpt_path")
+    if mode not in RESUME_MODES or not run_dir or {"-m", "--multirun"} & set(args):
+        return args
+    ckpt = _resumed_checkpoint(Path(run_dir).expanduser(), mode)
+    if ckpt is None:
+        return args
+    import torch  # only when resuming: a typo elsewhere is reported before torch loads
+
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True).get(RUN_OVERRIDES_KEY)
+    except Exception:
+        return args
+    given = {_override_key(a) for a in args if not a.startswith("-")}
+    kept = [
+        str(a)
+        for a in saved or []
+        if _override_key(str(a)) not in given | {"hydra.run.dir", "ckpt_path"}
+    ]
+    if kept:
+        print(
+            f"resuming {run_dir} with the overrides it was trained with: {' '.join(kept)}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return kept + args

@@ -34,6 +34,8 @@ from siamese.losses import LossOutput
 from siamese.metric_names import ONESHOT_WAYS
 
 RECALL_KS = (1, 5, 10)
+# Checkpoint key of the run's command-line overrides (read back by siamese.cli on resume).
+RUN_OVERRIDES_KEY = "run_overrides"
 ONESHOT_EPISODES = 1000
 
 
@@ -165,6 +167,9 @@ class SiameseModule(pl.LightningModule):
         # episodes within a group; None: classes across the split. Set by whoever knows the
         # class names (train.py, from ``oneshot_within``); not saved in checkpoints.
         self.oneshot_groups: np.ndarray | None = None
+        # The command-line overrides of the run (train.py sets them), saved in each
+        # checkpoint so that ``ckpt_path=last`` composes the config that wrote it.
+        self.run_overrides: list[str] | None = None
 
     # -- inference -------------------------------------------------------------------------
     def forward(self, images: Tensor) -> Tensor:
@@ -446,6 +451,8 @@ class SiameseModule(pl.LightningModule):
         # A run resumed mid-epoch logs that epoch's means over all its steps (Lightning
         # keeps no logged sums in a checkpoint: its own epoch means would restart).
         checkpoint["train_epoch_stats"] = self._epoch_stats.state_dict()
+        if self.run_overrides is not None:
+            checkpoint[RUN_OVERRIDES_KEY] = list(self.run_overrides)
 
     def on_train_start(self) -> None:
         # Put the random streams back as late as possible: nothing between here and the
@@ -461,6 +468,7 @@ class SiameseModule(pl.LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.state.fn != "fit":
             return
+        check_same_model(checkpoint.get("state_dict", {}), self.state_dict())
         self.__dict__["_resume_rng"] = checkpoint.get("rng_states")
         self._epoch_stats.load_state_dict(checkpoint.get("train_epoch_stats"))
         # A one-cycle schedule is planned for a fixed number of steps: resuming it with a
@@ -515,3 +523,32 @@ class SiameseModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def check_same_model(saved: dict[str, Any], own: dict[str, Any]) -> None:
+    """Refuse to resume into a model whose tensors differ from the checkpoint's (another
+    ``model.*``, ``distance`` or loss with parameters): one line naming the first
+    difference, instead of torch's page of size mismatches."""
+
+    def shape(t: Any) -> str:
+        return "x".join(str(n) for n in getattr(t, "shape", ())) or "scalar"
+
+    resized = [k for k in saved if k in own and tuple(saved[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in saved]
+    extra = [k for k in saved if k not in own]
+    if not (resized or missing or extra):
+        return
+    if resized:
+        k = resized[0]
+        first = f"{k} is {shape(saved[k])} there and {shape(own[k])} here"
+    elif missing:
+        first = f"{missing[0]} is not in it"
+    else:
+        first = f"it has {extra[0]}, which this model lacks"
+    count = len(resized) + len(missing) + len(extra)
+    raise ConfigError(
+        f"the checkpoint holds another model ({first}; {count} tensor"
+        f"{'s differ' if count > 1 else ' differs'}); resume with the run's own model, "
+        "distance and loss settings (train.py reuses the overrides saved in the checkpoint when "
+        "resuming), or start a new run"
+    )

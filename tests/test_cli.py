@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, one_line_error, run_scripts
+from hydra.conf import HydraConf
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from siamese.cli import with_saved_overrides
 from siamese.errors import ConfigError
 from siamese.hydra_callbacks import RunDirGuard
 from siamese.pipelines.train import resolve_ckpt_path, run_training
@@ -270,11 +273,32 @@ def test_resume_continues_at_the_saved_epoch_and_auto_picks_the_newest(make_cfg,
         "+callbacks.stop.stopping_threshold=0.0",
     ]
     first = make_cfg("ckpt_path=auto", "trainer.max_epochs=2", *stop_after_first_epoch)
-    run_training(first)
+    # As train.py runs it: Hydra knows the command's overrides, and each checkpoint keeps them.
+    command = ["trainer.max_epochs=2", "ckpt_path=auto", "hydra.run.dir=RUN"]
+    hydra_node = OmegaConf.structured(HydraConf)
+    hydra_node.overrides.task = command
+    HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_node}))
+    try:
+        run_training(first)
+    finally:
+        HydraConfig.instance().cfg = None
     out = Path(first.paths.output_dir)
     last = out / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
     assert saved["epoch"] == 0 and saved["global_step"] == 3
+    assert saved["run_overrides"] == command
+    # train.py hydra.run.dir=RUN ckpt_path=last composes them again (the command's own win).
+    resume = [f"hydra.run.dir={out}", "ckpt_path=last", "seed=3"]
+    assert with_saved_overrides(resume) == ["trainer.max_epochs=2", *resume]
+    assert with_saved_overrides([*resume, "trainer.max_epochs=5"]) == [
+        *resume,
+        "trainer.max_epochs=5",
+    ]
+    assert with_saved_overrides(["-m", *resume]) == ["-m", *resume]  # sweeps: as given
+    assert with_saved_overrides([f"hydra.run.dir={out}", "seed=3"]) == [
+        f"hydra.run.dir={out}",
+        "seed=3",
+    ]
 
     # auto takes the newest checkpoint there: last.ckpt, or the hpc_ckpt_N.ckpt that
     # Lightning's SLURM requeue signal writes.

@@ -215,6 +215,31 @@ def test_a_folder_passed_as_ckpt_path_names_the_checkpoint_to_pass(tmp_path: Pat
     )
 
 
+def test_resuming_into_another_model_is_one_line_naming_the_first_difference():
+    from siamese.errors import ConfigError
+    from siamese.module import check_same_model
+
+    saved = {"head.weight": torch.zeros(64, 256), "head.bias": torch.zeros(64)}
+    check_same_model(saved, {k: v.clone() for k, v in saved.items()})  # the same: no error
+    tail = (
+        "resume with the run's own model, distance and loss settings (train.py reuses the "
+        "overrides saved in the checkpoint when resuming), or start a new run"
+    )
+    cases = [
+        (
+            {"head.weight": torch.zeros(32, 256), "head.bias": torch.zeros(32)},
+            "head.weight is 64x256 there and 32x256 here; 2 tensors differ",
+        ),
+        ({**saved, "distance.head.bias": torch.zeros(())}, "distance.head.bias is not in it; 1"),
+        ({"head.weight": saved["head.weight"]}, "it has head.bias, which this model lacks; 1"),
+    ]
+    for own, first in cases:
+        with pytest.raises(ConfigError) as err:
+            check_same_model(saved, own)
+        count = "" if "tensors differ" in first else " tensor differs"
+        assert str(err.value) == f"the checkpoint holds another model ({first}{count}); {tail}"
+
+
 class _Tiny(pl.LightningModule):
     """A linear layer on random numbers: just enough for Lightning's loops and checkpoints."""
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -307,6 +308,8 @@ def build_module(cfg: DictConfig, datamodule: Any) -> SiameseModule:
         compile=options.get("compile", False),
     )
     module.oneshot_groups = groups
+    if HydraConfig.initialized():  # train.py, not a config composed in code
+        module.run_overrides = list(HydraConfig.get().overrides.task)
     return module
 
 
