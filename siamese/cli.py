@@ -120,7 +120,29 @@ def check_key_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
         return
     keys = config_keys(conf_dir)
     names = {k.rsplit(".", 1)[-1] for k in keys}
+    chosen = _chosen_option_keys(argv, conf_dir)
     for key, arg in dotted:
+        group = key.split(".", 1)[0]
+        if group in chosen and key not in chosen[group][1]:
+            # model=resnet18 model.hidden_dims=[128]: Hydra's answer is a five-line report.
+            option, own = chosen[group]
+            parts = key.split(".")
+            missing = next(
+                ".".join(parts[:i])
+                for i in range(2, len(parts) + 1)
+                if ".".join(parts[:i]) not in own
+            )
+            parent = missing.rsplit(".", 1)[0]
+            here = sorted(
+                k[len(parent) + 1 :]
+                for k in own
+                if k.startswith(f"{parent}.") and "." not in k[len(parent) + 1 :]
+            )
+            has = f"; {parent} has: {', '.join(here)}" if here else ""
+            fail(
+                f"{missing} is not a key of {group}={option}{has} "
+                f"(+{arg} would add it as a new key)"
+            )
         if key in keys or key.rsplit(".", 1)[-1] in names:
             continue
         close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.7)
@@ -137,6 +159,37 @@ def check_key_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
         else:
             hint = ""
         fail(f"{key} is not a key of any config{hint} (+{arg} would add it as a new key)")
+
+
+def _chosen_option_keys(argv: Sequence[str], conf_dir: Path) -> dict[str, tuple[str, set[str]]]:
+    """``group -> (option, the keys its file gives)`` for each ``group=option`` on the
+    command line whose file alone says what the group holds: none when a chosen option is
+    a ``@package _global_`` file (an experiment or preset may add keys anywhere), and not
+    for an option that pulls in other files (``logger=many``)."""
+    chosen: dict[str, str] = {}
+    for arg in argv:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        if "." not in key and "/" not in key and group_options(key, conf_dir) is not None:
+            chosen[key] = value
+    result: dict[str, tuple[str, set[str]]] = {}
+    for group, option in chosen.items():
+        file = conf_dir / group / f"{option}.yaml"
+        if not file.is_file():
+            continue  # unknown or a sweep list: check_group_overrides' part
+        text = file.read_text()
+        if text.lstrip().startswith("# @package _global_"):
+            return {}
+        node = yaml.safe_load(text) or {}
+        if not isinstance(node, dict) or any(d != "_self_" for d in node.get("defaults") or []):
+            continue
+        relative = f"{group}/{option}.yaml"
+        keys = {
+            k for k, seen in config_values(conf_dir).items() if any(f == relative for _, f in seen)
+        }
+        result[group] = (option, keys)
+    return result
 
 
 def _is_number(value: Any) -> bool:

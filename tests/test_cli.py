@@ -94,6 +94,20 @@ def as_override(value):
             "trainer.max_epochs? (+trainer.max_epoch=3 would add it as a new key)",
         ),
         (
+            "model=resnet18 model.hidden_dims=[128]",
+            "error: model.hidden_dims is not a key of model=resnet18; model has: _target_, "
+            "channels_last, compile, dropout, embedding_dim, image_size, in_channels, "
+            "input_mean, input_std, small_input (+model.hidden_dims=[128] would add it as a "
+            "new key)",
+        ),
+        (
+            "model=resnet18 model.layers.0.out_channels=8",
+            "error: model.layers is not a key of model=resnet18; model has: _target_, "
+            "channels_last, compile, dropout, embedding_dim, image_size, in_channels, "
+            "input_mean, input_std, small_input (+model.layers.0.out_channels=8 would add it "
+            "as a new key)",
+        ),
+        (
             "optimizer.learning_rate=0.1",
             "error: optimizer.learning_rate is not a key of any config; optimizer has: "
             "_partial_, _target_, lr, momentum, nesterov, weight_decay "
@@ -105,7 +119,7 @@ def test_a_key_no_config_has_is_one_line_before_hydra(capsys, arg, line):
     from siamese.cli import check_group_overrides
 
     with pytest.raises(SystemExit) as stopped:
-        check_group_overrides(["trainer.max_epochs=2", arg, "seed=1"])
+        check_group_overrides(["trainer.max_epochs=2", *arg.split(), "seed=1"])
     assert stopped.value.code == 2
     assert capsys.readouterr().err.splitlines() == [line]
 
@@ -135,6 +149,15 @@ def test_a_value_of_the_wrong_kind_is_one_line_before_hydra(capsys, arg, line):
     assert stopped.value.code == 2
     [printed] = capsys.readouterr().err.splitlines()
     assert printed.startswith(f"error: {line}")
+
+
+def test_keys_of_the_chosen_option_pass_and_presets_may_add_keys():
+    from siamese.cli import check_group_overrides
+
+    check_group_overrides(["model=convnet", "model.hidden_dims=[64]"])
+    check_group_overrides(["model=resnet18", "model.small_input=false"])
+    check_group_overrides(["logger=many", "logger.csv.name=x"])  # its files come with it
+    check_group_overrides(["experiment=mnist_triplet", "model=resnet18", "model.hidden_dims=[1]"])
 
 
 def test_values_of_the_right_kind_pass_the_value_check():
@@ -181,7 +204,7 @@ def test_every_key_a_composed_config_has_passes_the_key_check():
             cfg = OmegaConf.to_container(compose(name, overrides=overrides))
             keys = list(flat_keys(cfg))
             assert len(keys) > 5, (name, overrides)
-            check_key_overrides([f"{k}=1" for k in keys])  # exits on a false alarm
+            check_key_overrides([*overrides, *(f"{k}=1" for k in keys)])  # exits on a false alarm
             values = [f"{k}={as_override(v)}" for k, v in flat_items(cfg) if not is_text(v)]
             check_value_overrides(values)  # the values the configs hold pass too
     check_key_overrides(["+trainer.foo=1", "++x.y=2", "~logger", "hydra.run.dir=d", "-m"])
