@@ -196,8 +196,9 @@ def test_torchvision_mnist_download_failure(tmp_path, monkeypatch, name, folder)
     calls = []
 
     def no_network(self):
-        # What torchvision raises when every mirror fails.
+        # What torchvision raises when every mirror fails, after making its folder.
         calls.append(self.raw_folder)
+        os.makedirs(self.raw_folder, exist_ok=True)
         raise RuntimeError(
             "Error downloading train-images-idx3-ubyte.gz:\nTried https://example.invalid/, "
             "got:\n<urlopen error [Errno -2] Name or service not known>\n"
@@ -213,6 +214,12 @@ def test_torchvision_mnist_download_failure(tmp_path, monkeypatch, name, folder)
     assert "Error downloading train-images-idx3-ubyte.gz" in message
     assert os.path.join(str(root), folder, "raw") in message
     assert "\n" not in message
+    assert not root.exists()  # the empty folders the attempt made are gone
+    (root / "keep.txt").parent.mkdir()
+    (root / "keep.txt").write_text("mine")
+    with pytest.raises(DataError):
+        TorchvisionMNIST(name=name, download=True).load(str(root))
+    assert sorted(p.name for p in root.iterdir()) == ["keep.txt"]  # an existing root stays
 
 
 def test_torchvision_mnist_damaged_file(tmp_path):
@@ -302,6 +309,7 @@ def test_omniglot_missing_offline(tmp_path):
 
 def test_omniglot_download_failure(tmp_path, monkeypatch):
     def no_network(self):
+        os.makedirs(self.root, exist_ok=True)  # root/omniglot-py, as torchvision makes it
         raise URLError(OSError(-2, "Name or service not known"))
 
     monkeypatch.setattr(torchvision.datasets.Omniglot, "download", no_network)
@@ -310,6 +318,7 @@ def test_omniglot_download_failure(tmp_path, monkeypatch):
     message = str(err.value)
     assert "downloading Omniglot" in message and "Name or service not known" in message
     assert os.path.join(str(tmp_path / "empty"), "omniglot-py") in message
+    assert not (tmp_path / "empty").exists()
 
     def corrupted(self):
         raise RuntimeError("File not found or corrupted.")

@@ -8,6 +8,7 @@ and every split of one source numbers its classes from one shared ``classes`` li
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import logging
@@ -15,7 +16,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from urllib.error import URLError
 
 import numpy as np
@@ -120,8 +121,9 @@ class TorchvisionMNIST:
         _check_idx_files(raw)
         cls = getattr(torchvision.datasets, cls_name)
         try:
-            official_train = cls(root, train=True, download=self.download)
-            official_test = cls(root, train=False, download=self.download)
+            with _tidy_on_failure(root, os.path.dirname(raw), raw):
+                official_train = cls(root, train=True, download=self.download)
+                official_test = cls(root, train=False, download=self.download)
         except RuntimeError as exc:  # torchvision's "Dataset not found" and failed mirrors
             raise DataError(self._not_found(root, raw, exc)) from exc
 
@@ -235,9 +237,10 @@ class Omniglot:
             import torchvision.datasets
 
             try:
-                torchvision.datasets.Omniglot(
-                    root, background=name == "images_background", download=True
-                )
+                with _tidy_on_failure(root, base):
+                    torchvision.datasets.Omniglot(
+                        root, background=name == "images_background", download=True
+                    )
             except (RuntimeError, URLError) as exc:  # no network, or a corrupted download
                 reason = str(getattr(exc, "reason", exc)).strip().splitlines()
                 raise DataError(
@@ -565,6 +568,20 @@ def _existing_root(root: str | os.PathLike | None) -> str:
             "root/<class>/<image>"
         )
     return path
+
+
+@contextlib.contextmanager
+def _tidy_on_failure(*folders: str) -> Iterator[None]:
+    """If the block fails, remove those of ``folders`` (outermost first) that it created
+    and left empty: a failed download leaves no empty ``root/FashionMNIST/raw`` behind."""
+    new = [f for f in folders if not os.path.exists(f)]
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(new):
+            with contextlib.suppress(OSError):  # not empty, or not there: leave it
+                os.rmdir(folder)
+        raise
 
 
 def _download_root(root: str | os.PathLike | None, what: str) -> str:
