@@ -326,7 +326,8 @@ def with_saved_overrides(argv: Sequence[str]) -> list[str]:
     """``train.py hydra.run.dir=RUN ckpt_path=last|auto [changes]``: the overrides of the
     run that wrote the checkpoint (saved in it) first, then the command's, so the resumed
     run composes the config it was trained with and only what the command names changes
-    (the command's value wins). Other commands, sweeps (-m) and checkpoints without saved
+    (the command's value wins; a key or group it sets drops the run's overrides under it,
+    and ``~key`` deletes after them). Other commands, sweeps (-m) and checkpoints without saved
     overrides are returned as they are; an unreadable checkpoint is train.py's to report.
 
     The checkpoint, not ``RUN/.hydra/overrides.yaml``, is the record: Hydra rewrites that
@@ -345,12 +346,20 @@ def with_saved_overrides(argv: Sequence[str]) -> list[str]:
         saved = torch.load(ckpt, map_location="cpu", weights_only=True).get(RUN_OVERRIDES_KEY)
     except Exception:
         return args
-    given = {_override_key(a) for a in args if not a.startswith("-")}
-    kept = [
-        str(a)
-        for a in saved or []
-        if _override_key(str(a)) not in given | {"hydra.run.dir", "ckpt_path"}
-    ]
+    # A key or group the command sets replaces everything the run set under it
+    # (model=resnet18 drops a saved model.hidden_dims). A deletion (~callbacks.x) drops
+    # nothing: it applies after the run's overrides, to what they composed.
+    sets = {_override_key(a) for a in args if not a.startswith(("-", "~"))}
+    sets |= {"hydra.run.dir", "ckpt_path"}
+    deletes = {_override_key(a) for a in args if a.startswith("~")}
+
+    def replaced(item: str) -> bool:
+        key = _override_key(item)
+        if any(key == g or key.startswith(f"{g}.") for g in sets):
+            return True
+        return item.startswith("~") and key in deletes  # the command deletes it itself
+
+    kept = [str(a) for a in saved or [] if not replaced(str(a))]
     if kept:
         print(
             f"resuming {run_dir} with the overrides it was trained with: {' '.join(kept)}",

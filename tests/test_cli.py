@@ -297,7 +297,7 @@ def test_resume_continues_at_the_saved_epoch_and_auto_picks_the_newest(make_cfg,
     ]
     first = make_cfg("ckpt_path=auto", "trainer.max_epochs=2", *stop_after_first_epoch)
     # As train.py runs it: Hydra knows the command's overrides, and each checkpoint keeps them.
-    command = ["trainer.max_epochs=2", "ckpt_path=auto", "hydra.run.dir=RUN"]
+    command = ["trainer.max_epochs=2", "~callbacks.plots", "ckpt_path=auto", "hydra.run.dir=RUN"]
     hydra_node = OmegaConf.structured(HydraConf)
     hydra_node.overrides.task = command
     HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_node}))
@@ -312,12 +312,21 @@ def test_resume_continues_at_the_saved_epoch_and_auto_picks_the_newest(make_cfg,
     assert saved["run_overrides"] == command
     # train.py hydra.run.dir=RUN ckpt_path=last composes them again (the command's own win).
     resume = [f"hydra.run.dir={out}", "ckpt_path=last", "seed=3"]
-    assert with_saved_overrides(resume) == ["trainer.max_epochs=2", *resume]
-    assert with_saved_overrides([*resume, "trainer.max_epochs=5"]) == [
-        *resume,
-        "trainer.max_epochs=5",
-    ]
+    saved_ones = ["trainer.max_epochs=2", "~callbacks.plots"]
+    assert with_saved_overrides(resume) == [*saved_ones, *resume]
+    five = [*resume, "trainer.max_epochs=5"]
+    assert with_saved_overrides(five) == ["~callbacks.plots", *five]
     assert with_saved_overrides(["-m", *resume]) == ["-m", *resume]  # sweeps: as given
+    # A group the command sets drops the run's keys under it; a deletion applies after the
+    # run's overrides (they stay), and one the command repeats is not made twice.
+    assert with_saved_overrides([*resume, "trainer=cpu"]) == [
+        "~callbacks.plots",
+        *resume,
+        "trainer=cpu",
+    ]
+    assert with_saved_overrides([*resume, "~trainer"]) == [*saved_ones, *resume, "~trainer"]
+    again = [*resume, "~callbacks.plots"]
+    assert with_saved_overrides(again) == ["trainer.max_epochs=2", *again]
     assert with_saved_overrides([f"hydra.run.dir={out}", "seed=3"]) == [
         f"hydra.run.dir={out}",
         "seed=3",

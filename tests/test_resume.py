@@ -72,8 +72,13 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path: Path, monk
     # One last.ckpt, written by whichever save came latest (no last-v1.ckpt beside it).
     assert not list((tmp_path / "whole" / "checkpoints").glob("last-v*.ckpt"))
 
-    resumed = train(tmp_path / "killed", "ckpt_path=last")
+    # The resumed run composes the killed run's overrides (kept in last.ckpt) but the killer.
+    resumed = train(tmp_path / "killed", "ckpt_path=last", "~callbacks.killer")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        f"resuming {tmp_path / 'killed'} with the overrides it was trained with: " + " ".join(kill)
+        in resumed.stderr.splitlines()
+    )
     want = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     got = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     tested = [k for k in want if k.startswith("test/")]
