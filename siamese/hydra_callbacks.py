@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from siamese.cli import fail
 from siamese.errors import ConfigError
-from siamese.sweeps import check_optimized_metric, summarize
+from siamese.sweeps import (
+    check_optimized_metric,
+    clear_job_status,
+    failure_reason,
+    summarize,
+    write_job_status,
+)
 
 
 class RunDirGuard(Callback):
@@ -57,11 +64,37 @@ def is_first_process() -> bool:
     return all(os.environ.get(name, "0") in ("", "0") for name in names)
 
 
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+# A job whose process exits inside it: Hydra's run_job catches Exception only, so a
+# SystemExit (report_errors' one-line user error, its Ctrl-C exit, submitit's requeue) skips
+# on_job_end, and with the basic launcher the whole sweep ends there.
+STOPPED_REASON = (
+    "the process exited during this job: a one-line error (printed on stderr), Ctrl-C, or "
+    "a pre-emption that requeues it"
+)
+
+
 class SweepSummary(Callback):
     """For ``-m`` sweeps: check ``optimized_metric`` before any job starts, and keep
     ``<sweep dir>/sweep_summary.csv`` up to date after each job (so a sweep that stops early
     still leaves one) and print it as a table at the end. Only the first process does: the
-    other DDP processes of a job replay the sweep silently."""
+    other DDP processes of a job replay the sweep silently.
+
+    A job that raises is marked ``failed`` in its directory (``job_status.json``, with the
+    error's line). One whose process exits inside it (a user error's ``error: ...`` line
+    and exit 2, which also ends a local sweep; Ctrl-C; a requeue) never reaches
+    ``on_job_end``: at the process's exit it is marked ``stopped``, the summary is written
+    again, and the sweep's own process prints the table (stdout) as its end would have.
+    """
+
+    def __init__(self) -> None:
+        self._job_dir: Path | None = None  # the job this process is running
+        self._sweep: tuple[Path, str | None] | None = None  # (sweep dir, optimized_metric)
+        self._sweep_pid: int | None = None  # the process that started the sweep
+        self._guarded_pid: int | None = None  # the process whose exit handler is registered
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -70,17 +103,59 @@ class SweepSummary(Callback):
             fail(str(exc))
         if is_first_process():
             os.environ[SWEEP_DIR_ENV] = str(Path(config.hydra.sweep.dir).resolve())
+            self._sweep_pid = os.getpid()
+            self._guard(config)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_first_process() or not _multirun():
+            return
+        # In the job's own process (submitit) too: its exit is what marks it stopped.
+        self._guard(config)
+        self._job_dir = Path(config.hydra.runtime.output_dir)
+        clear_job_status(self._job_dir)  # a requeued job starts again in its directory
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not is_first_process():
             return
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        self._job_dir = None
+        if _multirun():
+            if job_return.status == JobStatus.FAILED:
+                job_dir = Path(config.hydra.runtime.output_dir)
+                write_job_status(job_dir, "failed", failure_reason(job_return._return_value))
             summarize(Path(config.hydra.sweep.dir), config.get("optimized_metric"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_first_process():
             return
         os.environ.pop(SWEEP_DIR_ENV, None)
+        self._unguard()
         table = summarize(Path(config.hydra.sweep.dir), config.get("optimized_metric"))
         if table:
+            print(table, flush=True)
+
+    def _guard(self, config: DictConfig) -> None:
+        """Have ``at_exit`` run when this process exits before the sweep's end."""
+        self._sweep = (Path(config.hydra.sweep.dir), config.get("optimized_metric"))
+        if self._guarded_pid != os.getpid():  # a copy unpickled in a submitit job: not yet
+            atexit.register(self.at_exit)
+            self._guarded_pid = os.getpid()
+
+    def _unguard(self) -> None:
+        atexit.unregister(self.at_exit)
+        self._guarded_pid = None
+        self._sweep = None
+
+    def at_exit(self) -> None:
+        """The process is ending inside the sweep: mark the job it was running ``stopped``,
+        write the summary again and, in the sweep's own process, print it. (A submitit job's
+        process that ends after its job did has nothing to add.)"""
+        job_dir, sweep, main = self._job_dir, self._sweep, self._sweep_pid == os.getpid()
+        self._job_dir = None
+        self._unguard()
+        if sweep is None or (job_dir is None and not main):
+            return
+        if job_dir is not None:
+            write_job_status(job_dir, "stopped", STOPPED_REASON)
+        table = summarize(*sweep, ended_early=main)
+        if table and main:
             print(table, flush=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from siamese.data.datasets import FileImages
+from siamese.data.datasets import UndecodableImage, decode_image
 from siamese.data.sources import IMAGE_EXTENSIONS
 from siamese.errors import ConfigError, DataError
 from siamese.module import SiameseModule
@@ -88,7 +88,9 @@ def read_images(
     """Image files read as the model expects them: (N, C, H, W) floats in [0, 1], and paths.
 
     ``source`` is a folder (every image file below it, sorted by path) or a list of files;
-    each is converted to the model's channels and resized to its input size.
+    each is converted to the model's channels and resized to its input size. A file that
+    cannot be decoded (damaged, empty, missing, not an image) is one DataError line naming
+    it, after every file was tried (the count of the others is in it).
     """
     if isinstance(source, str | os.PathLike):
         root = Path(source).expanduser()
@@ -104,6 +106,19 @@ def read_images(
     else:
         paths = [str(p) for p in source]
     channels, height, width = like.tower.input_shape
-    files = FileImages(paths, [0] * len(paths), ["?"], (height, width), channels)
-    images, _ = files.__getitems__(list(range(len(paths))))
-    return images, paths
+    images, bad = [], []
+    for path in paths:
+        try:
+            images.append(decode_image(path, (height, width), channels))
+        except UndecodableImage as exc:
+            bad.append((path, exc.reason))
+    if bad:
+        path, reason = bad[0]
+        more = f" (and {len(bad) - 1} more of the {len(paths)} files)" if len(bad) > 1 else ""
+        raise DataError(
+            f"cannot read image {path!r} ({reason}){more}; fix or remove it, or leave it out of "
+            "the files passed to read_images"
+        )
+    if not images:
+        return torch.empty((0, channels, height, width)), paths
+    return torch.stack(images), paths

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ from siamese.config import build
 from siamese.data.pairs import sample_pairs
 from siamese.distances import LearnedDistance
 from siamese.distributed import gather_uneven, gather_with_grad, is_distributed, seed_per_rank
-from siamese.errors import ConfigError
+from siamese.errors import ConfigError, DataError
 from siamese.evaluation import retrieval_metrics, verification_metrics
 from siamese.evaluation.oneshot import oneshot_metrics
 from siamese.losses import LossOutput
@@ -83,6 +84,77 @@ class _EpochStats:
         self.epoch = int(state.get("epoch", -1))
         self.sums = state.get("sums")
         self.images = int(state.get("images", 0))
+
+
+# Float pixels the inference entry points take: [0, 1], with slack for a resampler's
+# overshoot; 0-255 pixels (max 255) and mean/std-normalised images (min about -2) fall outside.
+IMAGE_RANGE = (-0.5, 1.5)
+
+
+def check_images(
+    images: Any, shape: Sequence[int], name: str = "images", values: bool = True
+) -> Tensor:
+    """``images`` as a tensor (B, C, H, W) of ``shape`` (C, H, W), float or uint8, or one
+    DataError line saying what was wrong, the value and the fix.
+
+    A numpy array becomes a tensor without a copy. The type, dtype and shape cost a few
+    microseconds and read nothing back. With ``values``, float values are checked too, with
+    one ``aminmax`` pass and one read-back (a GPU waits for it): NaN, infinity and values
+    outside ``IMAGE_RANGE`` are refused. uint8 pixels (0-255) pass; ``SiameseModule``
+    divides them by 255 batch by batch.
+    """
+    c, h, w = (int(v) for v in shape)
+    wanted = f"{name} must be a float tensor (B, {c}, {h}, {w}) in [0, 1]"
+    from_numpy = isinstance(images, np.ndarray)
+    if from_numpy:
+        if images.dtype not in (np.uint8, np.float16, np.float32, np.float64):
+            raise DataError(
+                f"{wanted}; got a numpy array of dtype {images.dtype} (pass floats, or 0-255 "
+                "pixels as uint8)"
+            )
+        with warnings.catch_warnings():  # read-only arrays (np.load mmap): nothing writes to it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, Tensor):
+        raise DataError(
+            f"{wanted}; got {type(images).__name__} (siamese.read_images(files, like=model) "
+            "reads image files)"
+        )
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise DataError(
+            f"{wanted}; got dtype {images.dtype} (pass floats, or 0-255 pixels as uint8)"
+        )
+    got = tuple(images.shape)
+    if got[1:] != (c, h, w):  # also any other number of dimensions
+        if got == (c, h, w):
+            hint = f"; one image needs a batch dimension: pass {name}[None]"
+        elif c == 1 and len(got) == 3 and got[1:] == (h, w):
+            hint = f"; add the channel dimension: pass {name}[:, None]"
+        elif len(got) == 4 and got[1:] == (h, w, c):
+            move = "transpose" if from_numpy else "permute"
+            hint = f"; the channels come last: pass {name}.{move}(0, 3, 1, 2)"
+        elif len(got) == 4:
+            hint = " (siamese.read_images(files, like=model) converts and resizes image files)"
+        else:
+            hint = ""
+        raise DataError(f"{wanted}; got shape {got}{hint}")
+    if not values or images.dtype == torch.uint8 or images.numel() == 0:
+        return images
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = int((~torch.isfinite(images)).sum())
+        raise DataError(f"{wanted}; got {bad} NaN or infinite values")
+    if lo < IMAGE_RANGE[0]:
+        raise DataError(
+            f"{wanted}; got values from {lo:.4g} to {hi:.4g}: pass the pixels before any "
+            "mean/std normalisation (the model applies its own)"
+        )
+    if hi > IMAGE_RANGE[1]:
+        raise DataError(
+            f"{wanted}; got values up to {hi:.4g}: divide 0-255 pixels by 255, or pass them "
+            "as uint8"
+        )
+    return images
 
 
 @dataclass
@@ -172,8 +244,21 @@ class SiameseModule(pl.LightningModule):
         self.run_overrides: list[str] | None = None
 
     # -- inference -------------------------------------------------------------------------
-    def forward(self, images: Tensor) -> Tensor:
-        """Images (B, C, H, W) in [0, 1] -> embeddings (B, D) as the distance sees them."""
+    # The public entry points check their input once (check_images): embed, compare and
+    # same all of it; model(images) its type, dtype and shape only, so a training loop of
+    # one's own never waits for a read-back. Training and evaluation steps call
+    # _embed_batch and pay nothing.
+    def forward(self, images: Tensor | np.ndarray) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] -> embeddings (B, D) as the distance sees them.
+
+        Takes what ``embed`` takes (uint8 divided by 255, moved to the model's device), in
+        one batch and with gradients when they are on. Its type, dtype and shape are
+        checked, its values are not (no read-back per call): ``embed`` checks them.
+        """
+        return self._embed_batch(self._model_input(self.check_images(images, values=False)))
+
+    def _embed_batch(self, images: Tensor) -> Tensor:
+        """``forward`` without the input checks: the training and evaluation steps' path."""
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         tower = self.tower
@@ -188,30 +273,76 @@ class SiameseModule(pl.LightningModule):
             self.__dict__["_compiled_tower"] = torch.compile(self.tower, **options)
         return self.__dict__["_compiled_tower"]
 
+    def check_images(self, images: Any, name: str = "images", values: bool = True) -> Tensor:
+        """``images`` as a (B, C, H, W) tensor of ``tower.input_shape``, or one DataError
+        line (``siamese.module.check_images``)."""
+        return check_images(images, self.tower.input_shape, name, values)
+
+    def _model_input(self, images: Tensor) -> Tensor:
+        """A checked batch on the model's device in its dtype; uint8 pixels divided by 255."""
+        images = images.to(self.device)
+        if images.dtype == torch.uint8:
+            return images.to(self.dtype).div_(255.0)
+        return images.to(self.dtype)
+
     @torch.no_grad()
-    def embed(self, images: Tensor, batch_size: int = 1024) -> Tensor:
-        """Embeddings of any number of images, in eval mode, batch by batch."""
+    def embed(self, images: Tensor | np.ndarray, batch_size: int = 1024) -> Tensor:
+        """Embeddings (N, D) of any number of images, in eval mode, batch by batch, on the
+        model's device.
+
+        Args:
+            images: (N, C, H, W) with (C, H, W) = ``tower.input_shape``: floats in [0, 1]
+                (any float dtype, cast to the model's), or uint8 pixels 0-255 (divided by 255
+                here), as a tensor or a numpy array (taken without a copy). Checked once,
+                with one pass over the values: another type, shape or dtype, NaN or infinity,
+                or values outside [-0.5, 1.5] (0-255 floats, mean/std-normalised images) are
+                one DataError line naming the fix.
+            batch_size: images per forward pass (each batch is moved to the device alone).
+        """
+        return self._embed_checked(self.check_images(images), batch_size)
+
+    def _embed_checked(self, images: Tensor, batch_size: int = 1024) -> Tensor:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         was_training = self.training
         self.eval()
         try:
             out = [
-                self(images[i : i + batch_size].to(self.device))
+                self._embed_batch(self._model_input(images[i : i + batch_size]))
                 for i in range(0, len(images), batch_size)
             ]
         finally:
             self.train(was_training)
-        return torch.cat(out) if out else images.new_zeros((0, self.tower.embedding_dim))
+        if out:
+            return torch.cat(out)
+        return torch.zeros((0, self.tower.embedding_dim), dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
-    def compare(self, a: Tensor, b: Tensor) -> Tensor:
-        """Distances (B,) between images ``a[i]`` and ``b[i]``; lower means more alike."""
-        return self.distance.to_distance(self.distance.paired(self.embed(a), self.embed(b)))
+    def compare(self, a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> Tensor:
+        """Distances (B,) between images ``a[i]`` and ``b[i]``; lower means more alike.
+
+        ``a`` and ``b`` are checked as ``embed`` checks its images and hold the same number
+        of images, or one of them a single image, compared with each of the other.
+        """
+        a, b = self.check_images(a, "a"), self.check_images(b, "b")
+        if len(a) != len(b) and 1 not in (len(a), len(b)):
+            raise DataError(
+                f"a and b must hold the same number of images (pair i is a[i] with b[i]), or "
+                f"one of them a single image; got {len(a)} and {len(b)}"
+            )
+        emb_a, emb_b = self._embed_checked(a), self._embed_checked(b)
+        return self.distance.to_distance(self.distance.paired(emb_a, emb_b))
 
     @torch.no_grad()
-    def same(self, a: Tensor, b: Tensor) -> Tensor:
-        """Same/different decisions (B,) at the threshold calibrated on validation."""
+    def same(self, a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> Tensor:
+        """Same/different decisions (B,) at the threshold calibrated on validation; ``a`` and
+        ``b`` as ``compare`` takes them."""
         if math.isnan(float(self.threshold)):
-            raise RuntimeError("this model has no calibrated threshold; validate it first")
+            raise ConfigError(
+                "this model has no calibrated threshold (its checkpoint was saved before any "
+                "validation); run evaluate.py ckpt_path=<this checkpoint> and load the "
+                "model.ckpt it writes, or apply a threshold of your own to compare(a, b)"
+            )
         return self.compare(a, b) <= self.threshold
 
     # -- training --------------------------------------------------------------------------
@@ -221,10 +352,10 @@ class SiameseModule(pl.LightningModule):
             # The pair loss is a mean over pairs: DDP's gradient averaging over equal parts
             # already gives the global batch's gradient, so nothing is gathered.
             x1, x2, same = batch
-            e1, e2 = self(torch.cat([x1, x2])).split(len(x1))
+            e1, e2 = self._embed_batch(torch.cat([x1, x2])).split(len(x1))
             return self.loss_fn.forward_pairs(e1, e2, same), 2 * len(x1)
         images, labels = batch
-        emb = self(images)
+        emb = self._embed_batch(images)
         if is_distributed():  # every pair of the global batch (gradients flow back to each part)
             emb, labels = gather_with_grad(emb), gather_with_grad(labels)
         return self.loss_fn(emb, labels), len(emb)
@@ -292,7 +423,7 @@ class SiameseModule(pl.LightningModule):
     def _eval_step(self, batch: tuple[Tensor, ...], stage: str) -> None:
         """``(images, labels)`` or ``(images, labels, item indices)`` of the evaluated split."""
         images, labels = batch[0], batch[1]
-        emb = self(images)
+        emb = self._embed_batch(images)
         if len(labels) > 1:
             out = self.loss_fn(emb, labels)
             self.log(

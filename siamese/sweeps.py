@@ -1,8 +1,9 @@
 """Sweeps: the metric a sweeper optimises, and ``sweep_summary.csv`` (one row per run).
 
-The summary is read back from the job directories (``.hydra/overrides.yaml`` and
-``metrics.json``), so it works the same for the basic launcher, submitit (jobs in other
-processes or on other nodes) and any sweeper (grid, Optuna).
+The summary is read back from the job directories (``.hydra/overrides.yaml``,
+``metrics.json`` and, for a job that did not finish, ``job_status.json``), so it works the
+same for the basic launcher, submitit (jobs in other processes or on other nodes) and any
+sweeper (grid, Optuna).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from typing import Any
 
 import yaml
 
-from siamese.errors import ConfigError
+from siamese.errors import ConfigError, SiameseError, find_in_chain
 from siamese.metric_names import EVAL_METRICS, TEST_ONLY_METRICS, available_metrics
 
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "sweep_summary.csv"
+# In a job directory: how a job that did not finish ended, {"status": ..., "error": ...}.
+STATUS_NAME = "job_status.json"
 
 
 def check_optimized_metric(name: Any) -> None:
@@ -63,6 +66,45 @@ def optimized_value(
 
 
 # -- the summary ------------------------------------------------------------------------------
+def failure_reason(exc: BaseException) -> str:
+    """Why a job failed, in one line: a user error's own message (its value and fix), else
+    the exception's type and the first line of its message."""
+    cause = find_in_chain(exc, lambda e: isinstance(e, SiameseError))
+    if cause is not None:
+        exc = cause
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if isinstance(exc, SiameseError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def write_job_status(job_dir: Path, status: str, error: str) -> None:
+    """Record in ``job_dir`` that its job did not finish (``failed``: it raised;
+    ``stopped``: its process exited during it) and why, for ``summary_rows``."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / STATUS_NAME).write_text(json.dumps({"status": status, "error": error}) + "\n")
+
+
+def clear_job_status(job_dir: Path) -> None:
+    """Forget an earlier attempt's ending (a requeued job starts again in its directory)."""
+    (job_dir / STATUS_NAME).unlink(missing_ok=True)
+
+
+def read_job_status(job_dir: Path) -> tuple[str, str] | None:
+    """``(status, error)`` written by ``write_job_status``, or None for a job without one."""
+    path = job_dir / STATUS_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        return "failed", f"unreadable {STATUS_NAME}"
+    return str(record.get("status") or "failed"), str(record.get("error") or "")
+
+
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """Job directories of a sweep (those with ``.hydra/overrides.yaml``), by job number."""
     jobs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
@@ -72,7 +114,14 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def summary_rows(sweep_dir: Path, metric_order: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """One row per job: ``job``, ``status``, each override, then the job's metrics."""
+    """One row per job: ``job``, ``status``, each override, the job's metrics, and for a job
+    that did not finish its one-line ``error``.
+
+    ``status`` is ``done`` (metrics.json written), ``failed`` (the job raised),
+    ``stopped`` (its process exited during it: a one-line user error, Ctrl-C or a
+    pre-emption), or ``no metrics.json`` (still running, or killed outright). The metrics
+    a failed or stopped job wrote before it ended are kept.
+    """
     rows = []
     for job in job_dirs(sweep_dir):
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
@@ -85,6 +134,9 @@ def summary_rows(sweep_dir: Path, metric_order: Sequence[str] = ()) -> list[dict
             except json.JSONDecodeError:
                 report = {}
         row["status"] = "done" if report else "no metrics.json"
+        ended = read_job_status(job)
+        if ended is not None:
+            row["status"] = ended[0]
         for item in overrides:
             key, _, value = str(item).partition("=")
             row[key.lstrip("+~")] = value
@@ -95,6 +147,8 @@ def summary_rows(sweep_dir: Path, metric_order: Sequence[str] = ()) -> list[dict
         first = [k for k in metric_order if k in numbers]
         for key in [*first, *sorted(set(numbers) - set(first))]:
             row[key] = numbers[key]
+        if ended is not None:
+            row["error"] = ended[1]
         rows.append(row)
     return rows
 
@@ -138,18 +192,26 @@ def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
 PRINTED_METRICS = ("test/precision_at_1", "test/map_at_r", "test/roc_auc", "test/eer")
 
 
-def summarize(sweep_dir: Path, optimized_metric: str | None = None) -> str | None:
-    """Write ``sweep_summary.csv`` and return it as a printable table (None: no jobs yet)."""
+def summarize(
+    sweep_dir: Path, optimized_metric: str | None = None, ended_early: bool = False
+) -> str | None:
+    """Write ``sweep_summary.csv`` and return it as a printable table (None: no jobs yet),
+    with a line for each job that did not finish; ``ended_early``: the sweep stopped before
+    its end, as its header then says."""
     order = [f"test/{n}" for n in (*EVAL_METRICS, *TEST_ONLY_METRICS)]
     rows = summary_rows(sweep_dir, order)
     if not rows:
         return None
     path = write_summary(sweep_dir, rows)
     override_keys = list(
-        dict.fromkeys(k for r in rows for k in r if k not in ("job", "status") and "/" not in k)
+        dict.fromkeys(
+            k for r in rows for k in r if k not in ("job", "status", "error") and "/" not in k
+        )
     )
     varying = [k for k in override_keys if len({r.get(k) for r in rows}) > 1] or override_keys
     metrics = [m for m in (optimized_metric, *PRINTED_METRICS) if m]
     metrics = [m for m in dict.fromkeys(metrics) if any(m in r for r in rows)]
     table = format_table(rows, ["job", "status", *varying, *metrics])
-    return f"sweep summary ({len(rows)} runs, all columns in {path}):\n{table}"
+    endings = [f"job {r['job']} {r['status']}: {r['error']}" for r in rows if "error" in r]
+    runs = f"{len(rows)} runs, the sweep did not finish;" if ended_early else f"{len(rows)} runs,"
+    return "\n".join([f"sweep summary ({runs} all columns in {path}):", table, *endings])

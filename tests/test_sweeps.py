@@ -80,6 +80,142 @@ def test_summary_has_one_row_per_job_with_overrides_and_metrics(tmp_path):
     assert lines[4].split() == ["1", "done", "triplet", "0.001", "0.4000", "0.5000"]
 
 
+class FakeAtexit:
+    """``atexit`` for the callback under test: handlers are kept here, run by the test."""
+
+    def __init__(self):
+        self.handlers = []
+
+    def register(self, fn):
+        self.handlers.append(fn)
+
+    def unregister(self, fn):
+        self.handlers = [h for h in self.handlers if h != fn]
+
+
+@pytest.fixture
+def sweep_callback(monkeypatch):
+    """A SweepSummary as Hydra drives it in a local sweep, with its exit handler held."""
+    from siamese import hydra_callbacks
+
+    exits = FakeAtexit()
+    monkeypatch.setattr(hydra_callbacks, "atexit", exits)
+    monkeypatch.setattr(hydra_callbacks, "_multirun", lambda: True)
+    monkeypatch.setenv(hydra_callbacks.SWEEP_DIR_ENV, "")  # restored after the test
+    return hydra_callbacks.SweepSummary(), exits
+
+
+def job_config(sweep, name):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {
+            "optimized_metric": None,
+            "hydra": {"sweep": {"dir": str(sweep)}, "runtime": {"output_dir": str(sweep / name)}},
+        }
+    )
+
+
+def run_job(callback, sweep, name, error=None):
+    """on_job_start, then on_job_end with the JobReturn Hydra's run_job gives."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    config = job_config(sweep, name)
+    callback.on_job_start(config=config)
+    ret = JobReturn(status=JobStatus.FAILED if error else JobStatus.COMPLETED)
+    ret.return_value = error if error else 1.0
+    callback.on_job_end(config=config, job_return=ret)
+
+
+def test_a_job_that_raised_is_a_failed_row_with_its_error_line(tmp_path, sweep_callback):
+    from hydra.errors import InstantiationException
+
+    callback, _ = sweep_callback
+    write_job(tmp_path, "0", ["seed=1"], {"test/precision_at_1": 0.75})
+    write_job(tmp_path, "1", ["seed=2"])
+    # Metrics written, then a failure: the row must not say done.
+    write_job(tmp_path, "2", ["seed=3"], {"test/precision_at_1": 0.5})
+    run_job(callback, tmp_path, "0")
+    oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nsee the allocator docs")
+    run_job(callback, tmp_path, "1", error=oom)
+    wrapped = InstantiationException("Error in call to target 'siamese.models.ConvTower'")
+    wrapped.__cause__ = ConfigError("model.embedding_dim must be a positive integer, got 0")
+    run_job(callback, tmp_path, "2", error=wrapped)
+
+    with (tmp_path / "sweep_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["done", "failed", "failed"]
+    assert [r["error"] for r in rows] == [
+        "",
+        "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "model.embedding_dim must be a positive integer, got 0",  # the user error's own line
+    ]
+    assert [r["test/precision_at_1"] for r in rows] == ["0.75", "", "0.5"]
+    assert json.loads((tmp_path / "1" / "job_status.json").read_text()) == {
+        "status": "failed",
+        "error": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB",
+    }
+    lines = summarize(tmp_path).splitlines()
+    assert lines[0] == f"sweep summary (3 runs, all columns in {tmp_path / 'sweep_summary.csv'}):"
+    assert lines[1].split() == ["job", "status", "seed", "test/precision_at_1"]  # no error column
+    assert lines[4].split() == ["1", "failed", "2"]
+    assert lines[6:] == [
+        "job 1 failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "job 2 failed: model.embedding_dim must be a positive integer, got 0",
+    ]
+
+
+def test_a_job_whose_process_exits_is_stopped_and_the_table_printed_at_exit(
+    tmp_path, sweep_callback, capsys
+):
+    """A user error (its one line, then exit 2) leaves Hydra's run_job as a SystemExit: no
+    on_job_end, and the local sweep ends there. The process's exit writes the row."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    callback, exits = sweep_callback
+    sweep = job_config(tmp_path, "0")
+    callback.on_multirun_start(config=sweep)
+    assert len(exits.handlers) == 1
+    write_job(tmp_path, "0", ["seed=1"], {"test/precision_at_1": 0.75})
+    # An earlier attempt of job 0 (requeued) stopped; this one finishes.
+    (tmp_path / "0" / "job_status.json").write_text('{"status": "stopped", "error": "x"}')
+    run_job(callback, tmp_path, "0")
+    write_job(tmp_path, "1", ["seed=2"])
+    callback.on_job_start(config=job_config(tmp_path, "1"))
+    assert len(exits.handlers) == 1  # one handler per process
+    capsys.readouterr()
+
+    exits.handlers[0]()  # the interpreter exits (sys.exit(2) inside job 1)
+
+    assert exits.handlers == []
+    stopped = (
+        "the process exited during this job: a one-line error (printed on stderr), Ctrl-C, or "
+        "a pre-emption that requeues it"
+    )
+    with (tmp_path / "sweep_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["status"], r["error"]) for r in rows] == [
+        ("0", "done", ""),
+        ("1", "stopped", stopped),
+    ]
+    printed = capsys.readouterr().out.splitlines()
+    path = tmp_path / "sweep_summary.csv"
+    assert printed[0] == f"sweep summary (2 runs, the sweep did not finish; all columns in {path}):"
+    assert printed[3].split() == ["0", "done", "1", "0.7500"]
+    assert printed[4].split() == ["1", "stopped", "2"]
+    assert printed[5:] == [f"job 1 stopped: {stopped}"]
+
+    # A sweep that reaches its end leaves no handler behind, and its exit adds nothing.
+    callback.on_multirun_start(config=sweep)
+    callback.on_job_start(config=job_config(tmp_path, "1"))
+    ret = JobReturn(status=JobStatus.COMPLETED)
+    ret.return_value = 1.0
+    callback.on_job_end(config=job_config(tmp_path, "1"), job_return=ret)
+    callback.on_multirun_end(config=sweep)
+    assert exits.handlers == []
+    assert not (tmp_path / "1" / "job_status.json").exists()  # cleared when it started again
+
+
 def test_summary_rows_order_metrics_as_asked(tmp_path):
     write_job(tmp_path, "0", ["seed=1"], {"test/b": 2.0, "test/a": 1.0, "test/c": 3.0})
     row = summary_rows(tmp_path, ["test/c", "test/a"])[0]
