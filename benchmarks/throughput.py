@@ -155,7 +155,7 @@ def bare_loop(module, batches, warmup: int, precision: str) -> float:
     start, seen = None, 0
     for step, (images, labels) in enumerate(batches):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = module.loss_fn(module(images), labels).loss
+            loss = module.loss_fn(module._embed_batch(images), labels).loss  # as training_step
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
