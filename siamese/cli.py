@@ -196,15 +196,30 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+# Keys every config file gives a bool but whose owner takes more: torch.compile options
+# ({mode: max-autotune}), WandbLogger's log_model=all, Trainer(deterministic="warn"),
+# ModelCheckpoint(save_last="link").
+NOT_ONLY_BOOL = frozenset(
+    {
+        "model.compile",
+        "logger.log_model",
+        "trainer.deterministic",
+        "callbacks.model_checkpoint.save_last",
+    }
+)
+
+
 @functools.cache
 def value_kinds(conf_dir: Path = CONF_DIR) -> dict[str, tuple[str, str]]:
     """``key -> (kind, example)`` for each key that every config file gives one kind of
     value: ``bool``, ``number`` or ``numbers`` (a list of numbers). Keys that take more
-    than one kind (``trainer.devices``: 2 or auto), Hydra's own and ``_target_``-like
-    keys are left out."""
+    than one kind (``trainer.devices``: 2 or auto; ``NOT_ONLY_BOOL``), Hydra's own and
+    ``_target_``-like keys are left out."""
     kinds: dict[str, tuple[str, str]] = {}
     for key, seen in config_values(conf_dir).items():
         if key.startswith("hydra.") or key.rsplit(".", 1)[-1].startswith("_"):
+            continue
+        if key in NOT_ONLY_BOOL:
             continue
         # Examples from the main configs first, then the key's own group, then the rest.
         group = key.split(".", 1)[0]
@@ -235,9 +250,10 @@ def _fits(kind: str, value: Any) -> bool:
         return True  # null is a value Lightning and torch may take; interpolations resolve later
     if kind == "bool":
         return isinstance(value, bool)
-    if kind == "number":
-        return _is_number(value)
-    return isinstance(value, list) and all(_is_number(x) or x is None for x in value)
+    numbers = isinstance(value, list) and all(_is_number(x) or x is None for x in value)
+    if kind == "number":  # or a list of them: data.image_size=[28,32], a (min, max) range
+        return _is_number(value) or numbers
+    return numbers
 
 
 def check_value_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:

@@ -175,6 +175,11 @@ def test_values_of_the_right_kind_pass_the_value_check():
             "trainer.devices=auto",  # 2 or auto: more than one kind, left to Lightning
             "+seed2=abc",
             "data.source.val_classes=3",
+            "data.image_size=[28,32]",  # a number, or a list of numbers ([H, W])
+            "model.compile={mode:max-autotune}",  # bools whose owner takes more (NOT_ONLY_BOOL)
+            "logger.log_model=all",
+            "trainer.deterministic=warn",
+            "callbacks.model_checkpoint.save_last=link",
         ]
     )
 
