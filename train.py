@@ -27,7 +27,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    check_group_overrides(sys.argv[1:])
-    # Resuming (hydra.run.dir=RUN ckpt_path=last): compose the run's own config again.
+    # Resuming (hydra.run.dir=RUN ckpt_path=last): the run's own overrides first, then the
+    # command's; checked together (a run's +key=v makes the command's key=v valid).
     sys.argv[1:] = with_saved_overrides(sys.argv[1:])
+    check_group_overrides(sys.argv[1:])
     main()

@@ -110,10 +110,15 @@ def check_key_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
     A key whose name some file has, even at another place, is left to Hydra, so nothing
     valid is refused: experiments and presets may put keys anywhere."""
     dotted = []
+    added: set[str] = set()  # +key=value earlier on the line (a resumed run's own): known
     for arg in argv:
+        if arg.startswith("+") and "=" in arg:
+            added.add(_override_key(arg))
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue
         key = arg.split("=", 1)[0]
+        if any(key == a or key.startswith(f"{a}.") for a in added):
+            continue
         if "." in key and not key.startswith("hydra.") and not set("/@:") & set(key):
             dotted.append((key, arg))
     if not dotted:
@@ -161,34 +166,60 @@ def check_key_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
         fail(f"{key} is not a key of any config{hint} (+{arg} would add it as a new key)")
 
 
+def option_keys(group: str, option: str, conf_dir: Path = CONF_DIR) -> set[str] | None:
+    """The keys ``group=option`` puts into a composed config: its file's, and those of the
+    options its defaults list pulls in (``trainer/cpu.yaml`` extends ``default``;
+    ``logger/many.yaml`` puts ``csv`` at ``logger.csv``). None when that cannot be told from
+    the files alone: a ``@package _global_`` option (it may add keys anywhere), a missing
+    file, or a defaults entry of another kind (``override``, another group)."""
+    file = conf_dir / group / f"{option}.yaml"
+    if not file.is_file():
+        return None
+    text = file.read_text()
+    if text.lstrip().startswith("# @package"):
+        return None
+    try:
+        node = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        return None
+    if not isinstance(node, dict):
+        return None
+    relative = f"{group}/{option}.yaml"
+    keys = {k for k, seen in config_values(conf_dir).items() if any(f == relative for _, f in seen)}
+    for entry in node.get("defaults") or []:
+        if entry == "_self_":
+            continue
+        if not isinstance(entry, str) or "/" in entry or ":" in entry:
+            return None
+        name, _, at = entry.partition("@")
+        inner = option_keys(group, name.strip(), conf_dir)
+        if inner is None:
+            return None
+        if at:  # re-rooted under group.at
+            inner = {f"{group}.{at.strip()}{k[len(group) :]}" for k in inner}
+            inner.add(f"{group}.{at.strip()}")
+        keys |= inner
+    return keys
+
+
 def _chosen_option_keys(argv: Sequence[str], conf_dir: Path) -> dict[str, tuple[str, set[str]]]:
-    """``group -> (option, the keys its file gives)`` for each ``group=option`` on the
-    command line whose file alone says what the group holds: none when a chosen option is
-    a ``@package _global_`` file (an experiment or preset may add keys anywhere), and not
-    for an option that pulls in other files (``logger=many``)."""
-    chosen: dict[str, str] = {}
+    """``group -> (option, the keys it puts in the config)`` for each ``group=option`` on
+    the command line whose keys the files tell (``option_keys``); none at all when a
+    chosen option is a ``@package _global_`` file (an experiment or preset may add keys
+    anywhere)."""
+    result: dict[str, tuple[str, set[str]]] = {}
     for arg in argv:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:
             continue
-        key, value = arg.split("=", 1)
-        if "." not in key and "/" not in key and group_options(key, conf_dir) is not None:
-            chosen[key] = value
-    result: dict[str, tuple[str, set[str]]] = {}
-    for group, option in chosen.items():
-        file = conf_dir / group / f"{option}.yaml"
-        if not file.is_file():
-            continue  # unknown or a sweep list: check_group_overrides' part
-        text = file.read_text()
-        if text.lstrip().startswith("# @package _global_"):
-            return {}
-        node = yaml.safe_load(text) or {}
-        if not isinstance(node, dict) or any(d != "_self_" for d in node.get("defaults") or []):
+        group, option = arg.split("=", 1)
+        if "." in group or "/" in group or group_options(group, conf_dir) is None:
             continue
-        relative = f"{group}/{option}.yaml"
-        keys = {
-            k for k, seen in config_values(conf_dir).items() if any(f == relative for _, f in seen)
-        }
-        result[group] = (option, keys)
+        file = conf_dir / group / f"{option}.yaml"
+        if file.is_file() and file.read_text().lstrip().startswith("# @package _global_"):
+            return {}
+        keys = option_keys(group, option, conf_dir)
+        if keys is not None:
+            result[group] = (option, keys)
     return result
 
 
@@ -245,14 +276,21 @@ def value_kinds(conf_dir: Path = CONF_DIR) -> dict[str, tuple[str, str]]:
 _KIND_WORDS = {"bool": "true or false", "number": "a number", "numbers": "a list of numbers"}
 
 
-def _fits(kind: str, value: Any) -> bool:
-    if value is None or (isinstance(value, str) and "${" in value):
-        return True  # null is a value Lightning and torch may take; interpolations resolve later
+# Number keys that also take a list of numbers: an image size as [H, W].
+NUMBER_OR_LIST = frozenset({"data.image_size"})
+
+
+def _fits(key: str, kind: str, value: Any) -> bool:
+    def later(v: Any) -> bool:  # null is a value Lightning and torch may take;
+        return v is None or (isinstance(v, str) and "${" in v)  # interpolations resolve later
+
+    if later(value):
+        return True
     if kind == "bool":
         return isinstance(value, bool)
-    numbers = isinstance(value, list) and all(_is_number(x) or x is None for x in value)
-    if kind == "number":  # or a list of them: data.image_size=[28,32], a (min, max) range
-        return _is_number(value) or numbers
+    numbers = isinstance(value, list) and all(_is_number(x) or later(x) for x in value)
+    if kind == "number":
+        return _is_number(value) or (numbers and key in NUMBER_OR_LIST)
     return numbers
 
 
@@ -288,7 +326,7 @@ def check_value_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> Non
             continue
         kind, example = kinds[key]
         for item in items:
-            if not _fits(kind, item):
+            if not _fits(key, kind, item):
                 shown = arg.split("=", 1)[1] if len(items) == 1 else f"{item} (in {arg})"
                 fail(f"{key}={shown} is not {_KIND_WORDS[kind]}; write e.g. {key}={example}")
 
@@ -342,9 +380,10 @@ def with_saved_overrides(argv: Sequence[str]) -> list[str]:
     """``train.py hydra.run.dir=RUN ckpt_path=last|auto [changes]``: the overrides of the
     run that wrote the checkpoint (saved in it) first, then the command's, so the resumed
     run composes the config it was trained with and only what the command names changes
-    (the command's value wins; a key or group it sets drops the run's overrides under it,
-    and ``~key`` deletes after them). Other commands, sweeps (-m) and checkpoints without saved
-    overrides are returned as they are; an unreadable checkpoint is train.py's to report.
+    (the command's value wins, see below; ``~key`` deletes after them), as one run
+    (``hydra.mode=RUN``: a sweep's job does not start a sweep again). Other commands, sweeps
+    (-m) and checkpoints without saved overrides are returned as they are; an unreadable
+    checkpoint is train.py's to report.
 
     The checkpoint, not ``RUN/.hydra/overrides.yaml``, is the record: Hydra rewrites that
     file at every start, a failed resume attempt included."""
@@ -362,24 +401,45 @@ def with_saved_overrides(argv: Sequence[str]) -> list[str]:
         saved = torch.load(ckpt, map_location="cpu", weights_only=True).get(RUN_OVERRIDES_KEY)
     except Exception:
         return args
-    # A key or group the command sets replaces everything the run set under it
-    # (model=resnet18 drops a saved model.hidden_dims). A deletion (~callbacks.x) drops
-    # nothing: it applies after the run's overrides, to what they composed.
-    sets = {_override_key(a) for a in args if not a.startswith(("-", "~"))}
-    sets |= {"hydra.run.dir", "ckpt_path"}
+    # What the command sets wins. Its group choice replaces the run's (trainer=gpu for
+    # trainer=cpu) and drops the run's keys of that group that the new option lacks; its
+    # key replaces the run's value of that key and below. A run's +key=v stays before a
+    # plain key=v of the command (added, then changed); a deletion (~key) applies after.
+    groups: dict[str, str] = {}
+    keys: dict[str, str] = {}  # key -> the command's argument for it
+    for a in args:
+        if a.startswith(("-", "~")) or "=" not in a:
+            continue
+        key = _override_key(a)
+        if not a.startswith("+") and "." not in key and group_options(key) is not None:
+            groups[key] = a.split("=", 1)[1]
+        else:
+            keys[key] = a
+    keys |= {"hydra.run.dir": "", "ckpt_path": ""}
     deletes = {_override_key(a) for a in args if a.startswith("~")}
 
     def replaced(item: str) -> bool:
         key = _override_key(item)
-        if any(key == g or key.startswith(f"{g}.") for g in sets):
+        if "." not in key and key in groups and not item.startswith("~"):
             return True
+        for k, arg in keys.items():
+            if key == k or key.startswith(f"{k}."):
+                return not (key == k and item.startswith("+") and not arg.startswith("+"))
+        group = key.split(".", 1)[0]
+        if "." in key and group in groups:
+            lacks = option_keys(group, groups[group])
+            if lacks is not None and key not in lacks:
+                return True
         return item.startswith("~") and key in deletes  # the command deletes it itself
 
     kept = [str(a) for a in saved or [] if not replaced(str(a))]
-    if kept:
-        print(
-            f"resuming {run_dir} with the overrides it was trained with: {' '.join(kept)}",
-            file=sys.stderr,
-            flush=True,
-        )
-    return kept + args
+    if not kept:
+        return args
+    print(
+        f"resuming {run_dir} with the overrides it was trained with: {' '.join(kept)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    # A sweep's job (hparams_search=optuna sets hydra.mode: MULTIRUN) resumes as one run.
+    mode_given = any(_override_key(a) == "hydra.mode" for a in args)
+    return kept + args + ([] if mode_given else ["hydra.mode=RUN"])

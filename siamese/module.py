@@ -638,18 +638,7 @@ class SiameseModule(pl.LightningModule):
         if not self.hparams.scheduler:
             return optimizer
         make = build(self.hparams.scheduler)
-        params = inspect.signature(make.func).parameters
-        extra = {}
-        for name in ("total_steps", "T_max"):
-            if name in params and name not in make.keywords:
-                extra[name] = self.planned_steps()
-        pct = make.keywords.get("pct_start")
-        steps = extra.get("total_steps", make.keywords.get("total_steps"))
-        if pct is not None and steps and float(pct) * steps == 1.0 and steps > 2:
-            # torch's one-cycle divides by (pct_start * total_steps - 1): a one-step warm-up
-            # (0.2 x 5 steps in a quick check) crashes it, so warm up for two steps instead.
-            extra["pct_start"] = 2.0 / steps
-        scheduler = make(optimizer, **extra)
+        scheduler = make(optimizer, **scheduler_kwargs(make, self.planned_steps()))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -680,6 +669,23 @@ def check_same_model(saved: dict[str, Any], own: dict[str, Any]) -> None:
     raise ConfigError(
         f"the checkpoint holds another model ({first}; {count} tensor"
         f"{'s differ' if count > 1 else ' differs'}); resume with the run's own model, "
-        "distance and loss settings (train.py reuses the overrides saved in the checkpoint when "
-        "resuming), or start a new run"
+        "distance and loss settings (ckpt_path=last or auto reuses the run's own, saved in "
+        "the checkpoint), or start a new run"
     )
+
+
+def scheduler_kwargs(make: Callable[..., Any], steps: int) -> dict[str, Any]:
+    """What a partial scheduler config gets besides the optimizer: ``total_steps`` or
+    ``T_max`` = ``steps`` (the fit's optimizer steps) when it takes one and the config does
+    not set it; and a one-cycle warm-up of exactly one step moved to two (torch divides by
+    ``pct_start * total_steps - 1``: 0.2 x 5 steps in a quick check would crash it)."""
+    keywords = getattr(make, "keywords", {})
+    params = inspect.signature(getattr(make, "func", make)).parameters
+    extra: dict[str, Any] = {
+        name: steps for name in ("total_steps", "T_max") if name in params and name not in keywords
+    }
+    pct = keywords.get("pct_start")
+    total = extra.get("total_steps", keywords.get("total_steps"))
+    if pct is not None and total and float(pct) * total == 1.0 and total > 2:
+        extra["pct_start"] = 2.0 / total
+    return extra

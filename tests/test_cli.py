@@ -139,6 +139,7 @@ def test_a_key_no_config_has_is_one_line_before_hydra(capsys, arg, line):
         ("model.hidden_dims=[128,x]", "model.hidden_dims=[128,x] is not a list of numbers"),
         ("seed=1,2,x", "seed=x (in seed=1,2,x) is not a number; write e.g. seed=0"),
         ("eval.oneshot.ways=5", "eval.oneshot.ways=5 is not a list of numbers; write e.g. "),
+        ("data.augment.degrees=[5,10]", "data.augment.degrees=[5,10] is not a number; write e.g."),
     ],
 )
 def test_a_value_of_the_wrong_kind_is_one_line_before_hydra(capsys, arg, line):
@@ -153,6 +154,11 @@ def test_a_value_of_the_wrong_kind_is_one_line_before_hydra(capsys, arg, line):
 
 def test_keys_of_the_chosen_option_pass_and_presets_may_add_keys():
     from siamese.cli import check_group_overrides
+
+    check_group_overrides(["trainer=cpu", "trainer.max_epochs=3"])  # from trainer/default.yaml
+    check_group_overrides(["logger=many", "logger.wandb.project=x"])
+    # A key added earlier on the line (a resumed run's own +key) may then be changed.
+    check_group_overrides(["+trainer.val_check_interval=1.0", "trainer.val_check_interval=0.5"])
 
     check_group_overrides(["model=convnet", "model.hidden_dims=[64]"])
     check_group_overrides(["model=resnet18", "model.small_input=false"])
@@ -176,6 +182,7 @@ def test_values_of_the_right_kind_pass_the_value_check():
             "+seed2=abc",
             "data.source.val_classes=3",
             "data.image_size=[28,32]",  # a number, or a list of numbers ([H, W])
+            "model.hidden_dims=[${model.embedding_dim},128]",  # interpolated items
             "model.compile={mode:max-autotune}",  # bools whose owner takes more (NOT_ONLY_BOOL)
             "logger.log_model=all",
             "trainer.deterministic=warn",
@@ -203,6 +210,9 @@ def test_every_key_a_composed_config_has_passes_the_key_check():
         ("train", ["loss=bce", "distance=learned", "data=kmnist", "logger=tensorboard"]),
         ("train", ["data=image_folder", "logger=wandb", "optimizer=sgd", "scheduler=cosine"]),
         ("train", ["data=mnist", "model=convnet"]),
+        ("train", ["trainer=ddp", "logger=many"]),  # options with defaults
+        ("train", ["trainer=cpu"]),
+        ("train", ["trainer=gpu", "loss=multi_similarity"]),
     ]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         for name, overrides in choices:
@@ -302,7 +312,8 @@ def test_resume_continues_at_the_saved_epoch_and_auto_picks_the_newest(make_cfg,
     ]
     first = make_cfg("ckpt_path=auto", "trainer.max_epochs=2", *stop_after_first_epoch)
     # As train.py runs it: Hydra knows the command's overrides, and each checkpoint keeps them.
-    command = ["trainer.max_epochs=2", "~callbacks.plots", "ckpt_path=auto", "hydra.run.dir=RUN"]
+    command = ["trainer.max_epochs=2", "~callbacks.plots", "model.hidden_dims=[64]"]
+    command += ["+callbacks.extra.x=1", "ckpt_path=auto", "hydra.run.dir=RUN"]
     hydra_node = OmegaConf.structured(HydraConf)
     hydra_node.overrides.task = command
     HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_node}))
@@ -317,21 +328,29 @@ def test_resume_continues_at_the_saved_epoch_and_auto_picks_the_newest(make_cfg,
     assert saved["run_overrides"] == command
     # train.py hydra.run.dir=RUN ckpt_path=last composes them again (the command's own win).
     resume = [f"hydra.run.dir={out}", "ckpt_path=last", "seed=3"]
-    saved_ones = ["trainer.max_epochs=2", "~callbacks.plots"]
-    assert with_saved_overrides(resume) == [*saved_ones, *resume]
+    max2, no_plots, hidden, extra = command[:4]
+    one_run = "hydra.mode=RUN"  # a sweep's job resumes as one run
+    assert with_saved_overrides(resume) == [max2, no_plots, hidden, extra, *resume, one_run]
     five = [*resume, "trainer.max_epochs=5"]
-    assert with_saved_overrides(five) == ["~callbacks.plots", *five]
+    assert with_saved_overrides(five) == [no_plots, hidden, extra, *five, one_run]
     assert with_saved_overrides(["-m", *resume]) == ["-m", *resume]  # sweeps: as given
-    # A group the command sets drops the run's keys under it; a deletion applies after the
-    # run's overrides (they stay), and one the command repeats is not made twice.
-    assert with_saved_overrides([*resume, "trainer=cpu"]) == [
-        "~callbacks.plots",
-        *resume,
-        "trainer=cpu",
-    ]
-    assert with_saved_overrides([*resume, "~trainer"]) == [*saved_ones, *resume, "~trainer"]
+    # Another option of a group keeps the run's keys that it has too (trainer/cpu.yaml
+    # extends default) and drops those it lacks (resnet18 has no hidden_dims).
+    cpu = [*resume, "trainer=cpu"]
+    assert with_saved_overrides(cpu) == [max2, no_plots, hidden, extra, *cpu, one_run]
+    resnet = [*resume, "model=resnet18"]
+    assert with_saved_overrides(resnet) == [max2, no_plots, extra, *resnet, one_run]
+    # The run's +key stays before the command's plain key (added, then changed); the
+    # command's own +key replaces it.
+    change = [*resume, "callbacks.extra.x=2"]
+    assert with_saved_overrides(change) == [max2, no_plots, hidden, extra, *change, one_run]
+    add = [*resume, "+callbacks.extra.x=2"]
+    assert with_saved_overrides(add) == [max2, no_plots, hidden, *add, one_run]
+    # A deletion applies after the run's overrides; one the command repeats is not made twice.
+    drop = [*resume, "~trainer"]
+    assert with_saved_overrides(drop) == [max2, no_plots, hidden, extra, *drop, one_run]
     again = [*resume, "~callbacks.plots"]
-    assert with_saved_overrides(again) == ["trainer.max_epochs=2", *again]
+    assert with_saved_overrides(again) == [max2, hidden, extra, *again, one_run]
     assert with_saved_overrides([f"hydra.run.dir={out}", "seed=3"]) == [
         f"hydra.run.dir={out}",
         "seed=3",

@@ -149,6 +149,10 @@ def test_optimizer_and_schedulers_instantiate(make_cfg):
             "and 1 pct_start, but got 2); fix one of: scheduler.max_lr=0.01, scheduler.pct_start=2",
         ),
         (
+            ["~scheduler._partial_"],
+            "scheduler needs scheduler._partial_=true: it is built later, given the optimizer",
+        ),
+        (
             ["+optimizer.betas=[0.9]"],
             "torch.optim.AdamW refused its settings (list index out of range); fix one of: "
             "optimizer.lr=0.01, optimizer.weight_decay=0.0001, optimizer.betas=[0.9]",
@@ -161,6 +165,15 @@ def test_optimizer_and_scheduler_values_torch_refuses_fail_at_start(make_cfg, ov
     assert str(refused.value) == message
 
 
-@pytest.mark.parametrize("overrides", [[], ["optimizer=sgd", "scheduler=cosine"], ["~scheduler"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["optimizer=sgd", "scheduler=cosine"],
+        ["~scheduler"],
+        ["scheduler.pct_start=0.01"],  # 0.01 x 100 probe steps: the one-step warm-up case
+        ["+scheduler.total_steps=1000"],
+    ],
+)
 def test_every_optimizer_and_scheduler_config_passes_the_start_check(make_cfg, overrides):
     check_config(make_cfg(*overrides))

@@ -227,8 +227,8 @@ def test_resuming_into_another_model_is_one_line_naming_the_first_difference():
     saved = {"head.weight": torch.zeros(64, 256), "head.bias": torch.zeros(64)}
     check_same_model(saved, {k: v.clone() for k, v in saved.items()})  # the same: no error
     tail = (
-        "resume with the run's own model, distance and loss settings (train.py reuses the "
-        "overrides saved in the checkpoint when resuming), or start a new run"
+        "resume with the run's own model, distance and loss settings (ckpt_path=last or auto "
+        "reuses the run's own, saved in the checkpoint), or start a new run"
     )
     cases = [
         (

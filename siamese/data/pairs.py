@@ -30,7 +30,7 @@ def sample_pairs(labels: Tensor, num_pairs: int, seed: int = 0) -> Pairs:
     are distinct (drawn from the enumerated list); above, they are drawn with replacement.
     When a small set has fewer pairs of one kind than asked, every pair of that kind is
     used and as many of the other, so the pairs stay balanced (and fewer); a set with no
-    pair of one kind (one class, or only singletons) gives pairs of the other kind alone.
+    pair of one kind (one class, or only singletons) gives only the other kind's half.
     """
     labels = torch.as_tensor(labels).reshape(-1).cpu()
     g = torch.Generator().manual_seed(seed)

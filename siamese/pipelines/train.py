@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import pickle
@@ -32,7 +31,7 @@ from siamese.inference import check_checkpoint, not_a_checkpoint_file
 from siamese.loggers import build_loggers
 from siamese.losses import PairLoss
 from siamese.metric_names import EVAL_METRICS, TEST_ONLY_METRICS
-from siamese.module import SiameseModule
+from siamese.module import SiameseModule, scheduler_kwargs
 from siamese.pipelines.report import print_table, write_metrics
 from siamese.sweeps import check_optimized_metric
 
@@ -75,14 +74,17 @@ def check_optimization(optimizer_cfg: DictConfig, scheduler_cfg: DictConfig | No
         settings = ", ".join(
             f"{name}.{k}={v}" for k, v in part.items() if not str(k).startswith("_")
         )
+        if not part.get("_partial_", False):
+            raise ConfigError(
+                f"{name} needs {name}._partial_=true: it is built later, given the "
+                f"{'parameters' if name == 'optimizer' else 'optimizer'}"
+            )
         try:
             make = build(part)
             if name == "optimizer":
                 optimizer = make(params=[torch.nn.Parameter(torch.zeros(1))])
-            else:
-                params = inspect.signature(make.func).parameters
-                steps = ("total_steps", "T_max")  # filled from the trainer in training
-                make(optimizer, **{n: 100 for n in steps if n in params and n not in make.keywords})
+            else:  # as configure_optimizers builds it, for a fit of 100 steps
+                make(optimizer, **scheduler_kwargs(make, 100))
         except Exception as exc:  # whatever the constructor raises, the settings caused
             cause = exc.__cause__ or exc  # Hydra wraps what the constructor raised
             reason = (str(cause).splitlines() or [type(cause).__name__])[0]
