@@ -17,9 +17,15 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_USER_ERROR = 2
 
 
+# The last line ``fail`` printed: a sweep job that stops on it records it (SweepSummary).
+last_error: str | None = None
+
+
 def fail(message: str) -> None:
     """Print ``error: message`` on one line to stderr and exit with status 2."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    global last_error
+    last_error = f"error: {message}"
+    print(last_error, file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
 
 

@@ -13,6 +13,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from siamese import cli
 from siamese.cli import fail
 from siamese.errors import ConfigError
 from siamese.sweeps import (
@@ -155,7 +156,8 @@ class SweepSummary(Callback):
         if sweep is None or (job_dir is None and not main):
             return
         if job_dir is not None:
-            write_job_status(job_dir, "stopped", STOPPED_REASON)
+            # A user error's own line when fail() printed one, else the possible causes.
+            write_job_status(job_dir, "stopped", cli.last_error or STOPPED_REASON)
         table = summarize(*sweep, ended_early=main)
         if table and main:
             print(table, flush=True)

@@ -166,7 +166,7 @@ def test_a_job_that_raised_is_a_failed_row_with_its_error_line(tmp_path, sweep_c
 
 
 def test_a_job_whose_process_exits_is_stopped_and_the_table_printed_at_exit(
-    tmp_path, sweep_callback, capsys
+    tmp_path, sweep_callback, capsys, monkeypatch
 ):
     """A user error (its one line, then exit 2) leaves Hydra's run_job as a SystemExit: no
     on_job_end, and the local sweep ends there. The process's exit writes the row."""
@@ -214,6 +214,19 @@ def test_a_job_whose_process_exits_is_stopped_and_the_table_printed_at_exit(
     callback.on_multirun_end(config=sweep)
     assert exits.handlers == []
     assert not (tmp_path / "1" / "job_status.json").exists()  # cleared when it started again
+
+    # A user error's own line, when fail() printed one, is the stopped job's reason.
+    from siamese import cli
+
+    monkeypatch.setattr(cli, "last_error", None)  # restored after the test
+    callback.on_multirun_start(config=sweep)
+    callback.on_job_start(config=job_config(tmp_path, "1"))
+    with pytest.raises(SystemExit):
+        cli.fail("data.root='/nope' does not exist")
+    exits.handlers[0]()
+    with (tmp_path / "sweep_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows[1]["error"] == "error: data.root='/nope' does not exist"
 
 
 def test_summary_rows_order_metrics_as_asked(tmp_path):
