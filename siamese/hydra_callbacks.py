@@ -114,6 +114,7 @@ class SweepSummary(Callback):
         self._guard(config)
         self._job_dir = Path(config.hydra.runtime.output_dir)
         clear_job_status(self._job_dir)  # a requeued job starts again in its directory
+        cli.last_error = None  # only this job's own error line is its reason
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not is_first_process():

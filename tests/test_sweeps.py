@@ -100,6 +100,7 @@ def sweep_callback(monkeypatch):
 
     exits = FakeAtexit()
     monkeypatch.setattr(hydra_callbacks, "atexit", exits)
+    monkeypatch.setattr(hydra_callbacks.cli, "last_error", None)  # another test's line
     monkeypatch.setattr(hydra_callbacks, "_multirun", lambda: True)
     monkeypatch.setenv(hydra_callbacks.SWEEP_DIR_ENV, "")  # restored after the test
     return hydra_callbacks.SweepSummary(), exits
@@ -218,7 +219,6 @@ def test_a_job_whose_process_exits_is_stopped_and_the_table_printed_at_exit(
     # A user error's own line, when fail() printed one, is the stopped job's reason.
     from siamese import cli
 
-    monkeypatch.setattr(cli, "last_error", None)  # restored after the test
     callback.on_multirun_start(config=sweep)
     callback.on_job_start(config=job_config(tmp_path, "1"))
     with pytest.raises(SystemExit):
