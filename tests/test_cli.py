@@ -33,17 +33,14 @@ BAD_INPUT = {
         ["loss=bce"],
         "loss=bce needs the logits of distance=learned, but distance=euclidean",
     ),
-    "lr-negative": (
-        ["optimizer.lr=-1"],
-        "torch.optim.AdamW refused its settings (Invalid learning rate: -1); fix one of: ",
-    ),
     "group-null": (
         ["scheduler=null"],
         "scheduler=null cannot drop a config group; write ~scheduler",
     ),
 }
-# A missing data folder and a bad model value take the same path to one line as bce-euclidean
-# (tests/test_train.py checks their messages in-process).
+# A missing data folder, a bad model value and settings torch's optimizer refuses take the
+# same path to one line as bce-euclidean (tests/test_train.py and tests/test_config.py check
+# their messages in-process).
 
 
 def flat_keys(node, prefix=""):
