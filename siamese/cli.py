@@ -426,15 +426,15 @@ def with_saved_overrides(argv: Sequence[str]) -> list[str]:
 
     def replaced(item: str) -> bool:
         key = _override_key(item)
-        if "." not in key and key in groups and not item.startswith("~"):
+        if "." not in key and key in groups:  # the run's choice, or its ~group
             return True
         for k, arg in keys.items():
             if key == k or key.startswith(f"{k}."):
                 return not (key == k and item.startswith("+") and not arg.startswith("+"))
         group = key.split(".", 1)[0]
         if "." in key and group in groups:
-            lacks = option_keys(group, groups[group])
-            if lacks is not None and key not in lacks:
+            has = option_keys(group, groups[group])
+            if has is not None and key not in has:
                 return True
         return item.startswith("~") and key in deletes  # the command deletes it itself
 

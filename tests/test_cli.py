@@ -348,6 +348,16 @@ def test_resume_continues_at_the_saved_epoch_and_auto_picks_the_newest(make_cfg,
     assert with_saved_overrides(drop) == [max2, no_plots, hidden, extra, *drop, one_run]
     again = [*resume, "~callbacks.plots"]
     assert with_saved_overrides(again) == [max2, hidden, extra, *again, one_run]
+    # A group choice keeps the run's keys (and deletions) under it that the option has, and
+    # drops the rest: +callbacks.extra is not in callbacks/default.yaml.
+    assert with_saved_overrides([*resume, "callbacks=default"]) == [
+        max2,
+        no_plots,
+        hidden,
+        *resume,
+        "callbacks=default",
+        one_run,
+    ]
     assert with_saved_overrides([f"hydra.run.dir={out}", "seed=3"]) == [
         f"hydra.run.dir={out}",
         "seed=3",
