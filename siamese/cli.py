@@ -365,7 +365,8 @@ def check_group_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> Non
 
 
 RESUME_MODES = ("last", "auto")
-RUN_OVERRIDES_KEY = "run_overrides"  # siamese.module.RUN_OVERRIDES_KEY (no torch import here)
+# Checkpoint key of the run's command-line overrides (written by SiameseModule).
+RUN_OVERRIDES_KEY = "run_overrides"
 
 
 def _override_key(arg: str) -> str:
@@ -373,8 +374,10 @@ def _override_key(arg: str) -> str:
     return arg.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
 
 
-def _resumed_checkpoint(run_dir: Path, mode: str) -> Path | None:
-    """The checkpoint ``ckpt_path=last|auto`` resumes in ``run_dir`` (as train.py picks it)."""
+def resumable_checkpoint(run_dir: Path, mode: str) -> Path | None:
+    """The checkpoint ``ckpt_path=last|auto`` resumes in ``run_dir``, or None when there is
+    none: last.ckpt, or for ``auto`` the newest of it and Lightning's ``hpc_ckpt_N.ckpt``
+    (written on a SLURM requeue signal)."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if mode == "last":
         return last if last.is_file() else None
@@ -398,7 +401,7 @@ def with_saved_overrides(argv: Sequence[str]) -> list[str]:
     run_dir, mode = values.get("hydra.run.dir"), values.get("ckpt_path")
     if mode not in RESUME_MODES or not run_dir or {"-m", "--multirun"} & set(args):
         return args
-    ckpt = _resumed_checkpoint(Path(run_dir).expanduser(), mode)
+    ckpt = resumable_checkpoint(Path(run_dir).expanduser(), mode)
     if ckpt is None:
         return args
     import torch  # only when resuming: a typo elsewhere is reported before torch loads

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from siamese.checkpointing import restore_rng_states, rng_states
+from siamese.cli import RUN_OVERRIDES_KEY
 from siamese.config import build
 from siamese.data.pairs import sample_pairs
 from siamese.distances import LearnedDistance
@@ -35,8 +36,6 @@ from siamese.losses import LossOutput
 from siamese.metric_names import ONESHOT_WAYS
 
 RECALL_KS = (1, 5, 10)
-# Checkpoint key of the run's command-line overrides (read back by siamese.cli on resume).
-RUN_OVERRIDES_KEY = "run_overrides"
 ONESHOT_EPISODES = 1000
 
 

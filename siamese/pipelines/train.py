@@ -23,6 +23,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from siamese.callbacks import is_positive_int, select_callbacks
 from siamese.checkpointing import AtomicCheckpointIO
+from siamese.cli import resumable_checkpoint
 from siamese.config import build
 from siamese.distributed import SyncBatchNormPlugin
 from siamese.errors import ConfigError, find_in_chain
@@ -219,12 +220,10 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if not ckpt_path:
         return None
     if ckpt_path == "auto":
-        found = [last_checkpoint(output_dir), *output_dir.glob("hpc_ckpt_*.ckpt")]
-        found = [p for p in found if p.is_file()]
-        if not found:
+        path = resumable_checkpoint(output_dir, "auto")
+        if path is None:
             log.info("ckpt_path=auto: no checkpoint in %s yet, starting from scratch", output_dir)
             return None
-        path = max(found, key=lambda p: p.stat().st_mtime_ns)
     else:
         path = last_checkpoint(output_dir) if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
