@@ -51,6 +51,7 @@ def train_epoch_logs(run_dir: Path) -> list[float]:
     return [float(r[k]) for r in rows for k in keys]
 
 
+@pytest.mark.slow  # three train.py runs, ~25 s: the default suite keeps under 5 minutes
 def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # fault_callbacks, for Hydra
     kill = [
