@@ -13,9 +13,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from siamese import cli
+from siamese import cli, run_dirs
 from siamese.cli import fail
-from siamese.errors import ConfigError
+from siamese.errors import ConfigError, SiameseError
 from siamese.sweeps import (
     check_optimized_metric,
     clear_job_status,
@@ -26,31 +26,44 @@ from siamese.sweeps import (
 
 
 class RunDirGuard(Callback):
-    """Stops before Hydra writes anything when ``hydra.run.dir`` holds an earlier run's
-    checkpoints, metrics or export and the command does not resume that run
-    (``ckpt_path=last``, ``auto`` or a checkpoint inside it: export.py may write beside a
-    run's own checkpoint, replacing its earlier export of it)."""
+    """Claims the run directory for this job before Hydra writes anything into it
+    (``siamese.run_dirs.claim``): refuses an empty ``hydra.run.dir``, a file, a folder
+    another running job holds, and one that holds another job's run (train.py may resume its
+    own run with ``ckpt_path=last``, ``auto`` or a checkpoint inside it; export.py may
+    replace its own earlier export of a checkpoint in its folder); then locks the folder for
+    the whole process and records the job in ``run.json``.
+
+    Sweeps: each job's directory is new, so its job only locks and records it
+    (``on_job_start``, released at its end). Only the first process of a job does any of
+    this: DDP's other processes write into the folder their first process holds."""
+
+    def __init__(self) -> None:
+        self._job_dir: Path | None = None  # the sweep job this process has locked
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        run_dir = Path(config.hydra.run.dir)
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path in ("last", "auto") or (
-            ckpt_path and Path(ckpt_path).resolve().is_relative_to(run_dir.resolve())
-        ):
+        if not is_first_process():
             return
-        # A training or evaluation run, or an export (model.json beside its model file).
-        names = ("checkpoints", "metrics.json", "model.json")
-        taken = [name for name in names if (run_dir / name).exists()]
-        if taken:
-            resume = (
-                ", or pass ckpt_path=last to resume that run"
-                if config.get("task_name") in ("train", "debug")
-                else ""  # evaluate.py and export.py have nothing to resume
-            )
-            fail(
-                f"hydra.run.dir={str(run_dir)!r} already holds a run ({', '.join(taken)}); "
-                f"choose another hydra.run.dir{resume} (nothing in it was changed)"
-            )
+        task = config.get("task_name") or "train"
+        try:
+            run_dirs.claim(config.hydra.run.get("dir"), task, config.get("ckpt_path"))
+        except SiameseError as exc:
+            fail(str(exc))
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_first_process() or not _multirun():
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        try:
+            run_dirs.lock(job_dir)
+            run_dirs.write_record(job_dir, config.get("task_name") or "train")
+        except SiameseError as exc:
+            fail(str(exc))
+        self._job_dir = job_dir
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if self._job_dir is not None:  # the basic launcher runs the next job in this process
+            run_dirs.unlock(self._job_dir)
+            self._job_dir = None
 
 
 # DDP in a local sweep: Lightning starts each job's other processes by re-running the
