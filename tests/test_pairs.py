@@ -141,5 +141,5 @@ def test_elastic_field_is_bounded_by_alpha_and_changes_images():
     assert torch.allclose(field[..., 1].abs().amax(dim=(1, 2)), torch.full((5,), 2.0 * 2 / 28))
     images = torch.rand(5, 1, 28, 20)
     assert not torch.allclose(aug(images), images)
-    with pytest.raises(ConfigError, match="elastic_alpha must be >= 0"):
+    with pytest.raises(ConfigError, match=r"data.augment.elastic_alpha=-1.0 must be >= 0"):
         BatchRandomAffine(elastic_alpha=-1.0)

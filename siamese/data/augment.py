@@ -16,6 +16,21 @@ from torch import Tensor, nn
 from siamese.errors import ConfigError
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_range(
+    name: str, value: object, low: float, high: float | None, hint: str, open_high: bool = False
+) -> None:
+    """Refuse ``data.augment.<name>`` outside [low, high] (None: no upper bound)."""
+    top = math.inf if high is None else high
+    inside = _is_real(value) and low <= value and (value < top if open_high else value <= top)
+    if not inside:
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}{')' if open_high else ']'}"
+        raise ConfigError(f"data.augment.{name}={value!r} must be {bounds} ({hint})")
+
+
 class BatchRandomAffine(nn.Module):
     """Random rotation, translation, scale and shear per image, an optional h-flip, and an
     optional elastic distortion (Simard et al. 2003), all in one ``grid_sample``.
@@ -45,13 +60,34 @@ class BatchRandomAffine(nn.Module):
         elastic_sigma: float = 4.0,
     ) -> None:
         super().__init__()
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+        # Checked here, not only by train.py, so that the Python API refuses them too: a
+        # negative range or a probability above 1 would otherwise warp silently.
+        _check_range("degrees", degrees, 0, None, "degrees, e.g. 10; 0 turns rotation off")
+        _check_range("translate", translate, 0, 1, "a fraction of the image size, e.g. 0.1")
+        # tan(shear) is infinite at 90 degrees.
+        _check_range("shear", shear, 0, 90, "degrees, e.g. 5; 0 turns it off", open_high=True)
+        _check_range("hflip", hflip, 0, 1, "a probability, e.g. 0.5; 0 for digits")
+        _check_range("p", p, 0, 1, "a probability, e.g. 1.0: every image warped")
+        if (
+            isinstance(scale, str)
+            or not isinstance(scale, Sequence)
+            or len(scale) != 2
+            or not all(_is_real(s) for s in scale)
+            or not 0 < scale[0] <= scale[1]
+        ):
             raise ConfigError(
-                f"augment.scale must be (low, high) with 0 < low <= high, got {scale}"
+                f"data.augment.scale must be [low, high] with 0 < low <= high, got {scale}; "
+                "e.g. data.augment.scale=[0.9,1.1]"
             )
         if padding_mode not in ("zeros", "border", "reflection"):
             raise ConfigError(
-                f"augment.padding_mode={padding_mode!r}; expected zeros, border or reflection"
+                f"data.augment.padding_mode={padding_mode!r}; expected zeros, border or reflection"
+            )
+        _check_range("elastic_alpha", elastic_alpha, 0, None, "pixels, e.g. 2.0; 0 turns it off")
+        if not _is_real(elastic_sigma) or not elastic_sigma > 0:
+            raise ConfigError(
+                f"data.augment.elastic_sigma={elastic_sigma!r} must be a positive number of "
+                "pixels, e.g. 4.0"
             )
         self.degrees = float(degrees)
         self.translate = float(translate)
@@ -60,11 +96,6 @@ class BatchRandomAffine(nn.Module):
         self.hflip = float(hflip)
         self.p = float(p)
         self.padding_mode = padding_mode
-        if elastic_alpha < 0 or elastic_sigma <= 0:
-            raise ConfigError(
-                f"augment.elastic_alpha must be >= 0 and elastic_sigma > 0, got "
-                f"{elastic_alpha} and {elastic_sigma}"
-            )
         self.elastic_alpha = float(elastic_alpha)
         self.elastic_sigma = float(elastic_sigma)
 

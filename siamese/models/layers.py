@@ -38,6 +38,16 @@ LAYER_KEYS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_dropout(p: Any, key: str) -> float:
+    """``p`` as a dropout probability, or a ConfigError naming its config ``key``.
+
+    1 is refused although torch takes it: it zeroes every feature, so nothing trains.
+    """
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+        raise ConfigError(f"{key} must be in [0, 1), got {p!r}; e.g. {key}=0.3 (0 turns it off)")
+    return float(p)
+
+
 def conv_output_size(
     size: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1
 ) -> int:
@@ -102,5 +112,5 @@ def layer_from_spec(
     if kind == "batchnorm":
         return nn.BatchNorm2d(c), shape
     if kind == "dropout":
-        return nn.Dropout2d(float(args["p"])), shape
+        return nn.Dropout2d(check_dropout(args["p"], f"model.layers.{index}.p")), shape
     return ACTIVATIONS[kind](), shape

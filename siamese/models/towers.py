@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from siamese.errors import ConfigError
-from siamese.models.layers import ACTIVATIONS, layer_from_spec
+from siamese.models.layers import ACTIVATIONS, check_dropout, layer_from_spec
 
 
 def _image_size(value: int | Sequence[int] | None) -> tuple[int, int]:
@@ -22,6 +22,16 @@ def _image_size(value: int | Sequence[int] | None) -> tuple[int, int]:
         return value, value
     h, w = (int(v) for v in value)
     return h, w
+
+
+def check_tower_settings(model_cfg: Mapping[str, Any]) -> None:
+    """Check the tower arguments that need no image shape (its dropout probabilities), so
+    that train.py refuses them at start: the tower itself is built after the data is read."""
+    if model_cfg.get("dropout") is not None:
+        check_dropout(model_cfg["dropout"], "model.dropout")
+    for index, spec in enumerate(model_cfg.get("layers") or []):
+        if isinstance(spec, Mapping) and str(spec.get("type", "")).lower() == "dropout":
+            check_dropout(spec.get("p", 0.1), f"model.layers.{index}.p")
 
 
 class Tower(nn.Module):
@@ -89,6 +99,7 @@ class ConvTower(Tower):
         input_std: float | Sequence[float] | None = None,
     ) -> None:
         super().__init__(embedding_dim, in_channels, image_size, input_mean, input_std)
+        dropout = check_dropout(dropout, "model.dropout")
         if activation not in ACTIVATIONS:
             raise ConfigError(
                 f"model.activation {activation!r} is unknown; expected one of {sorted(ACTIVATIONS)}"
@@ -142,6 +153,7 @@ class ResNet18Tower(Tower):
         input_std: float | Sequence[float] | None = None,
     ) -> None:
         super().__init__(embedding_dim, in_channels, image_size, input_mean, input_std)
+        dropout = check_dropout(dropout, "model.dropout")
         from torchvision.models import resnet18
 
         net = resnet18(weights=None)
@@ -150,8 +162,6 @@ class ResNet18Tower(Tower):
             net.maxpool = nn.Identity()
         else:
             net.conv1 = nn.Conv2d(self.in_channels, 64, 7, 2, 3, bias=False)
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
         fc = nn.Linear(net.fc.in_features, embedding_dim)
         net.fc = nn.Sequential(nn.Dropout(dropout), fc) if dropout > 0 else fc
         self.net = net
