@@ -113,3 +113,16 @@ class LearnedDistance(Distance):
 
     def paired(self, a: Tensor, b: Tensor) -> Tensor:
         return self.head((a - b).abs()).squeeze(-1)
+
+
+def check_embedding_dim(distance: Distance, embedding_dim: int) -> None:
+    """Refuse an embedding too small for ``distance``: an L2-normalised 1-D embedding is
+    +1 or -1, so every image lands on one of two points and no training can separate more
+    than two groups (a collapse that no loss curve explains)."""
+    # 0 and below: the tower's own check says what a dimension must be.
+    if distance.normalize_embeddings and isinstance(embedding_dim, int) and embedding_dim == 1:
+        raise ConfigError(
+            f"model.embedding_dim=1 with distance={distance.name}, which "
+            "L2-normalises the embeddings, leaves two possible embeddings (+1 and -1), so "
+            "every image collapses onto one of them; use model.embedding_dim >= 2"
+        )

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
+import os
 import struct
+import threading
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,11 +30,15 @@ from siamese.data.datasets import (
     FileImages,
     ImageReadError,
     TensorImages,
+    UndecodableImage,
     WithIndices,
+    decode_image,
     finalize_bad_files,
     identity_collate,
 )
 from siamese.data.sources import ImageFolder
+from siamese.errors import DataError
+from siamese.inference import read_images
 from siamese.pipelines.evaluate import run_evaluation
 
 WHITE, RED, BLUE = (255, 255, 255), (255, 0, 0), (0, 0, 255)
@@ -430,6 +440,9 @@ def test_train_py_skips_or_refuses_bad_files(tmp_path):
         {"a": (8, ["broken.png"]), "b": (8, []), "c": (8, ["empty.jpg"]), "d": (8, ["x.gif"])},
     )
     (tmp_path / "data" / "c" / "empty.jpg").write_bytes(b"")
+    # A FIFO named like an image: reading it used to block train.py and evaluate.py forever.
+    os.mkfifo(tmp_path / "data" / "b" / "x.png")
+    bad.append(tmp_path / "data" / "b" / "x.png")
     common = [
         *FAST,
         "trainer.limit_train_batches=2",
@@ -488,3 +501,131 @@ def test_every_data_config_refuses_bad_files_by_default_and_lists_them_in_the_ru
         cfg = compose_train([f"data={data}"], tmp_path)
         assert cfg.data.skip_bad_files is False, data
         assert cfg.data.bad_files == f"{tmp_path}/bad_files.txt", data
+
+
+# --------------------------------------------------------------------------- FIFOs, EXIF
+
+
+def finishes(fn, fifos: Sequence[Path], seconds: float = 60.0):
+    """``fn()``, run in a thread so that a reader blocked on a FIFO fails the test instead
+    of hanging the suite (the FIFOs are then opened for writing, which frees the reader)."""
+    result: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # re-raised in the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for fifo in fifos:
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail(f"still reading after {seconds} s: blocked on a FIFO among {fifos}")
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result.get("value")
+
+
+def test_a_fifo_named_like_an_image_is_refused_or_skipped_never_read(tmp_path, caplog):
+    write_folder(tmp_path / "data", {"a": (8, []), "b": (8, [])})
+    fifo = tmp_path / "data" / "a" / "x.png"
+    os.mkfifo(fifo)
+    with pytest.raises(UndecodableImage, match=r"not a regular file but a named pipe \(FIFO\)"):
+        finishes(lambda: decode_image(str(fifo), (8, 8), 1), [fifo])
+
+    # Listing opens nothing: the FIFO is listed, and reading it follows data.skip_bad_files.
+    source = ImageFolder(image_size=8, channels=1, val_fraction=0.25, test_fraction=0.25)
+    refusing = SiameseDataModule(source, root=str(tmp_path / "data"), batch_size=4)
+    splits = finishes(refusing.load_splits, [fifo])
+    (holder,) = [s for s in splits.as_tuple() if str(fifo) in s.paths]
+    with pytest.raises(ImageReadError) as err:
+        finishes(lambda: list(ordered_loader(holder, 3)), [fifo])
+    assert str(err.value).startswith(
+        f"cannot read image {str(fifo)!r} (not a regular file but a named pipe (FIFO))"
+    )
+    assert "\n" not in str(err.value) and "data.skip_bad_files=true" in str(err.value)
+
+    log_path = tmp_path / "run" / "bad_files.txt"
+    skipping = SiameseDataModule(
+        source,
+        root=str(tmp_path / "data"),
+        batch_size=4,
+        skip_bad_files=True,
+        bad_files=str(log_path),
+    )
+    with caplog.at_level(logging.WARNING, logger="siamese.data.datasets"):
+        splits = finishes(skipping.load_splits, [fifo])
+        for split in splits.as_tuple():
+            batches = finishes(lambda split=split: list(ordered_loader(split, 3)), [fifo])
+            kept = sum(len(items) for _, _, items in batches)
+            assert kept == len(split) - (str(fifo) in split.paths)
+    assert any("x.png" in r.getMessage() and "FIFO" in r.getMessage() for r in caplog.records)
+    assert finalize_bad_files(log_path) == [str(fifo)]
+
+    # strict refuses it when indexing, naming it.
+    with pytest.raises(DataError) as err:
+        finishes(lambda: ImageFolder(strict=True).load(tmp_path / "data"), [fifo])
+    assert str(err.value).startswith(f"{str(fifo)!r} (a named pipe (FIFO)) in ")
+    assert "strict=false" in str(err.value)
+
+
+def tiny_model(channels: int, height: int, width: int) -> SimpleNamespace:
+    """What read_images asks of a model: its tower's input shape."""
+    return SimpleNamespace(tower=SimpleNamespace(input_shape=(channels, height, width)))
+
+
+def test_read_images_refuses_a_fifo_and_skips_link_loops(tmp_path, caplog):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "sub/b.png"]):
+        Image.new("L", (8, 8), 50 * (i + 1)).save(folder / name)
+    (folder / "sub" / "self").symlink_to(".")
+    (folder / "up").symlink_to("..")
+    (folder / "knot.png").symlink_to("knot.png")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("L", (8, 8), 200).save(elsewhere / "c.png")
+    (folder / "linked").symlink_to(elsewhere)  # a linked folder is followed once
+
+    with caplog.at_level(logging.WARNING, logger="siamese.data.sources"):
+        images, paths = finishes(lambda: read_images(folder, tiny_model(1, 8, 8)), [])
+    assert paths == [str(folder / n) for n in ("a.png", "linked/c.png", "sub/b.png")]
+    assert [value(x) for x in images] == [50, 200, 100]
+    loops = sorted(r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage())
+    assert len(loops) == 3 and "knot.png" in loops[0] and "self" in loops[1] and "up" in loops[2]
+
+    fifo = folder / "sub" / "x.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError) as err:
+        finishes(lambda: read_images(folder, tiny_model(1, 8, 8)), [fifo])
+    assert str(err.value).startswith(f"cannot read image {str(fifo)!r} (not a regular file")
+    with pytest.raises(DataError, match="named pipe"):
+        finishes(lambda: read_images([fifo], tiny_model(1, 8, 8)), [fifo])
+
+
+def test_exif_orientation_turns_a_phone_photo_upright(tmp_path):
+    # Stored 16 wide x 8 tall, red left and blue right; tag 6 says "turn 90 degrees
+    # clockwise to view", so the viewer sees 8 wide x 16 tall, red on top, blue below.
+    stored = Image.new("RGB", (16, 8), BLUE)
+    stored.paste(Image.new("RGB", (8, 8), RED), (0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    stored.save(path, quality=95, exif=exif)
+    assert Image.open(path).getexif()[0x0112] == 6
+
+    image = decode_image(str(path), (16, 8), 3)  # (H, W): no resizing
+    top, bottom = (image[:, :6] * 255).mean(dim=(1, 2)), (image[:, 10:] * 255).mean(dim=(1, 2))
+    assert top[0] > 200 and top[2] < 60, top  # red
+    assert bottom[0] < 60 and bottom[2] > 200, bottom  # blue
+
+    # A large photo takes the draft (reduced-scale) path with its turned size.
+    big = stored.resize((1600, 800), Image.NEAREST)
+    big.save(path, quality=95, exif=exif)
+    small = decode_image(str(path), (16, 8), 3)
+    assert (small - image).abs().mean() < 0.05

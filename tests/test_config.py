@@ -88,6 +88,21 @@ def test_bce_with_a_plain_distance_fails_at_start(make_cfg, distance):
         check_config(make_cfg("loss=bce", f"distance={distance}"))
 
 
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_one_dimensional_normalised_embeddings_fail_at_start(make_cfg, distance):
+    with pytest.raises(ConfigError) as err:
+        check_config(make_cfg("model.embedding_dim=1", f"distance={distance}"))
+    assert str(err.value) == (
+        f"model.embedding_dim=1 with distance={distance}, which L2-normalises the embeddings, "
+        "leaves two possible embeddings (+1 and -1), so every image collapses onto one of "
+        "them; use model.embedding_dim >= 2"
+    )
+    # Unnormalised, one dimension is a line, not two points: allowed.
+    plain = ["distance=euclidean", "distance.normalize_embeddings=false", "loss=contrastive"]
+    check_config(make_cfg("model.embedding_dim=1", *plain))
+    check_config(make_cfg("model.embedding_dim=2", f"distance={distance}"))
+
+
 @pytest.mark.parametrize("loss", ["triplet", "multi_similarity"])
 def test_batch_losses_with_explicit_pairs_fail_at_start(make_cfg, loss):
     with pytest.raises(ConfigError, match="cannot use data.pair_mode=explicit"):

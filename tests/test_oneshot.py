@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
 from siamese.errors import ConfigError, DataError
+from siamese.evaluation import oneshot
 from siamese.evaluation.oneshot import (
     Episodes,
     class_groups,
@@ -387,3 +390,96 @@ def test_group_checks_and_ways_that_no_group_can_hold():
         sample_episodes(labels, 4, 1, 10, groups=split)
     with pytest.raises(DataError, match="groups has 3 entries but labels has"):
         sample_episodes(labels, 4, 1, 10, groups=[0, 1, 2])
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+
+def mixed_clusters():
+    """Overlapping clusters, 30 classes of 6 in 3 groups: accuracies well inside (0, 1)."""
+    rng = np.random.default_rng(11)
+    labels = np.repeat(np.arange(30), 6)
+    emb = rng.normal(size=(180, 8)) + 0.8 * rng.normal(size=(30, 8))[labels]
+    return emb, labels, labels // 10
+
+
+def test_chunked_episodes_give_the_numbers_of_the_unchunked_sampler():
+    # Computed by the sampler that drew all episodes in one array (before chunking).
+    emb, labels, groups = mixed_clusters()
+    assert oneshot_metrics(emb, labels, ways=(5, 20), episodes=3000, seed=4) == {
+        "oneshot_5way_1shot": 0.433,
+        "oneshot_5way_1shot_ci95": 0.01773090576366588,
+        "oneshot_20way_1shot": 0.15666666666666668,
+        "oneshot_20way_1shot_ci95": 0.013007186845341679,
+    }
+    got = oneshot_metrics(
+        emb, labels, ways=(5, 10), k_shot=3, episodes=2000, seed=9, metric="ip", groups=groups
+    )
+    assert got == {
+        "oneshot_5way_3shot": 0.572,
+        "oneshot_5way_3shot_ci95": 0.021685077191469712,
+        "oneshot_10way_3shot": 0.3835,
+        "oneshot_10way_3shot_ci95": 0.021310336041461195,
+    }
+    eps = sample_episodes(labels, 20, 2, 5000, seed=1)
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in eps))
+    assert digest.hexdigest()[:16] == "9410b3a1df1a0851"
+
+
+def test_many_episodes_are_drawn_and_scored_in_bounded_memory(monkeypatch):
+    emb, labels, groups = mixed_clusters()
+    first = sample_episodes(labels, 5, 1, 300, seed=3, groups=groups)
+    monkeypatch.setattr(oneshot, "_EPISODE_ELEMENTS", 5 * 2 * 300)  # 300 episodes a chunk
+    chunked = sample_episodes(labels, 5, 1, 2000, seed=3, groups=groups)
+    # The first chunk is what one draw of its size gives; the later ones come from their
+    # own streams, valid episodes all the same, and the same for the same seed.
+    for a, b in zip(first, chunked, strict=True):
+        assert len(b) == 2000 and np.array_equal(a, b[:300])
+    again = sample_episodes(labels, 5, 1, 2000, seed=3, groups=groups)
+    for a, b in zip(chunked, again, strict=True):
+        assert np.array_equal(a, b)
+    classes = np.sort(labels[chunked.support[:, :, 0]], axis=1)  # (E, N), distinct
+    assert (classes[:, 1:] != classes[:, :-1]).all()
+    in_group = groups[chunked.support[:, :, 0]]
+    assert (in_group.min(axis=1) == in_group.max(axis=1)).all()
+    target_class = labels[chunked.support[np.arange(2000), chunked.target, 0]]
+    assert (labels[chunked.query] == target_class).all()
+    # Streaming counts equal scoring the concatenated episodes.
+    right = predict_episodes(emb, chunked) == chunked.target
+    got = oneshot_accuracy(emb, labels, n_way=5, episodes=2000, seed=3, groups=groups)
+    assert got["accuracy"] == right.mean() and got["episodes"] == 2000.0
+
+    # Memory follows the chunk, not the episode count (one array of them was ~60 MB).
+    monkeypatch.setattr(oneshot, "_EPISODE_ELEMENTS", 1 << 14)
+    tracemalloc.start()
+    try:
+        oneshot_accuracy(emb, labels, n_way=5, episodes=100_000, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak
+
+
+def test_absurd_episode_counts_are_refused_in_one_line():
+    emb, labels, _ = mixed_clusters()
+    for call in (
+        lambda: oneshot_metrics(emb, labels, episodes=10**9),
+        lambda: oneshot_accuracy(emb, labels, episodes=10**9),
+        lambda: sample_episodes(labels, 5, 1, 10**9),
+    ):
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert str(err.value).startswith("episodes=1000000000 is more than 10,000,000")
+        assert "use fewer" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.full(20, np.nan), "labels has 20 NaN value"),
+        (np.array([1, "a"] * 10, dtype=object), "labels mixes numbers and strings"),
+    ],
+)
+def test_labels_that_name_no_class_are_refused_in_one_line(labels, message):
+    with pytest.raises(DataError, match=message):
+        oneshot_metrics(np.random.default_rng(0).random((20, 4)), labels)

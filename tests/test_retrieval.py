@@ -324,6 +324,46 @@ def test_errors():
         retrieval_metrics(emb[:2], torch.tensor([5, 6]), emb, labels, ks=(1,))
 
 
+def test_labels_that_name_no_class_are_refused_in_one_line():
+    emb = POINTS
+    nan = torch.full((6,), float("nan"))
+    with pytest.raises(DataError) as err:  # np.unique merges NaNs: this scored 1.0
+        retrieval_metrics(emb, nan, ks=(1,))
+    assert str(err.value).startswith("query_labels has 6 NaN value(s) of 6 (first at row 0)")
+    assert "all integers or all strings" in str(err.value)
+    some = LABELS.double()
+    some[4] = float("nan")
+    with pytest.raises(
+        DataError, match=r"gallery_labels has 1 NaN value\(s\) of 6 \(first at row 4\)"
+    ):
+        retrieval_metrics(emb, LABELS, emb, some, ks=(1,))
+    mixed = np.array([0, 0, "b", 0, "b", "c"], dtype=object)
+    with pytest.raises(DataError) as err:  # numpy's TypeError from sorting before
+        retrieval_metrics(emb, mixed, ks=(1,))
+    assert str(err.value).startswith(
+        "query_labels mixes numbers and strings (0 at row 0, 'b' at row 2)"
+    )
+    with pytest.raises(DataError, match=r"query_labels has None at row 1"):
+        retrieval_metrics(emb, np.array([0, None, 1, 0, 1, 2], dtype=object), ks=(1,))
+    # Ints against strings: np.concatenate would turn 1 into "1" and match it silently.
+    names = np.array(["0", "0", "1", "0", "1", "2"])
+    with pytest.raises(DataError) as err:
+        retrieval_metrics(emb, LABELS, emb, names, ks=(1,))
+    assert str(err.value).startswith(
+        "query_labels are numbers (int64) but gallery_labels are strings (<U1)"
+    )
+    assert "\n" not in str(err.value)
+
+    # Labels of one kind, in any container, still score as integer labels do.
+    expected = retrieval_metrics(emb, LABELS, ks=KS)
+    as_text = np.array(["a", "a", "b", "a", "b", "c"], dtype=object)
+    assert retrieval_metrics(emb, as_text, ks=KS) == expected
+    assert retrieval_metrics(emb, names, emb, names.astype(object), ks=KS) == retrieval_metrics(
+        emb, LABELS, emb, LABELS, ks=KS
+    )
+    assert retrieval_metrics(emb, LABELS.double(), ks=KS) == expected
+
+
 # --- approximate indexes and indexes built by the caller -------------------------------
 
 

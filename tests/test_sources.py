@@ -501,3 +501,80 @@ def test_image_folder_bad_config():
     with pytest.raises(ConfigError, match=r"\[1, 2, 3\]"):
         ImageFolder(image_size=[1, 2, 3])
     assert ImageFolder(image_size=(32, 48)).image_size == (32, 48)
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_image_folder_split_layout_wins_over_extra_folders(tmp_path, caplog):
+    make_image_folder(tmp_path / "train", {"a": 3, "b": 3})
+    make_image_folder(tmp_path / "val", {"a": 2, "b": 2})
+    make_image_folder(tmp_path / "test", {"a": 2, "b": 2})
+    make_image_folder(tmp_path / "extras", {"c": 2})
+    make_image_folder(tmp_path / "__MACOSX" / "train", {"a": 1})  # unzipping leftovers
+    make_image_folder(tmp_path / ".cache", {"z": 1})
+    with caplog.at_level(logging.WARNING, logger="siamese.data.sources"):
+        splits = ImageFolder(image_size=8).load(tmp_path)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 4, 4)
+    assert splits.train.classes == ["a", "b"]
+    (warning,) = warnings_of(caplog)
+    assert "train/val/test" in warning and "extras/" in warning
+    assert "__MACOSX" not in warning and ".cache" not in warning
+
+    # __MACOSX and hidden folders are ignored silently in the class layout too.
+    flat = tmp_path / "flat"
+    make_image_folder(flat, {"a": 3, "b": 3})
+    make_image_folder(flat / "__MACOSX", {"a": 1})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="siamese.data.sources"):
+        assert ImageFolder(val_fraction=0.0, test_fraction=0.0).load(flat).train.classes == [
+            "a",
+            "b",
+        ]
+    assert warnings_of(caplog) == []
+
+    # train/ beside classes but no val/ or test/: classes, and a warning says so.
+    odd = tmp_path / "odd"
+    make_image_folder(odd, {"train": 3, "cats": 3})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="siamese.data.sources"):
+        whole = ImageFolder(val_fraction=0.0, test_fraction=0.0).load(odd)
+    assert whole.train.classes == ["cats", "train"]
+    (warning,) = warnings_of(caplog)
+    assert "train/ too" in warning
+
+
+def test_image_folder_follows_linked_class_folders_and_skips_link_loops(tmp_path, caplog):
+    data = tmp_path / "data"
+    make_image_folder(data, {"a": 4, "b": 4})
+    make_image_folder(tmp_path / "elsewhere", {"c": 4})
+    (data / "c").symlink_to(tmp_path / "elsewhere" / "c")  # a linked class: followed
+    (data / "a" / "self").symlink_to(".")
+    (data / "b" / "up").symlink_to("..")  # back to data.root
+    (data / "b" / "top").symlink_to("/")
+    (data / "a" / "knot").symlink_to("knot")  # cannot be resolved at all
+    (data / "root").symlink_to(".")  # a class folder that is data.root itself
+    with caplog.at_level(logging.WARNING, logger="siamese.data.sources"):
+        splits = ImageFolder(val_fraction=0.0, test_fraction=0.0).load(data)
+    assert splits.train.classes == ["a", "b", "c"]
+    assert per_class(splits.train.targets, 3) == [4, 4, 4]
+    loops = sorted(w for w in warnings_of(caplog) if "symbolic link" in w)
+    named = ["a/knot", "a/self", "b/top", "b/up", "data/root"]
+    assert len(loops) == len(named)
+    for warning, name in zip(loops, named, strict=True):
+        assert f"{name}'" in warning, (name, warning)
+
+
+def test_data_root_that_is_a_link_loop_is_one_line(tmp_path):
+    loop = tmp_path / "root"
+    loop.symlink_to("root")
+    with pytest.raises(DataError) as err:
+        ImageFolder().load(loop)
+    assert str(err.value).startswith(f"data.root {str(loop)!r} is a symbolic link loop")
+    from siamese.data import SiameseDataModule
+
+    with pytest.raises(DataError) as err:
+        SiameseDataModule(ImageFolder(), root=str(loop))
+    assert str(err.value).startswith(f"data.root {str(loop)!r} cannot be resolved")
+    assert "\n" not in str(err.value)

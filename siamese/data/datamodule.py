@@ -133,7 +133,13 @@ class SiameseDataModule(pl.LightningDataModule):
         if not isinstance(skip_bad_files, bool):
             raise ConfigError(f"data.skip_bad_files must be true or false, got {skip_bad_files!r}")
         self.source = source
-        self.root = str(Path(root).expanduser().resolve()) if root else None
+        try:
+            self.root = str(Path(root).expanduser().resolve()) if root else None
+        except (OSError, RuntimeError) as exc:  # Python 3.11 raises RuntimeError on a loop
+            raise DataError(
+                f"data.root {str(root)!r} cannot be resolved: a symbolic link loop ({exc}); "
+                "pass data.root=PATH to the real data folder"
+            ) from None
         self.batch_size = batch_size
         self.samples_per_class = samples_per_class
         self.pair_mode = pair_mode

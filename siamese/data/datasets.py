@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -389,12 +391,14 @@ class ConcatImages(LabelledImages):
 def decode_image(path: str, image_size: tuple[int, int], channels: int) -> Tensor:
     """One image file as float32 (C, H, W) in [0, 1]: ``channels`` 1 or 3, ``image_size`` (H, W).
 
-    A JPEG at least twice the size asked for is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
-    draft mode) before resizing, so huge photos cost little. Raises UndecodableImage(reason)
-    for any file PIL cannot decode, and for images over PIL's decompression-bomb limit
-    (``PIL.Image.MAX_IMAGE_PIXELS`` pixels).
+    The image is turned upright as its EXIF orientation tag says (phone photos are stored
+    sideways with such a tag). A JPEG at least twice the size asked for is decoded at 1/2,
+    1/4 or 1/8 scale (libjpeg's draft mode) before resizing, so huge photos cost little.
+    Raises UndecodableImage(reason) for anything but a regular file (a FIFO would block the
+    reader forever), for any file PIL cannot decode, and for images over PIL's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` pixels).
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
     from torchvision.transforms.functional import pil_to_tensor
 
     mode = "L" if channels == 1 else "RGB"
@@ -403,15 +407,54 @@ def decode_image(path: str, image_size: tuple[int, int], channels: int) -> Tenso
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse those as well.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.draft(mode, (w, h))  # JPEG only; other formats ignore it
+            with _open_regular(path) as f, Image.open(f) as img:
+                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+                # Draft sizes apply to the stored pixels, which a 90-degree tag turns.
+                img.draft(mode, (h, w) if orientation in (5, 6, 7, 8) else (w, h))  # JPEG only
                 img.load()
+                if orientation != 1:
+                    img = ImageOps.exif_transpose(img)
                 img = to_mode(img, mode)
                 if img.size != (w, h):
                     img = img.resize((w, h), Image.BILINEAR)
+    except UndecodableImage:
+        raise
     except Exception as exc:  # a damaged file can make a decoder raise almost anything
         raise UndecodableImage(_reason(path, exc)) from None
     return pil_to_tensor(img).to(torch.float32).div_(255.0)
+
+
+# EXIF tag 0x0112: how the stored pixels are turned (1 upright, 6 = rotate 90 degrees...).
+_EXIF_ORIENTATION = 0x0112
+
+
+def _open_regular(path: str) -> BinaryIO:
+    """``path`` opened for binary reading, refused (UndecodableImage) unless it is a regular
+    file. Opened non-blocking and checked on the open descriptor: a plain open of a FIFO
+    waits for a writer forever, and checking the path first would leave a race."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UndecodableImage(f"not a regular file but {special_file_type(mode)}")
+        return os.fdopen(fd, "rb")  # O_NONBLOCK changes nothing for regular files
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def special_file_type(mode: int) -> str:
+    """What a file that is not regular is, in words, from its ``st_mode``."""
+    for test, name in (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def _reason(path: str, exc: Exception) -> str:

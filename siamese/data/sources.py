@@ -9,6 +9,7 @@ and every split of one source numbers its classes from one shared ``classes`` li
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gzip
 import logging
@@ -17,12 +18,19 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from urllib.error import URLError
 
 import numpy as np
 import torch
 
-from siamese.data.datasets import DataSplits, FileImages, LabelledImages, TensorImages
+from siamese.data.datasets import (
+    DataSplits,
+    FileImages,
+    LabelledImages,
+    TensorImages,
+    special_file_type,
+)
 from siamese.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -30,6 +38,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 )
+# Never data: left by unzipping an archive made on macOS; ignored silently like hidden ones.
+IGNORED_FOLDERS = frozenset({"__MACOSX"})
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
 
 
@@ -272,12 +282,15 @@ class ImageFolder:
 
     If ``root`` holds ``train`` plus ``val`` (or ``valid``) and/or ``test`` folders, each
     laid out as ``<split>/<class>/<image>``, those are the splits (a missing val or test
-    split is carved from train with its fraction); otherwise every class is split with
-    the fractions, stratified, keeping at least one image of each class in train. Images
-    in subfolders of a class folder belong to that class. Any size or mode is accepted:
-    images are converted to ``channels`` and resized to ``image_size`` when read. Nothing
-    is opened while indexing, so large folders index in seconds; a file that cannot be
-    decoded is refused or skipped when it is read (``data.skip_bad_files``).
+    split is carved from train with its fraction; any other folder beside them is left
+    out with a warning); otherwise every class is split with the fractions, stratified,
+    keeping at least one image of each class in train. Images in subfolders of a class
+    folder belong to that class. Hidden entries and ``__MACOSX`` are ignored; linked
+    folders are followed, except links back to a folder above them (skipped with a
+    warning). Any size or mode is accepted: images are converted to ``channels`` and
+    resized to ``image_size`` when read. Nothing is opened while indexing, so large
+    folders index in seconds; a file that cannot be decoded, or is no regular file (a
+    FIFO), is refused or skipped when it is read (``data.skip_bad_files``).
 
     Args:
         image_size: side of the square images, or (height, width).
@@ -285,7 +298,9 @@ class ImageFolder:
         val_fraction: share of each class held out for validation.
         test_fraction: share of each class held out for testing.
         seed: seed of the split.
-        strict: refuse non-image files among the images instead of skipping them.
+        strict: refuse non-image files among the images instead of skipping them, and
+            image-named entries that are no regular file (FIFOs, sockets, devices) when
+            indexing instead of when reading.
     """
 
     def __init__(
@@ -363,15 +378,36 @@ class ImageFolder:
         return splits
 
     def _split_dirs(self, root: str) -> dict[str, str] | None:
-        """``{split: folder}`` when root is laid out as train/val/test, else None."""
-        dirs = {entry.name for entry in _visible(root) if entry.is_dir()}
+        """``{split: folder}`` when root is laid out as train/val/test, else None.
+
+        train/ plus val/ (or valid/) or test/ is the split layout whatever else is beside
+        them: other folders are named in a warning and left out, so a stray ``extras/``
+        cannot turn the split names into classes.
+        """
+        dirs = {entry.name for entry in _visible(root) if _kind(entry) == "dir"}
         known = {name for names in SPLIT_FOLDERS.values() for name in names}
-        if "train" not in dirs or not dirs <= known:
+        if "train" not in dirs or not (dirs <= known or dirs & (known - {"train"})):
+            if "train" in dirs:
+                log.warning(
+                    "data.root %r holds train/ but no val/, valid/ or test/ beside it, so "
+                    "every folder there is read as a class, train/ too; add val/ or test/ "
+                    "for the train/val/test layout",
+                    root,
+                )
             return None
         if {"val", "valid"} <= dirs:
             raise DataError(
                 f"data.root {root!r} has both val/ and valid/ folders; keep one as the "
                 "validation split"
+            )
+        extra = sorted(dirs - known)
+        if extra:
+            log.warning(
+                "data.root %r is laid out as train/val/test; ignoring %d other folder(s) "
+                "beside the splits: %s",
+                root,
+                len(extra),
+                ", ".join(f"{name}/" for name in extra),
             )
         found = {}
         for split, names in SPLIT_FOLDERS.items():
@@ -383,8 +419,12 @@ class ImageFolder:
     def _scan(self, folder: str) -> dict[str, list[str]]:
         """``{class name: sorted image paths}`` of ``folder/<class>/...``, opening no file."""
         entries = _visible(folder)
-        class_dirs = [e for e in entries if e.is_dir()]
-        stray = [e.name for e in entries if not e.is_dir()]
+        kinds = {e.name: _kind(e) for e in entries}
+        class_dirs = [e for e in entries if kinds[e.name] == "dir"]
+        stray = [e.name for e in entries if kinds[e.name] not in ("dir", "loop")]
+        for e in entries:
+            if kinds[e.name] == "loop":
+                _warn_loop(e.path, _UNRESOLVABLE)
         if not class_dirs:
             if not stray:
                 raise DataError(
@@ -407,20 +447,24 @@ class ImageFolder:
 
         files: dict[str, list[str]] = {}
         others: list[str] = []
+        special: list[str] = []
+        # A link in a class folder back to the split folder or data.root is a loop too.
+        above = _ancestor_keys(folder) | {_key(folder)}
         for class_dir in class_dirs:
-            found: list[str] = []
-            pending = [class_dir.path]
-            while pending:
-                for entry in _visible(pending.pop()):
-                    if entry.is_dir():
-                        pending.append(entry.path)
-                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                        found.append(entry.path)
-                    else:
-                        others.append(entry.path)
-            if found:
-                files[class_dir.name] = sorted(found)
+            listing = list_files(class_dir.path, above=above)
+            others.extend(listing.others)
+            special.extend(listing.special)
+            if listing.images:
+                files[class_dir.name] = listing.images
 
+        if special and self.strict:
+            special.sort()
+            also = f" and {len(special) - 1} other(s)" if len(special) > 1 else ""
+            raise DataError(
+                f"{special[0]!r} ({_file_type(special[0])}){also} in {folder!r}: not a regular "
+                "file, so not an image that can be read; remove it, or set strict=false and "
+                "data.skip_bad_files=true to skip such files"
+            )
         if others:
             others.sort()
             also = f" and {len(others) - 1} other non-image file(s)" if len(others) > 1 else ""
@@ -547,9 +591,130 @@ def check_train_pairs(train: LabelledImages, where: str) -> None:
 
 
 def _visible(folder: str) -> list[os.DirEntry]:
-    """Entries of ``folder`` sorted by name, hidden ones ('.name') left out."""
-    with os.scandir(folder) as it:
-        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    """Entries of ``folder`` sorted by name, hidden ones ('.name') and macOS's ``__MACOSX``
+    (left by unzipping an archive made on a Mac) left out."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(
+                (e for e in it if not e.name.startswith(".") and e.name not in IGNORED_FOLDERS),
+                key=lambda e: e.name,
+            )
+    except OSError as exc:
+        raise DataError(
+            f"cannot list the folder {folder!r} ({exc.strerror}); fix its permissions or "
+            "remove it from the data"
+        ) from None
+
+
+@dataclass
+class FileListing:
+    """The files below a folder, each list sorted by path.
+
+    ``images`` are the entries with an image extension, ``special`` those of them that are
+    no regular file (a FIFO, socket or device: opening one can block forever), ``others``
+    the files without an image extension.
+    """
+
+    images: list[str] = field(default_factory=list)
+    special: list[str] = field(default_factory=list)
+    others: list[str] = field(default_factory=list)
+
+
+def list_files(folder: str, above: set[tuple[int, int]] | None = None) -> FileListing:
+    """Every file below ``folder``, following linked folders, opening no file.
+
+    A linked folder is followed (data sets are often linked in), except a link back to a
+    folder above it, which would be walked forever: it is skipped with a warning, as is a
+    link that cannot be resolved at all (``ln -s x x``). ``above`` holds the (st_dev,
+    st_ino) of folders above ``folder`` (by default every ancestor of its real path).
+    Hidden entries and ``__MACOSX`` are left out. Image-named entries that are not regular
+    files are listed in ``images`` too (with the reason to refuse or skip them when read,
+    as for any unreadable image) and in ``special``.
+    """
+    out = FileListing()
+    ancestors = _ancestor_keys(folder) if above is None else set(above)
+    top = _key(folder)
+    if top in ancestors:
+        _warn_loop(folder)
+        return out
+    pending = [(folder, frozenset(ancestors | {top}))]
+    while pending:
+        path, chain = pending.pop()
+        for entry in _visible(path):
+            kind = _kind(entry)
+            if kind == "loop":
+                _warn_loop(entry.path, _UNRESOLVABLE)
+            elif kind == "dir":
+                key = _key(entry.path)
+                if key in chain:
+                    _warn_loop(entry.path)
+                else:
+                    pending.append((entry.path, chain | {key}))
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                out.images.append(entry.path)
+                if kind == "special":
+                    out.special.append(entry.path)
+            else:
+                out.others.append(entry.path)
+    out.images.sort()
+    out.special.sort()
+    out.others.sort()
+    return out
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """What ``entry`` is, links followed: "dir", "file" (regular), "special" (a FIFO,
+    socket or device), "loop" (a link that cannot be resolved: too many levels) or
+    "missing" (a dangling link, or one that cannot be inspected: reading it will say why)."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+        entry.stat()
+    except OSError as exc:
+        return "loop" if exc.errno == errno.ELOOP else "missing"
+    return "special"
+
+
+def _key(path: str) -> tuple[int, int]:
+    """The identity of the folder ``path`` (links followed)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _ancestor_keys(folder: str) -> set[tuple[int, int]]:
+    """The identities of every folder above ``folder``'s real path, up to the file system
+    root: a link to any of them would lead the walk back into itself."""
+    keys = set()
+    path = os.path.realpath(folder)
+    while True:
+        parent = os.path.dirname(path)
+        if parent == path:
+            return keys
+        path = parent
+        with contextlib.suppress(OSError):  # an unreadable ancestor cannot be linked to
+            keys.add(_key(path))
+
+
+_UNRESOLVABLE = "it cannot be resolved (too many levels of symbolic links)"
+
+
+def _warn_loop(path: str, why: str = "it leads back to a folder above it, a loop") -> None:
+    log.warning(
+        "skipping the symbolic link %r: %s; remove it, or point it at the folder it should add",
+        path,
+        why,
+    )
+
+
+def _file_type(path: str) -> str:
+    """'a named pipe (FIFO)', 'a socket', ...: what the non-regular file ``path`` is."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return exc.strerror or "cannot be inspected"
+    return special_file_type(mode)
 
 
 def _existing_root(root: str | os.PathLike | None) -> str:
@@ -558,6 +723,14 @@ def _existing_root(root: str | os.PathLike | None) -> str:
             "data.root is not set; pass data.root=PATH to a folder laid out as root/<class>/<image>"
         )
     path = os.path.abspath(os.path.expanduser(os.fspath(root)))
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataError(
+                f"data.root {path!r} is a symbolic link loop ({exc.strerror}): it leads back "
+                "to itself; pass data.root=PATH to the real image folder"
+            ) from None
     if not os.path.exists(path):
         raise DataError(
             f"data.root {path!r} does not exist; pass data.root=PATH to an image folder"

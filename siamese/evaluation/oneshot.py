@@ -12,14 +12,14 @@ Koch et al. report, harder than classes drawn across the whole split.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from numbers import Integral
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from siamese.errors import ConfigError, DataError
-from siamese.evaluation.arrays import as_embeddings, to_numpy
+from siamese.evaluation.arrays import as_embeddings, label_kind, to_numpy
 
 METRICS = ("l2", "ip")
 # What an episode's classes share: nothing (any classes of the split), or the alphabet (the
@@ -33,6 +33,11 @@ Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 # Support embeddings gathered at once when scoring: (episodes, N, K, D) float64 elements,
 # so memory stays near 16 MB whatever the episode count.
 _CHUNK_ELEMENTS = 1 << 21
+# Episodes are drawn and scored in chunks of about this many (episodes, N, K + 1) item
+# indices (16 MB of int64 each array), so memory does not grow with the episode count.
+_EPISODE_ELEMENTS = 1 << 21
+# More episodes than this only cost time: the 95% interval is already within +-0.0003.
+MAX_EPISODES = 10**7
 
 
 class Episodes(NamedTuple):
@@ -84,9 +89,9 @@ def oneshot_accuracy(
     metric = _check_metric(metric)
     x = as_embeddings(embeddings, "embeddings", np.float64)
     y = _check_labels(labels, len(x))
-    eps = sample_episodes(y, n_way, k_shot, episodes, seed, groups=groups)
-    correct = _predict(x, eps, metric) == eps.target
-    return _summary(correct, n_way, k_shot)
+    return _summary(
+        _count_correct(x, y, n_way, k_shot, episodes, seed, groups, metric), n_way, k_shot
+    )
 
 
 def oneshot_metrics(
@@ -123,7 +128,7 @@ def oneshot_metrics(
     metric = _check_metric(metric)
     x = as_embeddings(embeddings, "embeddings", np.float64)
     y = _check_labels(labels, len(x))
-    _check_counts(2, k_shot, episodes, seed)
+    check_counts(2, k_shot, episodes, seed)
     eligible = _eligible_classes(y, int(k_shot))[0]
     grouped = _check_groups(groups, y)
     most = len(eligible)  # the most classes an episode can draw from
@@ -133,8 +138,8 @@ def oneshot_metrics(
     for n in dict.fromkeys(int(n) for n in values):
         if n > most:
             continue
-        eps = sample_episodes(y, n, k_shot, episodes, seed, groups=groups)
-        summary = _summary(_predict(x, eps, metric, scorer) == eps.target, n, k_shot)
+        correct = _count_correct(x, y, n, k_shot, episodes, seed, groups, metric, scorer)
+        summary = _summary(correct, n, k_shot)
         key = f"oneshot_{n}way_{int(k_shot)}shot"
         out[key] = summary["accuracy"]
         out[f"{key}_ci95"] = summary["ci95"]
@@ -158,8 +163,42 @@ def sample_episodes(
     class are its support; the (K + 1)-th item of the target class is the query, so it
     never coincides with a support.
     """
+    parts = list(_episode_chunks(labels, n_way, k_shot, episodes, seed, groups))
+    if len(parts) == 1:
+        return parts[0]
+    return Episodes(*(np.concatenate(arrays) for arrays in zip(*parts, strict=True)))
+
+
+def _count_correct(
+    x: np.ndarray,
+    labels: np.ndarray,
+    n_way: int,
+    k_shot: int,
+    episodes: int,
+    seed: int,
+    groups: Any,
+    metric: str,
+    scorer: Scorer | None = None,
+) -> tuple[int, int]:
+    """(episodes whose query went to its own class, episodes), drawn and scored in chunks."""
+    correct = total = 0
+    for eps in _episode_chunks(labels, n_way, k_shot, episodes, seed, groups):
+        correct += int((_predict(x, eps, metric, scorer) == eps.target).sum())
+        total += len(eps.target)
+    return correct, total
+
+
+def _episode_chunks(
+    labels: Any, n_way: int, k_shot: int, episodes: int, seed: int, groups: Any
+) -> Iterator[Episodes]:
+    """The episodes of :func:`sample_episodes`, a bounded number at a time.
+
+    The first chunk draws from ``default_rng(seed)``, as all episodes were drawn at once
+    before chunking, so every count up to a chunk gets the same episodes as then; each
+    later chunk draws from its own stream spawned from ``seed``.
+    """
     labels = _check_labels(labels, None)
-    _check_counts(n_way, k_shot, episodes, seed)
+    check_counts(n_way, k_shot, episodes, seed)
     n_way, k_shot, episodes = int(n_way), int(k_shot), int(episodes)
     eligible, counts, starts, by_class = _eligible_classes(labels, k_shot)
     class_group = _check_groups(groups, labels)
@@ -169,14 +208,7 @@ def sample_episodes(
             f"items, but the split has only {len(eligible)}; use n_way <= {len(eligible)} "
             "(or a smaller k_shot)"
         )
-    rng = np.random.default_rng(seed)
-
-    # N distinct classes per episode, then shuffled so the class order is uniform too.
-    if class_group is None:
-        picked = _floyd_sample(rng, np.full(episodes, len(eligible)), n_way)  # (E, N)
-        picked = np.take_along_axis(picked, rng.random(picked.shape).argsort(axis=1), axis=1)
-        classes = eligible[picked]  # (E, N) class codes
-    else:
+    if class_group is not None:
         # The eligible classes listed group after group; an episode draws a group with
         # N of them, then N positions within the group's stretch of that list.
         in_group = class_group[eligible]
@@ -190,17 +222,31 @@ def sample_episodes(
                 f"k_shot + 1 = {k_shot + 1} items, but the largest has {int(sizes.max())}; "
                 f"use n_way <= {int(sizes.max())} (or episodes across groups)"
             )
-        group = usable[rng.integers(0, len(usable), size=episodes)]  # (E,)
-        picked = _floyd_sample(rng, sizes[group], n_way)  # (E, N) within the group
-        picked = np.take_along_axis(picked, rng.random(picked.shape).argsort(axis=1), axis=1)
-        classes = listed[first[group][:, None] + picked]
-    # K + 1 distinct positions within each class, shuffled, so any of them can be the query.
-    pos = _floyd_sample(rng, counts[classes], k_shot + 1)  # (E, N, K + 1)
-    pos = np.take_along_axis(pos, rng.random(pos.shape).argsort(axis=2), axis=2)
-    items = by_class[starts[classes][..., None] + pos]  # (E, N, K + 1)
-    target = rng.integers(0, n_way, size=episodes)
-    query = items[np.arange(episodes), target, k_shot]
-    return Episodes(support=items[..., :k_shot], query=query, target=target)
+
+    step = max(1, _EPISODE_ELEMENTS // (n_way * (k_shot + 1)))
+    for chunk, begin in enumerate(range(0, episodes, step)):
+        size = min(step, episodes - begin)
+        rng = np.random.default_rng(
+            seed if chunk == 0 else np.random.SeedSequence(seed, spawn_key=(chunk,))
+        )
+        # N distinct classes per episode, then shuffled so the class order is uniform too.
+        if class_group is None:
+            picked = _floyd_sample(rng, np.full(size, len(eligible)), n_way)  # (E, N)
+            picked = np.take_along_axis(picked, rng.random(picked.shape).argsort(axis=1), axis=1)
+            classes = eligible[picked]  # (E, N) class codes
+        else:
+            group = usable[rng.integers(0, len(usable), size=size)]  # (E,)
+            picked = _floyd_sample(rng, sizes[group], n_way)  # (E, N) within the group
+            picked = np.take_along_axis(picked, rng.random(picked.shape).argsort(axis=1), axis=1)
+            classes = listed[first[group][:, None] + picked]
+        # K + 1 distinct positions within each class, shuffled, so any can be the query.
+        pos = _floyd_sample(rng, counts[classes], k_shot + 1)  # (E, N, K + 1)
+        pos = np.take_along_axis(pos, rng.random(pos.shape).argsort(axis=2), axis=2)
+        items = by_class[starts[classes][..., None] + pos]  # (E, N, K + 1)
+        target = rng.integers(0, n_way, size=size)
+        query = items[np.arange(size), target, k_shot]
+        del picked, classes, pos  # freed while the caller scores this chunk
+        yield Episodes(support=items[..., :k_shot], query=query, target=target)
 
 
 def predict_episodes(embeddings: Any, episodes: Episodes, *, metric: str = "l2") -> np.ndarray:
@@ -310,9 +356,10 @@ def _check_groups(groups: Any, labels: np.ndarray) -> np.ndarray | None:
     return per_class
 
 
-def _summary(correct: np.ndarray, n_way: int, k_shot: int) -> dict[str, float]:
-    n = len(correct)
-    p = int(correct.sum()) / n
+def _summary(counts: tuple[int, int], n_way: int, k_shot: int) -> dict[str, float]:
+    """The metrics of ``counts``: (episodes right, episodes)."""
+    right, n = counts
+    p = right / n
     return {
         "accuracy": p,
         "ci95": 1.96 * math.sqrt(p * (1.0 - p)) / math.sqrt(n),
@@ -326,13 +373,20 @@ def _not_int(value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, Integral)
 
 
-def _check_counts(n_way: int, k_shot: int, episodes: int, seed: int) -> None:
+def check_counts(n_way: int, k_shot: int, episodes: int, seed: int) -> None:
+    """Refuse episode settings that cannot be drawn (or would take forever), in one line."""
     if _not_int(n_way) or n_way < 2:
         raise ConfigError(f"n_way {n_way!r} must be an integer >= 2, e.g. 5")
     if _not_int(k_shot) or k_shot < 1:
         raise ConfigError(f"k_shot {k_shot!r} must be an integer >= 1, e.g. 1")
     if _not_int(episodes) or episodes < 1:
         raise ConfigError(f"episodes {episodes!r} must be an integer >= 1, e.g. 1000")
+    if episodes > MAX_EPISODES:
+        raise ConfigError(
+            f"episodes={episodes} is more than {MAX_EPISODES:,}, which already pins the "
+            "accuracy's 95% interval within +-0.0003 and more only costs time; use fewer, "
+            "e.g. 10000"
+        )
     if _not_int(seed) or seed < 0:
         raise ConfigError(f"seed {seed!r} must be a non-negative integer, e.g. 0")
 
@@ -354,4 +408,5 @@ def _check_labels(labels: Any, n: int | None) -> np.ndarray:
             f"labels has shape {tuple(y.shape)}{rows}; "
             "pass one label per embedding as a non-empty 1-D array"
         )
+    label_kind(y, "labels")  # NaN would be one class, a mix of kinds a TypeError
     return y

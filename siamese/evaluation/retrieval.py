@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from siamese.errors import ConfigError, DataError
-from siamese.evaluation.arrays import as_embeddings, to_numpy
+from siamese.evaluation.arrays import as_embeddings, label_kind, to_numpy
 from siamese.evaluation.index import KINDS, METRICS, build_index, index_kind
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -864,12 +864,18 @@ def _split(
 
     leave_one_out = gallery is None
     q32 = as_embeddings(query, "query")
-    q_labels = _labels(query_labels, len(q32), "query")
+    q_labels, q_kind = _labels(query_labels, len(q32), "query")
     if gallery is None or gallery_labels is None:
         g32, g_labels = q32, q_labels
     else:
         g32 = as_embeddings(gallery, "gallery")
-        g_labels = _labels(gallery_labels, len(g32), "gallery")
+        g_labels, g_kind = _labels(gallery_labels, len(g32), "gallery")
+        if q_kind != g_kind:
+            raise DataError(
+                f"query_labels are {q_kind}s ({q_labels.dtype}) but gallery_labels are "
+                f"{g_kind}s ({g_labels.dtype}), and a number never names the class a string does; "
+                "pass both as the same kind, e.g. both as class indices"
+            )
         if g32.shape[1] != q32.shape[1]:
             raise DataError(
                 f"gallery has dimension {g32.shape[1]} but query has {q32.shape[1]}; "
@@ -896,14 +902,15 @@ def _split(
     return ks, q32, g32, q_codes, g_codes, num_relevant
 
 
-def _labels(labels: ArrayLike, n: int, name: str) -> np.ndarray:
+def _labels(labels: ArrayLike, n: int, name: str) -> tuple[np.ndarray, str]:
+    """``labels`` as a 1-D array of ``n`` class labels, and their kind (``label_kind``)."""
     arr = to_numpy(labels)
     if arr.ndim != 1 or len(arr) != n:
         raise DataError(
             f"{name}_labels has shape {tuple(arr.shape)} but {name} has {n} rows; "
             "pass one label per embedding as a 1-D array"
         )
-    return arr
+    return arr, label_kind(arr, f"{name}_labels")
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
