@@ -35,6 +35,7 @@ from matplotlib.image import imsave
 from pytorch_lightning.callbacks import Callback, Checkpoint, ModelSummary, ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
 from siamese.data.pairs import sample_pairs
@@ -57,6 +58,9 @@ PICTURES = ("pairs", "distances", "roc", "embeddings_2d", "retrieval")
 # TensorBoard's projector reads one sprite sheet, at most 8192 pixels a side.
 _SPRITE_SIDE = 8192
 _THUMBNAIL_MAX = 64
+# Neighbours a retrieval row shows at most: a longer row is unreadable, and drawing
+# max_queries x top_k thumbnails (8 x 499 for top_k=100000 on 500 images) looks like a hang.
+MAX_TOP_K = 20
 _SEED = 0  # fixed queries and pairs, so pictures of successive epochs compare
 
 
@@ -216,8 +220,9 @@ class LastCheckpoint(Checkpoint):
     notes the signal, and at each training batch's end (and epoch's end) the processes agree
     with one tiny all-reduce whether any of them got it, then all save and stop together
     (Lightning already reads a flag back from the device at every DDP step). The test after
-    fitting is covered the same way under DDP (agreed at each test batch's end, nothing
-    saved); the sanity check before training is not.
+    fitting stops at a test batch's end too, nothing saved (training has finished): under
+    DDP agreed the same way, with one process also at the last batch, where Lightning's own
+    check lets the test go on. The sanity check before training is not covered under DDP.
 
     Ctrl-C (``SIGINT``) while fitting is handled the same way: the first press says that
     training stops at the end of the running training batch (after validation, if it is
@@ -383,10 +388,11 @@ class LastCheckpoint(Checkpoint):
     ) -> None:
         self._release()  # the run is stopping; the handlers are back for what follows
 
-    # Testing under DDP (train.py tests after fitting): SIGTERM is noted and agreed at each
-    # test batch's end, as while fitting (every process has the same number of test
-    # batches), so Lightning's broadcast inside its handler cannot meet the embeddings'
-    # gather. Nothing is saved: training has finished. A Ctrl-C is Lightning's.
+    # Testing (train.py tests after fitting): SIGTERM stops at a test batch's end, the last
+    # one included (Lightning's own check skips it and would score the whole split). Under
+    # DDP it is noted and agreed there, as while fitting (every process has the same number
+    # of test batches), so Lightning's broadcast inside its handler cannot meet the
+    # embeddings' gather. Nothing is saved: training has finished. A Ctrl-C is Lightning's.
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
             self._noted = 0
@@ -401,10 +407,9 @@ class LastCheckpoint(Checkpoint):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._lightning_sigterm is not None:
-            stop = self._stop_agreed(trainer)
-            if stop:
-                self._stop_for(trainer, stop, saved=False)
+        stop = self._stop_agreed(trainer)  # DDP: every rank, every test batch
+        if stop:
+            self._stop_for(trainer, stop, saved=False)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release()
@@ -700,7 +705,8 @@ class DashboardPlots(Callback):
         every_n_epochs: draw after the validation of every n-th epoch.
         max_points: embeddings in the 2-D projection and in the TensorBoard projector.
         max_queries: queries in the retrieval grid and the W&B table.
-        top_k: neighbours shown per query.
+        top_k: neighbours shown per query (at most ``MAX_TOP_K``, 20: more is capped, with a
+            warning).
         num_pairs: pairs in the pair grid.
         projection: ``pca`` (cheap) or ``tsne`` (scikit-learn, slower).
         projector: send the embeddings to TensorBoard's projector.
@@ -739,7 +745,18 @@ class DashboardPlots(Callback):
         self.every_n_epochs = int(every_n_epochs)
         self.max_points = int(max_points)
         self.max_queries = int(max_queries)
-        self.top_k = int(top_k)
+        self.top_k = min(int(top_k), MAX_TOP_K)
+        if top_k > MAX_TOP_K and rank_zero_only.rank == 0:
+            log.warning(
+                "callbacks.plots.top_k=%d: showing %d neighbours per query, the most a "
+                "retrieval row shows legibly (%d rows of up to %d thumbnails would take "
+                "minutes to draw); set callbacks.plots.top_k=%d or less to silence this",
+                top_k,
+                MAX_TOP_K,
+                self.max_queries,
+                top_k,
+                MAX_TOP_K,
+            )
         self.num_pairs = int(num_pairs)
         self.projection = projection
         self.projector = bool(projector)

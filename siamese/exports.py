@@ -83,6 +83,11 @@ def atomic_write(
             yield f
             f.flush()
             os.fsync(f.fileno())
+        # Inside the try: an exit on the way (a signal's) still removes the temporary.
+        if group is None:
+            _replace({target: tmp}, what, then, grouped=False, error=error)
+        else:
+            group.pending[target] = tmp
     except WriteError:
         _discard(tmp)
         raise
@@ -93,10 +98,6 @@ def atomic_write(
             raise
         grouped = group is not None
         raise write_error(target, cause, what, then, grouped=grouped, error=error) from exc
-    if group is None:
-        _replace({target: tmp}, what, then, grouped=False, error=error)
-    else:
-        group.pending[target] = tmp
 
 
 @contextmanager
@@ -113,13 +114,15 @@ def written_together(then: str) -> Iterator[None]:
     token = _GROUP.set(group)
     try:
         yield
+        # Inside the try: an exit between two renames (a signal's) still removes the
+        # temporaries not renamed yet.
+        _replace(group.pending, "file", then, grouped=True, error=WriteError)
     except BaseException:
         for tmp in group.pending.values():
             _discard(tmp)
         raise
     finally:
         _GROUP.reset(token)
-    _replace(group.pending, "file", then, grouped=True, error=WriteError)
 
 
 def write_error(

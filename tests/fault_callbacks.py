@@ -55,3 +55,37 @@ class SlowTestOnRank(pl.Callback):
             with open(self.marker, "w") as f:
                 f.write("testing\n")
             time.sleep(self.seconds)
+
+
+class SignalAt(pl.Callback):
+    """Send ``name`` (a signal, e.g. SIGTERM) to this process the first time ``hook`` runs:
+    a deterministic signal in that window. ``hook`` is one of ``fit_end`` (after fit's
+    teardown, Lightning's handlers already given back), ``test_start``, ``test_batch_end``
+    (at ``batch``; -1: the last one), ``test_epoch_end`` (before the module scores the split)
+    and ``test_end``."""
+
+    def __init__(self, hook: str, name: str = "SIGTERM", batch: int = 0) -> None:
+        self.hook, self.signum, self.batch = hook, signal.Signals[name], batch
+        self._sent = False
+
+    def _send(self, hook: str) -> None:
+        if hook == self.hook and not self._sent:
+            self._sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._send("fit_end")
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._send("test_start")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        last = batch_idx == trainer.num_test_batches[dataloader_idx] - 1
+        if batch_idx == self.batch or (self.batch == -1 and last):
+            self._send("test_batch_end")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._send("test_epoch_end")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._send("test_end")

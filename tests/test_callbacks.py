@@ -26,6 +26,7 @@ from pytorch_lightning.callbacks import (
 
 import siamese.callbacks
 from siamese.callbacks import (
+    MAX_TOP_K,
     PICTURES,
     DashboardPlots,
     Throughput,
@@ -33,6 +34,7 @@ from siamese.callbacks import (
     select_callbacks,
 )
 from siamese.config import build
+from siamese.distances import EuclideanDistance
 from siamese.errors import ConfigError
 from siamese.evaluation.plots import figure_to_rgb, pair_grid_figure, plot_pair_grid
 from siamese.pipelines.train import instantiate_all, run_training
@@ -206,6 +208,26 @@ def test_bad_plot_settings_name_the_key(make_cfg, key, value, expected):
     cfg = make_cfg(f"callbacks.plots.{key}={value}", plots=True)
     with pytest.raises(ConfigError, match=rf"callbacks\.plots\.{key}=.*{expected}"):
         build(cfg.callbacks.plots)
+
+
+def test_a_huge_plots_top_k_is_capped_with_a_warning(make_cfg, caplog):
+    """top_k=100000 drew max_queries x (split - 1) thumbnails (8 x 499), which looked like a
+    hang; it is capped at MAX_TOP_K neighbours, with a warning that names the setting."""
+    cfg = make_cfg("callbacks.plots.top_k=100000", plots=True)
+    with caplog.at_level("WARNING", logger="siamese.callbacks"):
+        plots = build(cfg.callbacks.plots)
+    assert plots.top_k == MAX_TOP_K == 20
+    assert [r.getMessage() for r in caplog.records] == [
+        "callbacks.plots.top_k=100000: showing 20 neighbours per query, the most a retrieval "
+        "row shows legibly (8 rows of up to 100000 thumbnails would take minutes to draw); "
+        "set callbacks.plots.top_k=20 or less to silence this"
+    ]
+    module = SimpleNamespace(distance=EuclideanDistance(), device=torch.device("cpu"))
+    _, nb, dist = plots._retrieve(module, torch.rand(500, 4))
+    assert nb.shape == dist.shape == (8, MAX_TOP_K)
+    caplog.clear()
+    build(make_cfg(f"callbacks.plots.top_k={MAX_TOP_K}", plots=True).callbacks.plots)
+    assert not caplog.records  # the cap itself is allowed without a word
 
 
 def test_select_callbacks_follows_the_trainer_flags(make_cfg):

@@ -432,3 +432,22 @@ def test_the_printed_table_lists_each_metric_once_in_order(capsys):
         "roc_auc             0.5000",
         "zeta                nan",
     ]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval.oneshot.episodes=1000000000", "eval.oneshot: episodes=1000000000 is more than"),
+        ("eval.oneshot.ways=[5,1]", "eval.oneshot: n_way 1 must be an integer >= 2"),
+        ("eval.oneshot.seed=-1", "eval.oneshot: seed -1 must be a non-negative integer"),
+    ],
+)
+def test_one_shot_settings_are_checked_before_any_image_is_read(tmp_path, override, message):
+    from siamese.pipelines.evaluate import check_eval_config
+
+    cfg = compose_eval(["ckpt_path=unused.ckpt", override], tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        check_eval_config(cfg.eval)
+    # run_evaluation checks them first: the missing checkpoint is not even looked at.
+    with pytest.raises(ConfigError, match=message):
+        run_evaluation(cfg)

@@ -8,12 +8,15 @@ import builtins
 import errno
 import io
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
-from conftest import FAST, compose_config, compose_eval, compose_train
+from conftest import FAST, ROOT, compose_config, compose_eval, compose_train
 
 import siamese
 from siamese import exports
@@ -330,6 +333,58 @@ def test_after_the_disk_is_freed_evaluate_replaces_everything(ckpt, evaluated):
     siamese.load_embeddings(evaluated, index=evaluated / "index.faiss")
 
 
+# evaluate.py's process with SIGTERM sent from inside faiss's first write of index.faiss:
+# the embeddings are written to their temporaries by then, index.faiss half, nothing renamed.
+SIGTERM_WHILE_WRITING = """
+import os, signal, sys
+from pathlib import Path
+
+import faiss
+from conftest import compose_eval
+from siamese.cli import report_errors
+from siamese.pipelines.evaluate import run_evaluation
+
+writer = faiss.PyCallbackIOWriter
+
+
+def signalled_writer(write, *args):
+    def write_after_sigterm(data):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write(data)
+
+    return writer(write_after_sigterm, *args)
+
+
+faiss.PyCallbackIOWriter = signalled_writer
+cfg = compose_eval(sys.argv[2:], Path(sys.argv[1]))
+report_errors(lambda: run_evaluation(cfg))()
+"""
+
+
+def test_sigterm_while_evaluating_writes_leaves_no_temporaries(ckpt, evaluated):
+    """Python's default SIGTERM ended the process mid-write and left the hidden ``.*.tmp``
+    files (megabytes of embeddings); now it unwinds: exit 143, one ``stopped:`` line, the
+    previous run's files untouched and no temporary left. The SIGTERM lands inside faiss's
+    write callback, which turns the exit into its own RuntimeError on the way out."""
+    before = snapshot(evaluated)
+    overrides = [f"ckpt_path={ckpt}", "eval.pairs_seed=1", "eval.plots=false", *EVAL_FAST]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_WRITING, str(evaluated), *overrides],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tests"), "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        f"stopped: SIGTERM while evaluating; no half-written or temporary file was left in "
+        f"{evaluated}: run evaluate.py again"
+    ]
+    assert snapshot(evaluated) == before  # no .*.tmp, and nothing replaced
+
+
 @pytest.fixture(scope="module")
 def exported(ckpt, tmp_path_factory):
     """A finished TorchScript export (unchecked, so its model.json differs from a checked one)."""
@@ -370,3 +425,29 @@ def test_a_single_write_names_what_was_kept(tmp_path, monkeypatch):
     message = one_line(err, path)
     assert "the previous file there is intact; free some space, then try again" in message
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_sigterm_while_exporting_leaves_no_temporaries(ckpt, exported, monkeypatch, capsys):
+    """export.py unwinds on SIGTERM as evaluate.py does: exit 143, one ``stopped:`` line,
+    the previous export untouched and no ``.*.tmp`` left (in-process: the signal is sent
+    to this process once the new model file is written, before model.json)."""
+    before = snapshot(exported)
+    write = export_mod.export_torchscript
+
+    def write_then_sigterm(*args, **kwargs):
+        write(*args, **kwargs)
+        # Only where run_export's handler would catch it: the default would end pytest.
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(export_mod, "export_torchscript", write_then_sigterm)
+    cfg = compose_config("export", [f"ckpt_path={ckpt}", "format=torchscript"], exported)
+    with pytest.raises(SystemExit) as stop:
+        run_export(cfg)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == (
+        f"stopped: SIGTERM while exporting; no half-written or temporary file was left in "
+        f"{exported}: run export.py again"
+    )
+    assert snapshot(exported) == before
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back

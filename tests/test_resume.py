@@ -22,7 +22,7 @@ from siamese.callbacks import LastCheckpoint, parse_signal
 from siamese.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 from siamese.data.samplers import ClassBalancedBatchSampler
 from siamese.errors import ConfigError
-from siamese.pipelines.train import exit_on_stop_signal
+from siamese.pipelines.train import exit_on_stop_signal, sigterm_stops_outside_fit
 
 RUN = [
     "trainer.accelerator=cpu",
@@ -73,13 +73,16 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path: Path, monk
     # One last.ckpt, written by whichever save came latest (no last-v1.ckpt beside it).
     assert not list((tmp_path / "whole" / "checkpoints").glob("last-v*.ckpt"))
 
-    # The resumed run composes the killed run's overrides (kept in last.ckpt) but the killer.
-    resumed = train(tmp_path / "killed", "ckpt_path=last", "~callbacks.killer")
+    # The resumed run composes the killed run's overrides (kept in last.ckpt) but the killer:
+    # a saved override that names code (a _target_) is not replayed without the command's
+    # say-so (resume.trust_overrides=true), and one line names it.
+    resumed = train(tmp_path / "killed", "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (
-        f"resuming {tmp_path / 'killed'} with the overrides it was trained with: " + " ".join(kill)
-        in resumed.stderr.splitlines()
+    left_out = next(line for line in resumed.stderr.splitlines() if "left out" in line)
+    assert left_out.startswith(
+        f"resuming {tmp_path / 'killed'}: left out 2 of the overrides saved in last.ckpt"
     )
+    assert left_out.split(": ")[2].startswith(" ".join(kill)), left_out
     want = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     got = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     tested = [k for k in want if k.startswith("test/")]
@@ -488,3 +491,176 @@ def test_ctrl_c_during_validation_or_twice(
         f"checkpoints/last.ckpt holds epoch 0, step {saved_at}: resume with "
         f"ckpt_path=last hydra.run.dir={tmp_path}"
     ]
+
+
+# -- SIGTERM after training: while testing, and between the stages ------------------------
+class _TinyTested(_Tiny):
+    """_Tiny with a test stage; its test epoch's end is where train.py's module scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scored = False
+
+    def test_step(self, batch, batch_idx):
+        return None
+
+    def on_test_epoch_end(self) -> None:
+        self.scored = True
+
+
+class _TermAt(Callback):
+    """SIGTERM to this process at one hook; refused (an assertion) where nothing would catch
+    it, which would end pytest itself."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+
+    def _send(self, hook: str) -> None:
+        if hook == self.hook:
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, f"nothing at {hook}"
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_fit_end(self, trainer, pl_module):
+        self._send("fit_end")  # after fit's teardown: Lightning's handlers are given back
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == trainer.num_test_batches[0] - 1:  # Lightning's own check skips it
+            self._send("last_test_batch")
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        self._send("test_epoch_end")  # callbacks run before the module scores the split
+
+    def on_test_end(self, trainer, pl_module):
+        self._send("test_end")  # where DashboardPlots draws
+
+
+TESTING_STOPPED = "stopped: SIGTERM while testing (training had finished), at epoch 1, step 2"
+
+
+@pytest.mark.parametrize(
+    ("hook", "runner", "scored"),
+    [
+        ("last_test_batch", False, False),
+        ("test_epoch_end", False, False),
+        ("test_end", False, True),
+        ("fit_end", False, False),
+        # A job runner's own SIGTERM handler stays (submitit's, say): LastCheckpoint stops
+        # the test at the last batch's end, where Lightning would go on to score the split;
+        # a signal Lightning only noted while scoring stops the run as the test returns.
+        ("last_test_batch", True, False),
+        ("test_epoch_end", True, True),
+    ],
+    ids=[
+        "last-test-batch",
+        "test-epoch-end",
+        "test-end",
+        "fit-end",
+        "runner-handler-last-test-batch",
+        "runner-handler-test-epoch-end",
+    ],
+)
+def test_sigterm_after_training_stops_at_once_with_exit_143(
+    tmp_path: Path, capfd, hook: str, runner: bool, scored: bool
+):
+    """train.py's fit-then-test wiring on a tiny model: SIGTERM while testing (Lightning only
+    notes it at the last batch and after) or after fit gave Lightning's handlers back (where
+    Python's default would kill the process without a word) stops the run with exit 143
+    and one line, as a Ctrl-C does there."""
+    got: list[int] = []
+
+    def runner_handler(signum, frame):  # submitit's for SIGTERM only logs ("bypassing")
+        got.append(signum)
+
+    own = runner_handler if runner else signal.SIG_DFL
+    before = signal.signal(signal.SIGTERM, own)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        limit_test_batches=2,
+        callbacks=[LastCheckpoint(str(tmp_path / "checkpoints")), _TermAt(hook)],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
+    module = _TinyTested()
+    try:
+        with pytest.raises(SystemExit) as stopped, sigterm_stops_outside_fit(trainer):
+            with exit_on_stop_signal(trainer, tmp_path, "training"):
+                trainer.fit(module, data, data)
+            with exit_on_stop_signal(trainer, tmp_path, "testing (training had finished)", "H"):
+                trainer.test(module, data, verbose=False)
+        assert signal.getsignal(signal.SIGTERM) == own  # given back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert module.scored == scored
+    assert got == ([signal.SIGTERM] if runner else [])
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("stopped")]
+    if hook == "fit_end":
+        want = (
+            "stopped: SIGTERM while training, at epoch 1, step 2; checkpoints/last.ckpt holds "
+            f"epoch 0, step 2: resume with ckpt_path=last hydra.run.dir={tmp_path}"
+        )
+    else:
+        want = f"{TESTING_STOPPED}; H"
+    assert err == [want]
+
+
+def test_sigterm_while_testing_or_after_fit_in_train_py_exits_143_with_one_line(
+    tmp_path: Path, monkeypatch
+):
+    """The runs of issue 18: SIGTERM while the split is scored (its one test batch is the
+    last: Lightning logged "Received SIGTERM", tested on and exited 0), and in on_fit_end,
+    after fit gave its handlers back (a bare 143, nothing said)."""
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # fault_callbacks, for Hydra
+    quick = [
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "~callbacks.plots",
+        "eval_pairs=100",
+        "+callbacks.term._target_=fault_callbacks.SignalAt",
+    ]
+    runs = {hook: tmp_path / hook for hook in ("test_epoch_end", "fit_end")}
+    procs = run_scripts(
+        [
+            ("train.py", [*quick, f"+callbacks.term.hook={hook}", f"hydra.run.dir={run}"])
+            for hook, run in runs.items()
+        ]
+    )
+    testing, after_fit = runs.values()
+    best = testing / "checkpoints" / "best.ckpt"
+    want = {
+        testing: f"{TESTING_STOPPED.replace('step 2', 'step 1')}; its checkpoints are complete: "
+        f"test with python evaluate.py ckpt_path={best} (or rerun with ckpt_path=last "
+        f"hydra.run.dir={testing})",
+        after_fit: "stopped: SIGTERM while training, at epoch 1, step 1; checkpoints/last.ckpt "
+        f"holds epoch 0, step 1: resume with ckpt_path=last hydra.run.dir={after_fit}",
+    }
+    for proc, run in zip(procs, runs.values(), strict=True):
+        assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        stopped = [line for line in proc.stderr.splitlines() if line.startswith("stopped")]
+        assert stopped == [want[run]]
+        assert (run / "checkpoints" / "best.ckpt").is_file()
+        assert not (run / "metrics.json").exists()
+
+
+def test_a_stop_before_any_last_ckpt_names_a_command_that_is_let_in(tmp_path):
+    from siamese.pipelines.train import _resume_hint
+    from siamese.run_dirs import refusal
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.ckpt").write_bytes(b"x")  # a run, but no last.ckpt
+    hint = _resume_hint(tmp_path)
+    assert hint.endswith(
+        f"start over with the same command and ckpt_path=auto hydra.run.dir={tmp_path}"
+    )
+    assert refusal(tmp_path, "train", "auto") is None  # the folder guard lets it in

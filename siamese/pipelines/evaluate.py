@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from siamese.evaluation import (
     threshold_at_far,
     verification_metrics,
 )
+from siamese.evaluation.oneshot import check_counts
 from siamese.exports import (
     atomic_write,
     load_embeddings,
@@ -48,6 +50,7 @@ from siamese.inference import load
 from siamese.module import SiameseModule
 from siamese.pipelines.report import print_table, write_metrics
 from siamese.pipelines.train import REPORTED as TRAIN_REPORTED
+from siamese.signals import stop_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,12 @@ def check_eval_config(ev: DictConfig) -> None:
             f"eval.rank_by={ev.get('rank_by')!r} is unknown; expected index (the faiss index) "
             "or head (a learned distance's head, brute force)"
         )
+    oneshot = ev.oneshot
+    for ways in oneshot.ways if isinstance(oneshot.ways, Sequence) else [oneshot.ways]:
+        try:  # now, not after the embedding (episodes=10**9 would wait for it)
+            check_counts(ways, oneshot.shot, oneshot.episodes, oneshot.seed)
+        except ConfigError as exc:
+            raise ConfigError(f"eval.oneshot: {exc}") from None
     if ev.oneshot.get("within", "auto") != "auto":
         class_groups([], ev.oneshot.get("within"), "eval.oneshot.within")  # a known value
     if ev.projection not in PROJECTIONS:
@@ -419,8 +428,14 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate a checkpoint, write everything to the run directory; return metrics.json.
 
     With ``eval.from_run=DIR`` the embeddings (and index) a previous evaluate.py run saved
-    in DIR are re-scored with this run's settings, and no image is read.
+    in DIR are re-scored with this run's settings, and no image is read. A SIGTERM ends it
+    with one ``stopped:`` line and exit 143, leaving no temporary file behind.
     """
+    with stop_on_sigterm(Path(cfg.paths.output_dir), "evaluating", "evaluate.py"):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     ev = cfg.eval
     check_eval_config(ev)
     index_params = OmegaConf.to_container(cfg.index, resolve=True)

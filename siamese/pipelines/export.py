@@ -31,6 +31,7 @@ from siamese.errors import ConfigError
 from siamese.exports import atomic_write, pending_path, written_together
 from siamese.inference import load
 from siamese.module import SiameseModule
+from siamese.signals import stop_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,13 @@ def check_export(
 
 
 def run_export(cfg: DictConfig) -> dict[str, Any]:
-    """Write ``model.<ext>`` and ``model.json`` into the run directory; return the JSON."""
+    """Write ``model.<ext>`` and ``model.json`` into the run directory; return the JSON.
+    A SIGTERM on the way is one ``stopped:`` line and exit 143, with no temporary left."""
+    with stop_on_sigterm(Path(cfg.paths.output_dir), "exporting", "export.py"):
+        return _export(cfg)
+
+
+def _export(cfg: DictConfig) -> dict[str, Any]:
     check_export_config(cfg)
     fmt, ex = str(cfg.format), cfg.export
     if fmt == "onnx":

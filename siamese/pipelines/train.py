@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
+import math
 import os
 import pickle
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,18 +24,20 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from siamese.callbacks import is_positive_int, select_callbacks
-from siamese.checkpointing import AtomicCheckpointIO
+from siamese.callbacks import StopSignalled, is_positive_int, select_callbacks
+from siamese.checkpointing import AtomicCheckpointIO, RunRelativePaths
 from siamese.cli import resumable_checkpoint
 from siamese.config import build
+from siamese.distances import check_embedding_dim
 from siamese.distributed import SyncBatchNormPlugin
 from siamese.errors import ConfigError, find_in_chain
 from siamese.evaluation.oneshot import class_groups
 from siamese.inference import check_checkpoint, not_a_checkpoint_file
 from siamese.loggers import build_loggers
 from siamese.losses import PairLoss
-from siamese.metric_names import EVAL_METRICS, TEST_ONLY_METRICS
-from siamese.module import SiameseModule, scheduler_kwargs
+from siamese.metric_names import EVAL_METRICS, TEST_ONLY_METRICS, TRAIN_METRICS
+from siamese.models.towers import check_tower_settings
+from siamese.module import TRAIN_EPOCH_LOGS, SiameseModule, scheduler_kwargs
 from siamese.pipelines.report import print_table, write_metrics
 from siamese.sweeps import check_optimized_metric
 
@@ -49,6 +54,7 @@ REPORTED = (
 def check_config(cfg: DictConfig) -> None:
     """Fail at start, in one sentence, on combinations that cannot train."""
     loss = build(cfg.loss, distance=build(cfg.distance))  # raises on bce+euclidean
+    check_embedding_dim(loss.distance, cfg.model.get("embedding_dim"))
     if cfg.data.get("pair_mode") == "explicit" and not isinstance(loss, PairLoss):
         raise ConfigError(
             f"{type(loss).__name__} learns from whole class-balanced batches and cannot use "
@@ -63,6 +69,86 @@ def check_config(cfg: DictConfig) -> None:
         )
     check_optimized_metric(cfg.get("optimized_metric"))
     check_optimization(cfg.optimizer, cfg.get("scheduler"))
+    if cfg.get("seed") is not None:  # null: the run is not seeded
+        check_seed("seed", cfg.seed, SEED_MAX)
+    check_seed("eval_seed", cfg.get("eval_seed", 0), EVAL_SEED_MAX)
+    # The tower and the data module are built after the data is read; their settings that
+    # need no data are checked now, by the same code (the augment's own constructor).
+    check_tower_settings(cfg.model)
+    if cfg.data.get("augment") is not None:
+        build(cfg.data.augment)
+    check_monitors(cfg.get("callbacks"))
+
+
+# What pl.seed_everything accepts (numpy's seed range).
+SEED_MAX = 2**32 - 1
+# What torch.Generator.manual_seed accepts (the evaluation pairs; the one-shot episodes'
+# numpy generator takes any non-negative integer).
+EVAL_SEED_MAX = 2**64 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_seed(key: str, value: Any, top: int) -> None:
+    """Refuse a seed that a generator would refuse later (``seed`` when the run is seeded,
+    ``eval_seed`` at the first one-shot test, after training)."""
+    if not _is_int(value) or not 0 <= value <= top:
+        shown = "null" if value is None else repr(value)
+        raise ConfigError(
+            f"{key}={shown} is not a seed; use an integer from 0 to {top}, e.g. {key}=0"
+        )
+
+
+def fit_metric_names() -> list[str]:
+    """What a callback can monitor while fitting: the ``val/`` and ``train/`` metrics the
+    module logs (test/ ones come after the fit) and Lightning's own ``epoch`` and ``step``."""
+    train = dict.fromkeys((*TRAIN_METRICS, *TRAIN_EPOCH_LOGS, "loss_step"))
+    return [*(f"val/{n}" for n in EVAL_METRICS), *(f"train/{n}" for n in train), "epoch", "step"]
+
+
+def check_monitors(callbacks_cfg: DictConfig | None) -> None:
+    """Refuse a callback ``monitor`` (ModelCheckpoint, EarlyStopping) that the fit never
+    logs, naming the closest: Lightning finds out only after the first epoch."""
+    names = fit_metric_names()
+    for key, callback in (callbacks_cfg or {}).items():
+        monitor = callback.get("monitor") if isinstance(callback, DictConfig) else None
+        if monitor is None or monitor in names:
+            continue
+        close = difflib.get_close_matches(str(monitor), names, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(
+            f"callbacks.{key}.monitor={monitor!r} is not a metric this run logs while fitting; "
+            f"{hint}choose one of: {', '.join(names)}"
+        )
+
+
+# Learning rates a schedule moves between, each with whether 0 is allowed, what it is and
+# an example: torch builds a one-cycle schedule with a negative peak, or a cosine one that
+# ends below zero, without a word.
+SCHEDULE_RATES = {
+    "max_lr": (False, "the one cycle's peak learning rate; by default optimizer.lr", "0.01"),
+    "eta_min": (True, "the learning rate the cosine schedule ends at", "0"),
+}
+
+
+def check_schedule_rates(scheduler_cfg: DictConfig) -> None:
+    """Refuse a negative (or, for a peak, zero) learning rate in the scheduler's settings."""
+    for key, (zero_ok, what, example) in SCHEDULE_RATES.items():
+        value = scheduler_cfg.get(key)
+        if value is None:
+            continue
+        rates = list(value) if isinstance(value, ListConfig | list | tuple) else [value]
+        if not all(_is_number(r) and (r >= 0 if zero_ok else r > 0) for r in rates):
+            bound = ">= 0" if zero_ok else "positive"
+            raise ConfigError(
+                f"scheduler.{key}={value} must be {bound} ({what}); e.g. scheduler.{key}={example}"
+            )
 
 
 def check_optimization(optimizer_cfg: DictConfig, scheduler_cfg: DictConfig | None) -> None:
@@ -72,6 +158,8 @@ def check_optimization(optimizer_cfg: DictConfig, scheduler_cfg: DictConfig | No
     for name, part in (("optimizer", optimizer_cfg), ("scheduler", scheduler_cfg)):
         if not part:
             continue
+        if name == "scheduler":  # after the optimizer, whose lr max_lr defaults to
+            check_schedule_rates(part)
         settings = ", ".join(
             f"{name}.{k}={v}" for k, v in part.items() if not str(k).startswith("_")
         )
@@ -111,6 +199,7 @@ def check_trainer(trainer_cfg: DictConfig) -> DictConfig:
 
     Returns the trainer config to build (a copy when the precision is changed).
     """
+    check_training_length(trainer_cfg)
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     devices = trainer_cfg.get("devices", "auto")
     gpus = torch.cuda.device_count()
@@ -159,6 +248,50 @@ def check_trainer(trainer_cfg: DictConfig) -> DictConfig:
         trainer_cfg = OmegaConf.create(OmegaConf.to_container(trainer_cfg, resolve=True))
         trainer_cfg.precision = "bf16-mixed"
     return trainer_cfg
+
+
+def check_training_length(trainer_cfg: DictConfig) -> None:
+    """Refuse epoch, step and batch limits that Lightning takes but that make no finite fit
+    of at least one step (the one-cycle and cosine schedules are planned over its steps),
+    and a negative gradient clip, which Lightning ignores without a word."""
+    steps = trainer_cfg.get("max_steps", -1)
+    if not _is_int(steps) or steps == 0 or steps < -1:
+        raise ConfigError(
+            f"trainer.max_steps={steps!r} must be a positive whole number of optimizer steps, "
+            "or -1 for no step limit (trainer.max_epochs then ends the run)"
+        )
+    epochs = trainer_cfg.get("max_epochs")
+    # (trainer.max_time also ends such a fit: left to Lightning, as a schedule-free run can
+    # use it.)
+    if epochs == -1 and steps == -1 and trainer_cfg.get("max_time") is None:
+        raise ConfigError(
+            "trainer.max_epochs=-1 (Lightning's no epoch limit) with trainer.max_steps=-1 "
+            "would train forever, and the learning-rate schedule is planned over a fixed "
+            "number of steps; set a number of epochs (e.g. trainer.max_epochs=20) or of "
+            "steps (e.g. trainer.max_steps=5000)"
+        )
+    if epochs is not None and epochs != -1 and (not _is_int(epochs) or epochs < 1):
+        raise ConfigError(
+            f"trainer.max_epochs={epochs!r} must be a positive whole number of epochs, e.g. "
+            "trainer.max_epochs=20; for part of an epoch set trainer.max_steps or "
+            "trainer.limit_train_batches"
+        )
+    limit = trainer_cfg.get("limit_train_batches")
+    if limit is not None and not (
+        (_is_int(limit) and limit >= 1) or (isinstance(limit, float) and 0 < limit <= 1)
+    ):
+        why = "would train on no batches" if limit == 0 else "is not a number of batches"
+        raise ConfigError(
+            f"trainer.limit_train_batches={limit!r} {why}; give a number of batches (e.g. "
+            "10), a fraction of them in (0, 1] (e.g. 0.25), or null for all"
+        )
+    clip = trainer_cfg.get("gradient_clip_val")
+    if clip is not None and not (_is_number(clip) and clip >= 0):
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip!r} must be >= 0 (Lightning skips clipping "
+            "silently for a negative value); e.g. trainer.gradient_clip_val=1.0, or null "
+            "for no clipping"
+        )
 
 
 def build_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
@@ -351,7 +484,10 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             "callbacks has no ModelCheckpoint; keep callbacks.model_checkpoint so the run "
             "writes checkpoints/best.ckpt (the checkpoint tested after fit)"
         )
-    plugins: list[Any] = [AtomicCheckpointIO()]  # a kill mid-save keeps the old file
+    # Paths in a checkpoint are relative to the run folder: a copied or moved run resumes,
+    # tests and reports its own files.
+    callbacks.append(RunRelativePaths(output_dir))
+    plugins: list[Any] = [AtomicCheckpointIO(output_dir)]  # a kill mid-save keeps the old file
     if trainer_cfg.get("sync_batchnorm"):  # torch's SyncBatchNorm refuses CPU tensors
         plugins.append(SyncBatchNormPlugin(cpu=not uses_gpu(trainer_cfg)))
     trainer = build_trainer(
@@ -360,75 +496,139 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     datamodule = build(cfg.data)
     datamodule.check_batches(processes)  # DDP: each process needs whole classes
     module = build_module(cfg, datamodule)
-    with exit_on_stop_signal(trainer, output_dir, "training"):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = scalar_metrics(trainer.callback_metrics)
-    # The monitored metric is reported at its best epoch, the checkpoint that gets tested
-    # (what a sweeper should compare), not at the last epoch.
-    if checkpoint.monitor and checkpoint.best_model_score is not None:
-        metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
-
-    report: dict[str, Any] = {}
-    if cfg.get("test", True):
+    # SIGTERM outside fit (between the stages, while testing, before metrics.json) stops
+    # the run at once with the same line: Python's default would end it without a word,
+    # and Lightning would go on testing.
+    with sigterm_stops_outside_fit(trainer):
+        with exit_on_stop_signal(trainer, output_dir, "training"):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         best = checkpoint.best_model_path or checkpoint.last_model_path or None
-        if not best:
-            log.warning("no checkpoint was written; testing the weights in memory")
-        with exit_on_stop_signal(trainer, output_dir, "testing (training had finished)"):
-            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-        tested = {
-            k: v
-            for k, v in scalar_metrics(trainer.callback_metrics).items()
-            if k.startswith("test/")
-        }
-        metrics.update(tested)
-        report = {
-            "protocol": "leave-one-out over the test split",
-            "oneshot_within": cfg.get("oneshot_within"),
-            "checkpoint": best,
-            **tested,
-        }
-        if trainer.is_global_zero:
-            print_table(tested, prefix="test/", order=REPORTED)
-    optimized = cfg.get("optimized_metric")
-    if optimized in metrics:  # the sweep objective, e.g. the best val/precision_at_1
-        report.update({"optimized_metric": optimized, optimized: metrics[optimized]})
-    if report and trainer.is_global_zero:
-        write_metrics(output_dir / "metrics.json", report)
+        after = "testing" if cfg.get("test", True) else "writing metrics.json"
+        finished, hint = f"{after} (training had finished)", _test_again_hint(output_dir, best)
+        with exit_on_stop_signal(trainer, output_dir, finished, hint):
+            metrics = scalar_metrics(trainer.callback_metrics)
+            # The monitored metric is reported at its best epoch, the checkpoint that gets
+            # tested (what a sweeper should compare), not at the last epoch.
+            if checkpoint.monitor and checkpoint.best_model_score is not None:
+                metrics[checkpoint.monitor] = float(checkpoint.best_model_score)
+
+            report: dict[str, Any] = {}
+            if cfg.get("test", True):
+                if not best:
+                    log.warning("no checkpoint was written; testing the weights in memory")
+                # Its own check at the end too: a SIGTERM Lightning only noted stops the run
+                # before the table and metrics.json, not after them.
+                with exit_on_stop_signal(trainer, output_dir, finished, hint):
+                    trainer.test(
+                        module, datamodule=datamodule, ckpt_path=best or None, verbose=False
+                    )
+                tested = {
+                    k: v
+                    for k, v in scalar_metrics(trainer.callback_metrics).items()
+                    if k.startswith("test/")
+                }
+                metrics.update(tested)
+                report = {
+                    "protocol": "leave-one-out over the test split",
+                    "oneshot_within": cfg.get("oneshot_within"),
+                    "checkpoint": best,
+                    **tested,
+                }
+                if trainer.is_global_zero:
+                    print_table(tested, prefix="test/", order=REPORTED)
+            optimized = cfg.get("optimized_metric")
+            if optimized in metrics:  # the sweep objective, e.g. the best val/precision_at_1
+                report.update({"optimized_metric": optimized, optimized: metrics[optimized]})
+            if report and trainer.is_global_zero:
+                write_metrics(output_dir / "metrics.json", report)
     return metrics
 
 
 @contextlib.contextmanager
-def exit_on_stop_signal(trainer: pl.Trainer, output_dir: Path, doing: str) -> Iterator[None]:
-    """Say where a stage stopped for a signal and what ``last.ckpt`` holds, and exit
-    128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C).
+def exit_on_stop_signal(
+    trainer: pl.Trainer, output_dir: Path, doing: str, hint: str | None = None
+) -> Iterator[None]:
+    """Say where a stage stopped for a signal and what ``last.ckpt`` holds (or ``hint``), and
+    exit 128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C).
 
     Lightning ends a stage it got SIGTERM in with ``SIGTERMException``, a SystemExit that
     would exit 0, as if the run had finished; ``LastCheckpoint`` stops the same way for
     SIGTERM under DDP and for a Ctrl-C, after writing ``last.ckpt`` at the end of that
-    batch. A second Ctrl-C is Lightning's own stop (``sys.exit(1)`` after its "graceful
-    shutdown"), reported here too."""
+    batch, and ``sigterm_stops_outside_fit`` outside fit. A second Ctrl-C is Lightning's own
+    stop (``sys.exit(1)`` after its "graceful shutdown"), reported here too."""
     try:
         yield
+        # Lightning notes a SIGTERM that comes after its last check (in on_train_end, the
+        # last test batch, the scoring of the split) and returns as if nothing came.
+        if trainer.received_sigterm:
+            raise StopSignalled(signal.SIGTERM)
     except SIGTERMException as stop:
         signum = getattr(stop, "signum", signal.SIGTERM)  # Lightning's own: SIGTERM
-        _say_stopped(trainer, output_dir, doing, signum)
+        _say_stopped(trainer, output_dir, doing, signum, hint)
         raise SystemExit(128 + signum) from None
     except SystemExit as stop:
         if stop.code != 1 or not trainer.interrupted:
             raise
-        _say_stopped(trainer, output_dir, doing, signal.SIGINT)  # Lightning's KeyboardInterrupt
+        # Lightning's KeyboardInterrupt
+        _say_stopped(trainer, output_dir, doing, signal.SIGINT, hint)
         raise SystemExit(128 + signal.SIGINT) from None
 
 
-def _say_stopped(trainer: pl.Trainer, output_dir: Path, doing: str, signum: int) -> None:
+@contextlib.contextmanager
+def sigterm_stops_outside_fit(trainer: pl.Trainer) -> Iterator[None]:
+    """SIGTERM raises ``StopSignalled`` at once wherever a stop loses nothing, as a Ctrl-C
+    does: between and after Lightning's stages (it gives its handlers back at each stage's
+    end, before ``on_fit_end``, where Python's default would end the process without a
+    word) and, with one process, while testing (Lightning only notes the signal there, and
+    scores the whole split when it came in the last batch). While fitting the stop waits for
+    the training batch's end, where last.ckpt is written (Lightning and ``LastCheckpoint``);
+    under DDP a test stops at an agreed test batch's end (``LastCheckpoint``).
+
+    Only Python's default SIGTERM action is replaced (not a handler a job runner installed).
+    Inside a stage Lightning's handler calls this one after its own."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    fired = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal fired
+        between = signal.getsignal(signal.SIGTERM) is stop  # no stage's handler in place
+        if not fired and (between or (trainer.testing and trainer.world_size == 1)):
+            fired = True  # a second SIGTERM does not cut the line about the first short
+            raise StopSignalled(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _say_stopped(
+    trainer: pl.Trainer, output_dir: Path, doing: str, signum: int, hint: str | None = None
+) -> None:
     if trainer.is_global_zero:
         name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
         print(
             f"stopped: {name} while {doing}, at epoch {trainer.current_epoch}, step "
-            f"{trainer.global_step}; {_resume_hint(output_dir)}",
+            f"{trainer.global_step}; {hint or _resume_hint(output_dir)}",
             file=sys.stderr,
             flush=True,
         )
+
+
+def _test_again_hint(output_dir: Path, best: str | None) -> str:
+    """After training: the checkpoints are complete; how to get the test it did not finish."""
+    if not best:
+        return _resume_hint(output_dir)
+    return (
+        f"its checkpoints are complete: test with python evaluate.py ckpt_path={best} (or "
+        f"rerun with ckpt_path=last hydra.run.dir={output_dir})"
+    )
 
 
 def _resume_hint(output_dir: Path) -> str:
@@ -437,7 +637,12 @@ def _resume_hint(output_dir: Path) -> str:
         saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
         where = f"epoch {saved['epoch']}, step {saved['global_step']}"
     except (OSError, RuntimeError, KeyError, pickle.UnpicklingError):
-        return f"no readable {last} was written: run it again to start over"
+        # A plain re-run into this folder is refused (it holds a run): auto lets it in and,
+        # finding no last.ckpt, starts over there.
+        return (
+            f"no readable {last} was written: start over with the same command and "
+            f"ckpt_path=auto hydra.run.dir={output_dir}"
+        )
     return (
         f"checkpoints/last.ckpt holds {where}: resume with ckpt_path=last "
         f"hydra.run.dir={output_dir}"
