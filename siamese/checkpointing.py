@@ -81,6 +81,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         super().__init__()
         self.run_dir = None if run_dir is None else Path(run_dir)
 
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        # Resume and the test of the best checkpoint read plain data only, whatever
+        # Lightning's or torch's default: a checkpoint is a file, never code.
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
     ) -> None:

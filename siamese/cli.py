@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -337,6 +338,99 @@ def check_value_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> Non
                 fail(f"{key}={shown} is not {_KIND_WORDS[kind]}; write e.g. {key}={example}")
 
 
+# Hydra's options whose value is the next argument (not an override, even with a "=").
+HYDRA_VALUE_OPTIONS = frozenset(
+    {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "-p", "--package"}
+    | {"-c", "--cfg", "--experimental-rerun"}
+)
+
+
+def runs_as_sweep(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> bool:
+    """Whether Hydra runs ``argv`` as a multirun: ``-m``, else ``hydra.mode`` on the line,
+    else a file that sets ``hydra.mode: MULTIRUN`` and is chosen on the line
+    (``hparams_search=optuna``) or may be chosen by default (a main config, ``hydra/``)."""
+    if {"-m", "--multirun"} & set(argv):
+        return True
+    modes = [a.split("=", 1)[1] for a in argv if _override_key(a) == "hydra.mode" and "=" in a]
+    if modes:
+        return modes[-1] == "MULTIRUN"
+    chosen = {f"{_override_key(a)}/{a.split('=', 1)[1]}.yaml" for a in argv if "=" in a}
+    return any(
+        value == "MULTIRUN" and (file in chosen or "/" not in file or file.startswith("hydra/"))
+        for value, file in config_values(conf_dir).get("hydra.mode", [])
+    )
+
+
+def _grammar_reason(exc: Exception) -> str:
+    """Where Hydra's override parser stopped, from its message, in a few words."""
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    first = lines[0]
+    if first.startswith("LexerNoViableAltException") and len(lines) > 1 and "^" in lines[1]:
+        column = lines[1].index("^")  # under the first character the lexer cannot read
+        if column < len(first):
+            return f"it cannot read {first[column]!r} unquoted"
+    if first.startswith("mismatched input '"):
+        return f"it cannot read {first.split(chr(39))[1]!r} unquoted"
+    return first
+
+
+def _quoting_hint(parser: Any, key: str, value: str) -> str:
+    """``quote it: key='value', typed in a shell as 'key="value"'`` when Hydra reads the
+    quoted override as exactly ``value``; else nothing (the key is what it cannot read)."""
+    shown = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+    # What Hydra must receive: quotes that survive the shell, inside the shell's own.
+    received = f'{key}="{value}"' if '"' not in value else shown
+    try:
+        if parser.parse_overrides([received])[0].value() != value:
+            return ""
+    except Exception:  # Hydra cannot read the key either: quoting the value is no fix
+        return ""
+    return f"quote it: {shown}, typed in a shell as {shlex.quote(received)}"
+
+
+def check_override_syntax(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    """Fail with one line for an override that Hydra's grammar cannot read, or reads as a
+    sweep in a single run: a path such as Lightning's own ``ckpt_path=epoch=0-step=5.ckpt``,
+    ``ckpt_path=modèle.ckpt`` or ``ckpt_path=a,b.ckpt``. The line shows the quoted value,
+    and how to type it (a shell removes the quotes written for Hydra unless the whole
+    override is quoted too); Hydra's own report is several lines without either."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    parser = OverridesParser.create()
+    sweep_run = runs_as_sweep(argv, conf_dir)
+    option_value = False  # the argument after -cn/-cp/...: not an override
+    for arg in argv:
+        if option_value or arg in HYDRA_VALUE_OPTIONS:
+            option_value = not option_value
+            continue
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        try:
+            override = parser.parse_overrides([arg])[0]
+        except Exception as exc:  # OverrideParseException, or the lexer's own error
+            hint = _quoting_hint(parser, key, value)
+            hint = (
+                f"; {hint}" if hint else " (https://hydra.cc/docs/advanced/override_grammar/basic)"
+            )
+            fail(f"{arg}: Hydra's override grammar refuses it ({_grammar_reason(exc)}){hint}")
+            continue
+        if not override.is_sweep_override() or sweep_run:
+            continue
+        if override.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
+            items = ", ".join(str(v) for v in override.sweep_iterator())
+            # A group takes one option: quoting would make a name no option has.
+            group = "/" in key or group_options(_override_key(key), conf_dir) is not None
+            hint = "" if group else _quoting_hint(parser, key, value)
+            hint = f"; for one value, {hint}" if hint else ""
+            fail(
+                f"{arg} is a sweep over {items} (a comma separates sweep values), which runs "
+                f"only with -m{hint}"
+            )
+        fail(f"{arg} is a sweep, which runs only with -m (one job per value)")
+
+
 def check_group_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
     """Fail with one line for ``group=option`` where the option does not exist, for a
     ``a.b=value`` key that no config has (``check_key_overrides``) and for a value of the
@@ -362,6 +456,7 @@ def check_group_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> Non
         for item in value.split(","):
             if item and item not in options:
                 fail(f"unknown {key}={item}; choose one of: {', '.join(options)}")
+    check_override_syntax(argv, conf_dir)
 
 
 RESUME_MODES = ("last", "auto")
@@ -385,6 +480,31 @@ def resumable_checkpoint(run_dir: Path, mode: str) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
+# train.py resume.trust_overrides=true: replay every saved override of a resumed run.
+TRUST_KEY = "resume.trust_overrides"
+
+
+def replayable(override: str, conf_dir: Path = CONF_DIR) -> bool:
+    """Whether a resumed run's saved override may be replayed without the user's say-so:
+    a group option that conf/ has, or a key that a config file has (set or deleted), with a
+    plain value. Not: anything that sets a ``_target_`` or another ``_..._`` key of Hydra's
+    (``+callbacks.x._target_=torch.load``), a value holding one (``key={_target_: ...}``),
+    an interpolation (``${...}``: a resolver runs), or a key no config file has. The
+    checkpoint is a file, and a file can come from a stranger."""
+    if "=" not in override and not override.startswith("~"):
+        return False
+    key = _override_key(override)
+    value = override.split("=", 1)[1] if "=" in override else ""
+    if any(part.startswith("_") for part in key.replace("/", ".").split(".")):
+        return False
+    if "_target_" in value or "${" in value or "_partial_" in value or "_args_" in value:
+        return False
+    options = group_options(key, conf_dir) if "." not in key else None
+    if options is not None:
+        return override.startswith("~") or value in options
+    return key in config_keys(conf_dir)
+
+
 def with_saved_overrides(argv: Sequence[str]) -> list[str]:
     """``train.py hydra.run.dir=RUN ckpt_path=last|auto [changes]``: the overrides of the
     run that wrote the checkpoint (saved in it) first, then the command's, so the resumed
@@ -395,7 +515,9 @@ def with_saved_overrides(argv: Sequence[str]) -> list[str]:
     checkpoint is train.py's to report.
 
     The checkpoint, not ``RUN/.hydra/overrides.yaml``, is the record: Hydra rewrites that
-    file at every start, a failed resume attempt included."""
+    file at every start, a failed resume attempt included. Being a file, it is data: only
+    ``replayable`` overrides are replayed unless the command says ``resume.trust_overrides
+    =true``; one line names those left out."""
     args = list(argv)
     values = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
     run_dir, mode = values.get("hydra.run.dir"), values.get("ckpt_path")
@@ -442,6 +564,34 @@ def with_saved_overrides(argv: Sequence[str]) -> list[str]:
         return item.startswith("~") and key in deletes  # the command deletes it itself
 
     kept = [str(a) for a in saved or [] if not replaced(str(a))]
+    trusted = any(
+        _override_key(a) == TRUST_KEY and a.split("=", 1)[1].strip().lower() == "true"
+        for a in args
+        if "=" in a
+    )
+    if not trusted:
+        left_out = [a for a in kept if not replayable(a)]
+        if left_out:
+            print(
+                f"resuming {run_dir}: left out {len(left_out)} of the overrides saved in "
+                f"{ckpt.name}, which set a _target_, an interpolation or a key no config "
+                f"file has: {' '.join(left_out)}; add {TRUST_KEY}=true to replay them "
+                "(only for a checkpoint you made yourself)",
+                file=sys.stderr,
+                flush=True,
+            )
+        kept = [a for a in kept if replayable(a)]
+        # ~callbacks.killer for a callback only those left-out overrides added: gone already
+        # (Hydra would stop on deleting a key that is not there).
+        added = [_override_key(a) for a in left_out if a.startswith("+")]
+
+        def moot(arg: str) -> bool:
+            key = _override_key(arg)
+            return key not in config_keys() and any(
+                k == key or k.startswith(f"{key}.") for k in added
+            )
+
+        args = [a for a in args if not (a.startswith("~") and moot(a))]
     if not kept:
         return args
     print(

@@ -7,7 +7,7 @@ from typing import Any
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from siamese.errors import SiameseError, find_in_chain
+from siamese.errors import ConfigError, SiameseError, find_in_chain
 
 
 def user_error_in(exc: BaseException) -> SiameseError | None:
@@ -17,11 +17,20 @@ def user_error_in(exc: BaseException) -> SiameseError | None:
 
 
 def build(config: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, re-raising a constructor's ConfigError/DataError as is."""
+    """``hydra.utils.instantiate``, re-raising a constructor's ConfigError/DataError as is,
+    and Hydra's own refusal of a ``_target_`` (its blocklist: ``os.system``; a name that
+    does not import) as one ConfigError line."""
     try:
         return instantiate(config, **kwargs)
     except InstantiationException as exc:
         cause = user_error_in(exc)
-        if cause is None:
-            raise
-        raise cause from None
+        if cause is not None:
+            raise cause from None
+        text = " ".join(str(exc).split())  # Hydra's message spans several lines
+        if "blocklisted" in text or text.startswith("Error locating target"):
+            text = text.split(", set env var HYDRA_FULL_ERROR")[0]
+            raise ConfigError(
+                f"Hydra refused to build a _target_: {text}; use one of the classes conf/ "
+                "offers for it"
+            ) from None
+        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import re
@@ -11,25 +12,95 @@ from typing import Any
 
 import torch
 
-from siamese.data.datasets import UndecodableImage, decode_image
-from siamese.data.sources import IMAGE_EXTENSIONS
-from siamese.errors import ConfigError, DataError
-from siamese.module import SiameseModule
+from siamese.data.datasets import UndecodableImage, decode_image, special_file_type
+from siamese.data.sources import IMAGE_EXTENSIONS, list_files
+from siamese.errors import ConfigError, DataError, SiameseError
+from siamese.module import SiameseModule, state_difference
+from siamese.registry import check_checkpoint_config
 
 
 def load(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> SiameseModule:
-    """The SiameseModule saved in ``ckpt_path``, in eval mode, with ``.embed``/``.compare``."""
+    """The SiameseModule saved in ``ckpt_path``, in eval mode, with ``.embed``/``.compare``.
+
+    The file is read as plain data (``weights_only=True``) and the model is rebuilt from
+    its stored config only after the whole config passed the registry check
+    (``siamese.registry``): a checkpoint names what to build, never code to call."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise not_a_checkpoint_file(path, "pass a .ckpt from train.py")
-    check_checkpoint(path)
-    model = SiameseModule.load_from_checkpoint(path, map_location=map_location)
-    return model.eval()
+    ckpt = check_checkpoint(path)
+    model = model_from_checkpoint(ckpt, f"ckpt_path={str(path)!r}")
+    return model.to(map_location).eval()
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], source: str) -> SiameseModule:
+    """The SiameseModule that ``ckpt`` (a checked checkpoint dict) describes, with its weights.
+
+    Everything that is not a siamese checkpoint, or that would build anything besides the
+    registry, is one ConfigError line naming ``source`` and what is wrong."""
+    version = ckpt.get("pytorch-lightning_version")
+    major = re.match(r"\s*(\d+)\.", version) if isinstance(version, str) else None
+    if version is not None and (major is None or int(major.group(1)) < 2):
+        raise ConfigError(
+            f"{source} says it was written by Lightning {version!r}; siamese checkpoints come "
+            "from Lightning 2 or newer (train.py): pass a .ckpt written by train.py"
+        )
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(hparams, dict):
+        raise ConfigError(
+            f"{source} holds no hyper_parameters (the config that rebuilds its model): a bare "
+            "state_dict or another program's file, not a checkpoint of train.py; pass a .ckpt "
+            "written by train.py"
+        )
+    params = inspect.signature(SiameseModule.__init__).parameters
+    required = [
+        n for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty
+    ]
+    lacking = [n for n in required if not isinstance(hparams.get(n), dict)]
+    foreign = sorted(str(k) for k in hparams if k not in params or k == "self")
+    if lacking or foreign:
+        what = (
+            f"its hyper_parameters lack {', '.join(lacking)}"
+            if lacking
+            else f"its hyper_parameters have {', '.join(foreign[:3])}, which siamese's model lacks"
+        )
+        raise ConfigError(
+            f"{source} is not a checkpoint of siamese's model ({what}): another Lightning "
+            "project's checkpoint, or an edited one; pass a .ckpt written by train.py"
+        )
+    check_checkpoint_config(hparams, source)  # the whole tree, before anything is built
+    try:
+        model = SiameseModule(**hparams)
+    except Exception as exc:  # a value its constructor refuses: the file was edited
+        reason = " ".join(str(exc).split())[:300]  # Hydra's reason is on its second line
+        if not isinstance(exc, SiameseError):
+            reason = f"{type(exc).__name__}: {reason}".rstrip(": ")
+        raise ConfigError(
+            f"{source}: its stored config does not rebuild a model ({reason}); pass a .ckpt "
+            "written by train.py"
+        ) from None
+    state = ckpt["state_dict"]
+    difference = state_difference(state, model.state_dict())
+    if difference is None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            difference = str(exc).strip().splitlines()[0]
+    if difference is not None:
+        raise ConfigError(
+            f"{source}: its weights do not fit the model its config describes ({difference}); "
+            "the file is damaged or was edited: pass a .ckpt written by train.py"
+        )
+    return model
 
 
 def not_a_checkpoint_file(path: Path, hint: str, key: str = "ckpt_path") -> ConfigError:
     """The error for a ``path`` that is no file: missing (``hint`` says what to pass), or
-    a folder (a run directory, say), naming a checkpoint inside it when there is one."""
+    a folder (a run directory, say), naming a checkpoint inside it when there is one; or
+    something else that is no regular file (/dev/null, a FIFO), which is never read."""
+    if path.exists() and not path.is_dir():
+        kind = special_file_type(path.stat().st_mode)
+        return ConfigError(f"{key}={str(path)!r} is {kind}, not a checkpoint file; {hint}")
     if not path.is_dir():
         return ConfigError(f"{key}={str(path)!r} does not exist; {hint}")
     preferred = [path / "checkpoints" / "best.ckpt", path / "model.ckpt", path / "best.ckpt"]
@@ -58,9 +129,9 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
             "refused it, running nothing: pass a .ckpt written by train.py, or re-save this one "
             "as tensors and plain values from code you trust"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+    except Exception as exc:  # any bytes that are no checkpoint: IndexError, KeyError, ...
         raise _unreadable(path, exc) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ConfigError(
             f"ckpt_path={str(path)!r} holds no model state_dict; pass a .ckpt file written by "
             "train.py"
@@ -74,6 +145,8 @@ def _unreadable(path: Path, exc: BaseException) -> ConfigError:
     first_line = detail.group(1) if detail else (text.splitlines()[0] if text else "")
     # torch's zip reader goes on for sentences ("This is an internal miniz error. ...").
     reason = first_line.split(". ")[0].rstrip(".") or type(exc).__name__
+    if not isinstance(exc, RuntimeError | OSError | EOFError | ValueError):
+        reason = "not a file that torch.save wrote"  # the unpickler tripped on other bytes
     size = path.stat().st_size if path.is_file() else 0
     return ConfigError(
         f"ckpt_path={str(path)!r} is not a readable checkpoint ({size:,} bytes; {reason}): "
@@ -87,7 +160,8 @@ def read_images(
 ) -> tuple[torch.Tensor, list[str]]:
     """Image files read as the model expects them: (N, C, H, W) floats in [0, 1], and paths.
 
-    ``source`` is a folder (every image file below it, sorted by path) or a list of files;
+    ``source`` is a folder (every image file below it, sorted by path, hidden ones and
+    ``__MACOSX`` left out, as ``siamese.data.sources.list_files`` finds them) or a list of files;
     each is converted to the model's channels and resized to its input size. A file that
     cannot be decoded (damaged, empty, missing, not an image) is one DataError line naming
     it, after every file was tried (the count of the others is in it).
@@ -96,9 +170,9 @@ def read_images(
         root = Path(source).expanduser()
         if not root.is_dir():
             raise DataError(f"{str(root)!r} is not a folder; pass a folder of images or a list")
-        paths = sorted(
-            str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        # Linked folders followed, loops skipped with a warning; a FIFO named like an image
+        # is listed, so that decode_image refuses it below instead of blocking on it.
+        paths = list_files(str(root)).images
         if not paths:
             raise DataError(
                 f"no image files in {str(root)!r} (looked for {' '.join(sorted(IMAGE_EXTENSIONS))})"

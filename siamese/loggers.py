@@ -13,6 +13,7 @@ import importlib
 import logging
 import netrc
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -269,7 +270,14 @@ def _resume_state(ckpt_path: str | None) -> dict[str, Any]:
     if not ckpt_path:
         return {}
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    return {"global_step": ckpt.get("global_step"), WANDB_RUN_ID: ckpt.get(WANDB_RUN_ID)}
+    run_id = ckpt.get(WANDB_RUN_ID)
+    # The id names wandb's run folder: from a file, it must be an id, not a path.
+    if run_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", str(run_id)):
+        raise ConfigError(
+            f"ckpt_path={str(ckpt_path)!r} holds a W&B run id {str(run_id)[:80]!r} that is not "
+            "a plain id (letters, digits, - and _); pass a checkpoint written by train.py"
+        )
+    return {"global_step": ckpt.get("global_step"), WANDB_RUN_ID: run_id}
 
 
 def _require(module: str, what: str) -> Any:

@@ -644,19 +644,21 @@ class SiameseModule(pl.LightningModule):
         }
 
 
-def check_same_model(saved: dict[str, Any], own: dict[str, Any]) -> None:
-    """Refuse to resume into a model whose tensors differ from the checkpoint's (another
-    ``model.*``, ``distance`` or loss with parameters): one line naming the first
-    difference, instead of torch's page of size mismatches."""
+def state_difference(saved: dict[str, Any], own: dict[str, Any]) -> str | None:
+    """The first difference between a checkpoint's tensors and a model's, in words (with
+    their count), or None when every key and shape matches."""
 
     def shape(t: Any) -> str:
         return "x".join(str(n) for n in getattr(t, "shape", ())) or "scalar"
 
+    not_tensors = [k for k, v in saved.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        return f"{not_tensors[0]} is {type(saved[not_tensors[0]]).__name__}, not a tensor"
     resized = [k for k in saved if k in own and tuple(saved[k].shape) != tuple(own[k].shape)]
     missing = [k for k in own if k not in saved]
     extra = [k for k in saved if k not in own]
     if not (resized or missing or extra):
-        return
+        return None
     if resized:
         k = resized[0]
         first = f"{k} is {shape(saved[k])} there and {shape(own[k])} here"
@@ -665,9 +667,18 @@ def check_same_model(saved: dict[str, Any], own: dict[str, Any]) -> None:
     else:
         first = f"it has {extra[0]}, which this model lacks"
     count = len(resized) + len(missing) + len(extra)
+    return f"{first}; {count} tensor{'s differ' if count > 1 else ' differs'}"
+
+
+def check_same_model(saved: dict[str, Any], own: dict[str, Any]) -> None:
+    """Refuse to resume into a model whose tensors differ from the checkpoint's (another
+    ``model.*``, ``distance`` or loss with parameters): one line naming the first
+    difference, instead of torch's page of size mismatches."""
+    difference = state_difference(saved, own)
+    if difference is None:
+        return
     raise ConfigError(
-        f"the checkpoint holds another model ({first}; {count} tensor"
-        f"{'s differ' if count > 1 else ' differs'}); resume with the run's own model, "
+        f"the checkpoint holds another model ({difference}); resume with the run's own model, "
         "distance and loss settings (ckpt_path=last or auto reuses the run's own, saved in "
         "the checkpoint), or start a new run"
     )

@@ -324,8 +324,11 @@ def test_resume_continues_at_the_saved_epoch_and_auto_picks_the_newest(make_cfg,
     assert saved["epoch"] == 0 and saved["global_step"] == 3
     assert saved["run_overrides"] == command
     # train.py hydra.run.dir=RUN ckpt_path=last composes them again (the command's own win).
-    resume = [f"hydra.run.dir={out}", "ckpt_path=last", "seed=3"]
+    # +callbacks.extra.x is a key no config file has: replayed only with the command's say-so.
+    untrusted = [f"hydra.run.dir={out}", "ckpt_path=last", "seed=3"]
     max2, no_plots, hidden, extra = command[:4]
+    assert with_saved_overrides(untrusted) == [max2, no_plots, hidden, *untrusted, "hydra.mode=RUN"]
+    resume = [*untrusted, "resume.trust_overrides=true"]
     one_run = "hydra.mode=RUN"  # a sweep's job resumes as one run
     assert with_saved_overrides(resume) == [max2, no_plots, hidden, extra, *resume, one_run]
     five = [*resume, "trainer.max_epochs=5"]

@@ -1,0 +1,417 @@
+"""Loading is data, never code: a checkpoint's stored config builds only the registry, a
+resumed run's saved overrides replay only known keys, and anything that is not a siamese
+checkpoint is one line naming the file and what is wrong."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import CONF, FAST, compose_config, compose_train, one_line_error, run_script
+from hydra._internal.utils import _locate
+
+import siamese
+from siamese.cli import TRUST_KEY, replayable, with_saved_overrides
+from siamese.config import build
+from siamese.errors import ConfigError
+from siamese.pipelines.export import run_export
+from siamese.pipelines.train import run_training
+from siamese.registry import REGISTRY, register, registered
+
+# The run behind every checkpoint here: a resume replays these and finds its plan.
+TRAINED = [*FAST, "trainer.limit_train_batches=2", "test=false"]
+
+
+class Payload:
+    """A pickle that creates ``marker`` when it is unpickled with ``weights_only=False``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def real_ckpt(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("train")
+    cfg = compose_train(TRAINED, out)
+    run_training(cfg)
+    path = out / "checkpoints" / "best.ckpt"
+    return {"path": path, "ckpt": torch.load(path, weights_only=True)}
+
+
+@pytest.fixture
+def attack(tmp_path, real_ckpt):
+    """``make(edit)``: a copy of the real checkpoint changed by ``edit(ckpt, payload)``,
+    saved in tmp_path; ``marker`` is the file the payload would create."""
+    marker = tmp_path / "PWNED"
+    payload = tmp_path / "payload.pt"
+    torch.save({"x": Payload(marker)}, payload)
+
+    def make(edit) -> Path:
+        ckpt = copy.deepcopy(real_ckpt["ckpt"])
+        edit(ckpt, {"_target_": "torch.load", "f": str(payload), "weights_only": False})
+        path = tmp_path / "evil.ckpt"
+        torch.save(ckpt, path)
+        return path
+
+    make.marker = marker
+    return make
+
+
+def _set(path: str):
+    """An edit that puts the payload at the dotted ``path`` under hyper_parameters."""
+
+    def edit(ckpt, evil):
+        node = ckpt["hyper_parameters"]
+        *parents, last = path.split(".")
+        for name in parents:
+            node = node[int(name)] if isinstance(node, list) else node[name]
+        if isinstance(node, list):
+            node[int(last)] = evil
+        else:
+            node[last] = evil
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "tower",  # the issue's first route
+        "config.data.augment",  # evaluate.py builds the stored data config
+        "tower.layers.1",  # inside a list
+        "config.callbacks.model_checkpoint",  # a part loading never builds: still refused
+        "config.scheduler",
+    ],
+)
+def test_a_checkpoint_naming_code_is_refused_before_anything_runs(attack, where):
+    evil = attack(_set(where))
+    with pytest.raises(ConfigError) as err:
+        siamese.load(evil)
+    message = str(err.value)
+    assert f"hyper_parameters.{where}._target_='torch.load'" in message
+    assert "refused it before building or running anything" in message
+    assert "\n" not in message
+    assert not attack.marker.exists()
+
+
+def test_a_partial_target_under_scheduler_is_refused(attack):
+    def edit(ckpt, evil):
+        ckpt["hyper_parameters"]["scheduler"] = {**evil, "_partial_": True}
+
+    with pytest.raises(ConfigError, match=r"hyper_parameters\.scheduler\._target_='torch\.load'"):
+        siamese.load(attack(edit))
+    assert not attack.marker.exists()
+
+
+def test_builtins_open_as_the_tower_leaves_the_file_alone(attack, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+
+    def edit(ckpt, _):
+        ckpt["hyper_parameters"]["tower"] = {
+            "_target_": "builtins.open",
+            "file": str(victim),
+            "mode": "w",
+        }
+
+    with pytest.raises(
+        ConfigError, match=r"tower\._target_='builtins\.open', which is not a tower"
+    ):
+        siamese.load(attack(edit))
+    assert victim.read_text() == "precious"
+
+
+def test_a_registered_class_of_another_kind_is_refused_where_it_does_not_belong(attack):
+    def edit(ckpt, _):
+        ckpt["hyper_parameters"]["tower"]["_target_"] = "torch.optim.SGD"
+
+    with pytest.raises(ConfigError, match="'torch.optim.SGD', which is not a tower"):
+        siamese.load(attack(edit))
+
+
+def test_an_interpolation_that_would_make_a_target_after_the_check_is_refused(attack):
+    def edit(ckpt, evil):
+        ckpt["hyper_parameters"]["tower"]["dropout"] = "${oc.create:{_target_: torch.load}}"
+
+    with pytest.raises(ConfigError, match=r"interpolation at hyper_parameters\.tower\.dropout"):
+        siamese.load(attack(edit))
+
+
+def test_evaluate_and_export_refuse_it_in_one_line(attack, tmp_path):
+    evil = attack(_set("config.data.augment"))
+    proc = run_script(
+        "evaluate.py", f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path
+    )
+    line = one_line_error(proc)
+    assert "hyper_parameters.config.data.augment._target_='torch.load'" in line
+    assert not attack.marker.exists()
+    # export.py goes through the same loader (in-process: the same one-line error).
+    cfg = compose_config("export", [f"ckpt_path={attack(_set('tower'))}"], tmp_path / "export")
+    with pytest.raises(ConfigError, match=r"hyper_parameters\.tower\._target_='torch\.load'"):
+        run_export(cfg)
+    assert not attack.marker.exists()
+
+
+def test_a_real_checkpoint_still_loads_and_embeds(real_ckpt):
+    model = siamese.load(real_ckpt["path"])
+    assert not model.training
+    emb = model.embed(torch.rand(3, 1, 28, 28))
+    assert emb.shape == (3, real_ckpt["ckpt"]["hyper_parameters"]["tower"]["embedding_dim"])
+
+
+def test_a_class_of_ones_own_loads_once_registered(attack, monkeypatch):
+    def edit(ckpt, _):
+        ckpt["hyper_parameters"]["config"]["callbacks"]["mine"] = {
+            "_target_": "pytorch_lightning.callbacks.Timer"
+        }
+
+    evil = attack(edit)
+    with pytest.raises(ConfigError, match="callbacks.mine._target_='pytorch_lightning"):
+        siamese.load(evil)
+    monkeypatch.setitem(REGISTRY, "callback", set(REGISTRY["callback"]))  # undone after
+    register("callback", "pytorch_lightning.callbacks.Timer")
+    assert siamese.load(evil).tower is not None
+    with pytest.raises(ConfigError, match="unknown registry kind 'towers'"):
+        register("towers", "x.Y")
+
+
+def test_every_target_the_project_configures_is_registered_and_imports():
+    targets = set()
+    for file in CONF.rglob("*.yaml"):
+        text = file.read_text()
+        targets |= {
+            line.split("_target_:", 1)[1].strip()
+            for line in text.splitlines()
+            if "_target_:" in line and not line.lstrip().startswith("#")
+        }
+    assert targets and targets <= registered(), sorted(targets - registered())
+    for name in sorted(registered()):
+        assert callable(_locate(name)), name
+
+
+def test_hydra_blocklist_refusal_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"Hydra refused to build a _target_: .*os\.system"):
+        build({"_target_": "os.system", "command": f"touch {tmp_path / 'x'}"})
+    cfg = compose_train(
+        [*FAST, "+callbacks.x._target_=os.system", f"+callbacks.x.command=touch {tmp_path}/x"],
+        tmp_path / "run",
+    )
+    with pytest.raises(ConfigError, match="blocklisted"):
+        run_training(cfg)
+    assert not (tmp_path / "x").exists()
+
+
+# -- resume: the saved overrides are data too ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "replayed"),
+    [
+        ("trainer.max_epochs=2", True),
+        ("~callbacks.plots", True),
+        ("experiment=omniglot_koch", True),
+        ("+experiment=mnist_triplet", True),
+        ("+callbacks.x._target_=torch.load", False),
+        ("+callbacks.x.f=payload.pt", False),  # a key no config file has
+        ("data.augment={_target_:torch.load,f:p.pt}", False),
+        ("model.layers=[{_target_:builtins.open}]", False),
+        ("scheduler._partial_=false", False),
+        ("seed=${oc.env:HOME}", False),
+        ("data=not_an_option", False),
+    ],
+)
+def test_which_saved_overrides_are_replayed(override, replayed):
+    assert replayable(override) is replayed
+
+
+def _resumable(tmp_path: Path, real_ckpt: dict, overrides: list[str]) -> Path:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = copy.deepcopy(real_ckpt["ckpt"])
+    ckpt["run_overrides"] = overrides
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+def test_a_resume_leaves_out_saved_overrides_that_name_code(tmp_path, real_ckpt, capsys):
+    evil = ["+callbacks.x._target_=torch.load", "+callbacks.x.f=payload.pt"]
+    run = _resumable(tmp_path, real_ckpt, ["trainer.max_epochs=2", *evil])
+    argv = with_saved_overrides([f"hydra.run.dir={run}", "ckpt_path=last"])
+    expected = ["trainer.max_epochs=2", f"hydra.run.dir={run}", "ckpt_path=last", "hydra.mode=RUN"]
+    assert argv == expected
+    lines = capsys.readouterr().err.strip().splitlines()
+    left = next(line for line in lines if "left out" in line)
+    assert "left out 2 of the overrides saved in last.ckpt" in left
+    assert " ".join(evil) in left and f"{TRUST_KEY}=true" in left
+    # Deleting what was left out is moot (Hydra would stop on a key that is not there).
+    dropped = with_saved_overrides([f"hydra.run.dir={run}", "ckpt_path=last", "~callbacks.x"])
+    assert dropped == expected
+    # Only the command's own say-so replays them.
+    trusted = with_saved_overrides([f"hydra.run.dir={run}", "ckpt_path=last", f"{TRUST_KEY}=true"])
+    assert trusted[:3] == ["trainer.max_epochs=2", *evil]
+
+
+def test_train_py_resume_does_not_run_a_saved_target(tmp_path, real_ckpt):
+    marker = tmp_path / "PWNED"
+    payload = tmp_path / "payload.pt"
+    torch.save({"x": Payload(marker)}, payload)
+    overrides = [
+        *TRAINED,
+        "+callbacks.x._target_=torch.load",
+        f"+callbacks.x.f={payload}",
+        "+callbacks.x.weights_only=false",
+    ]
+    run = _resumable(tmp_path, real_ckpt, overrides)
+    # The epoch is over in last.ckpt (max_epochs=1): the resume only tests, quickly.
+    proc = run_script(
+        "train.py", f"hydra.run.dir={run}", "ckpt_path=last", "test=false", cwd=tmp_path
+    )
+    assert "left out 3 of the overrides" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# -- anything that is not a siamese checkpoint: one line each ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (yaml.safe_dump({"model": {"embedding_dim": 64}}), "not a readable checkpoint"),
+        ("id,path,label\n0,a.png,cat\n", "not a readable checkpoint"),
+        ("just some text\n", "not a readable checkpoint"),
+    ],
+)
+def test_a_text_file_is_not_a_checkpoint(tmp_path, content, reason):
+    path = tmp_path / "file.ckpt"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=reason) as err:
+        siamese.load(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_dev_null_is_named_for_what_it_is():
+    with pytest.raises(ConfigError, match="'/dev/null' is a character device, not a checkpoint"):
+        siamese.load("/dev/null")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs are POSIX")
+def test_a_fifo_is_never_opened(tmp_path):
+    fifo = tmp_path / "x.ckpt"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"is a named pipe \(FIFO\), not a checkpoint"):
+        siamese.load(fifo)  # opening it would block forever
+
+
+def _edited(tmp_path: Path, real_ckpt: dict, edit) -> Path:
+    ckpt = copy.deepcopy(real_ckpt["ckpt"])
+    edit(ckpt)
+    path = tmp_path / "edited.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c["state_dict"].pop(
+                next(k for k in c["state_dict"] if k.startswith("tower."))
+            ),
+            r"weights do not fit the model its config describes \(tower\..* is not in it",
+        ),
+        (
+            lambda c: c["state_dict"].update(extra=torch.zeros(2)),
+            r"weights do not fit .*it has extra, which this model lacks",
+        ),
+        (
+            lambda c: c["state_dict"].update(
+                {k: torch.zeros(3) for k in list(c["state_dict"])[:1]}
+            ),
+            r"weights do not fit .* is 3 there and",
+        ),
+        (lambda c: c.pop("hyper_parameters"), "holds no hyper_parameters"),
+        (
+            lambda c: c.update(hyper_parameters={"lr": 0.1, "hidden_size": 32}),
+            r"not a checkpoint of siamese's model \(its hyper_parameters lack tower",
+        ),
+        (
+            lambda c: c["hyper_parameters"].update(learning_rate=0.1),
+            "have learning_rate, which siamese's model lacks",
+        ),
+        (
+            lambda c: c.update({"pytorch-lightning_version": "0.5.0"}),
+            "written by Lightning '0.5.0'",
+        ),
+        (
+            lambda c: c["hyper_parameters"]["tower"].update(embedding_dim="wide"),
+            r"its stored config does not rebuild a model \(model.embedding_dim must be",
+        ),
+        (
+            lambda c: c["hyper_parameters"]["distance"].update(sharpness=3),
+            r"its stored config does not rebuild a model \(\w+Exception: .*sharpness",
+        ),
+    ],
+    ids=[
+        "missing-key",
+        "extra-key",
+        "wrong-shape",
+        "no-hparams",
+        "other-project",
+        "unknown-hparam",
+        "old-lightning",
+        "bad-value",
+        "bad-layer",
+    ],
+)
+def test_a_damaged_or_foreign_checkpoint_is_one_line(tmp_path, real_ckpt, edit, message):
+    path = _edited(tmp_path, real_ckpt, edit)
+    with pytest.raises(ConfigError, match=message) as err:
+        siamese.load(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_evaluate_and_export_say_one_line_for_a_text_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("a: 1\n")
+    for script in ("evaluate.py", "export.py"):
+        proc = run_script(
+            script, f"ckpt_path={path}", f"hydra.run.dir={tmp_path / script}", cwd=tmp_path
+        )
+        assert "is not a readable checkpoint" in one_line_error(proc)
+
+
+def test_a_wandb_run_id_from_a_checkpoint_must_be_an_id_not_a_path(tmp_path, real_ckpt):
+    from siamese.loggers import WANDB_RUN_ID, _resume_state
+
+    ckpt = copy.deepcopy(real_ckpt["ckpt"])
+    ckpt[WANDB_RUN_ID] = "abc-123_x"
+    path = tmp_path / "last.ckpt"
+    torch.save(ckpt, path)
+    assert _resume_state(str(path))[WANDB_RUN_ID] == "abc-123_x"
+    ckpt[WANDB_RUN_ID] = "../../elsewhere"
+    torch.save(ckpt, path)
+    with pytest.raises(ConfigError, match="W&B run id '../../elsewhere' that is not a plain id"):
+        _resume_state(str(path))
+
+
+def test_lightning_reads_checkpoints_as_plain_data_when_resuming_or_testing(tmp_path, monkeypatch):
+    """train.py's resume and its test of best.ckpt go through AtomicCheckpointIO: a pickled
+    object is refused there too, even with torch's default turned off by the environment."""
+    from siamese.checkpointing import AtomicCheckpointIO
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "x": Payload(marker)}, path)
+    with pytest.raises(Exception, match="Weights only load failed|weights_only"):
+        AtomicCheckpointIO().load_checkpoint(path)
+    assert not marker.exists()
