@@ -484,24 +484,51 @@ def resumable_checkpoint(run_dir: Path, mode: str) -> Path | None:
 TRUST_KEY = "resume.trust_overrides"
 
 
-def replayable(override: str, conf_dir: Path = CONF_DIR) -> bool:
+def _plain(value: Any) -> bool:
+    """A parsed override value with nothing for a resolver or Hydra's instantiate in it:
+    numbers, bools, null, and strings without ``$`` or ``\\``, in lists and dicts whose keys
+    are plain names."""
+    if isinstance(value, str):
+        return "$" not in value and "\\" not in value
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(
+            isinstance(k, str) and not k.startswith("_") and _plain(k) and _plain(v)
+            for k, v in value.items()
+        )
+    return value is None or isinstance(value, bool | int | float)
+
+
+def replayable(override: Any, conf_dir: Path = CONF_DIR) -> bool:
     """Whether a resumed run's saved override may be replayed without the user's say-so:
     a group option that conf/ has, or a key that a config file has (set or deleted), with a
-    plain value. Not: anything that sets a ``_target_`` or another ``_..._`` key of Hydra's
-    (``+callbacks.x._target_=torch.load``), a value holding one (``key={_target_: ...}``),
-    an interpolation (``${...}``: a resolver runs), or a key no config file has. The
-    checkpoint is a file, and a file can come from a stranger."""
-    if "=" not in override and not override.startswith("~"):
+    plain value, as Hydra's own parser reads it. Not: anything that sets a ``_target_`` or
+    another ``_..._`` key (``+callbacks.x._target_=torch.load``), a value holding one
+    (``key={_target_: ...}``), an interpolation (``${...}``, escaped ``$\\{...\\}`` too: a
+    resolver runs), a key no config file has, anything under ``hydra`` (its log file, its
+    callbacks: Hydra keeps those out of a run's saved overrides), a package (``@``) or a
+    sweep. The checkpoint is a file, and a file can come from a stranger."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not isinstance(override, str) or ("=" not in override and not override.startswith("~")):
         return False
-    key = _override_key(override)
-    value = override.split("=", 1)[1] if "=" in override else ""
-    if any(part.startswith("_") for part in key.replace("/", ".").split(".")):
+    try:
+        parsed = OverridesParser.create().parse_overrides([override])[0]
+    except Exception:  # Hydra's grammar refuses it: nothing to replay
         return False
-    if "_target_" in value or "${" in value or "_partial_" in value or "_args_" in value:
+    key = parsed.key_or_group
+    if parsed.package is not None or parsed.is_sweep_override():
+        return False
+    parts = key.replace("/", ".").split(".")
+    if parts[0] == "hydra" or any(not p or p.startswith("_") for p in parts):
+        return False
+    value = None if parsed.is_delete() and "=" not in override else parsed.value()
+    if not _plain(value):
         return False
     options = group_options(key, conf_dir) if "." not in key else None
     if options is not None:
-        return override.startswith("~") or value in options
+        return parsed.is_delete() or value in options
     return key in config_keys(conf_dir)
 
 
@@ -563,7 +590,17 @@ def with_saved_overrides(argv: Sequence[str]) -> list[str]:
                 return True
         return item.startswith("~") and key in deletes  # the command deletes it itself
 
-    kept = [str(a) for a in saved or [] if not replaced(str(a))]
+    if not isinstance(saved, list) or not all(isinstance(a, str) for a in saved):
+        # Not what train.py saves: replay nothing of it, and say so.
+        if saved is not None:
+            print(
+                f"resuming {run_dir}: {ckpt.name} holds run_overrides that are not a list of "
+                "strings; none of them is replayed",
+                file=sys.stderr,
+                flush=True,
+            )
+        saved = []
+    kept = [a for a in saved if not replaced(a)]
     trusted = any(
         _override_key(a) == TRUST_KEY and a.split("=", 1)[1].strip().lower() == "true"
         for a in args

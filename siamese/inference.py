@@ -33,6 +33,10 @@ def load(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> Sia
     return model.to(map_location).eval()
 
 
+# torch.compile keywords a checkpoint may carry: options and backend could name programs.
+STORED_COMPILE_KEYS = frozenset({"mode", "fullgraph", "dynamic"})
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], source: str) -> SiameseModule:
     """The SiameseModule that ``ckpt`` (a checked checkpoint dict) describes, with its weights.
 
@@ -69,6 +73,18 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str) -> SiameseModule:
             "project's checkpoint, or an edited one; pass a .ckpt written by train.py"
         )
     check_checkpoint_config(hparams, source)  # the whole tree, before anything is built
+    compile_options = hparams.get("compile", False)
+    if not isinstance(compile_options, bool) and not (
+        isinstance(compile_options, dict)
+        and set(compile_options) <= STORED_COMPILE_KEYS
+        and all(isinstance(v, str | bool | None) for v in compile_options.values())
+    ):
+        # torch.compile's options and backend name compilers and code to run.
+        raise ConfigError(
+            f"{source} stores compile={compile_options!r}; a checkpoint may hold true, false "
+            f"or a dict of {', '.join(sorted(STORED_COMPILE_KEYS))} only: pass a .ckpt "
+            "written by train.py"
+        )
     try:
         model = SiameseModule(**hparams)
     except Exception as exc:  # a value its constructor refuses: the file was edited
@@ -113,9 +129,10 @@ def not_a_checkpoint_file(path: Path, hint: str, key: str = "ckpt_path") -> Conf
     return ConfigError(f"{key}={str(path)!r} is a folder, not a checkpoint; {inside}")
 
 
-def check_checkpoint(path: Path) -> dict[str, Any]:
+def check_checkpoint(path: Path, for_resume: bool = False) -> dict[str, Any]:
     """The checkpoint at ``path`` (plain data, on the CPU); a file that is not a readable
-    Lightning checkpoint is refused, naming it."""
+    Lightning checkpoint is refused, naming it (``for_resume``: also one that lacks what
+    Lightning reads to go on training)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -136,7 +153,24 @@ def check_checkpoint(path: Path) -> dict[str, Any]:
             f"ckpt_path={str(path)!r} holds no model state_dict; pass a .ckpt file written by "
             "train.py"
         )
+    if not isinstance(ckpt.get("pytorch-lightning_version"), str):
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} has no pytorch-lightning_version, so Lightning did not "
+            "write it; pass a .ckpt file written by train.py"
+        )
+    if for_resume:
+        lacking = [k for k in RESUME_KEYS if k not in ckpt]
+        if lacking or not isinstance(ckpt.get("loops"), dict):
+            raise ConfigError(
+                f"ckpt_path={str(path)!r} lacks {', '.join(lacking) or 'its loops state'}, "
+                "which a resume needs (a weights-only or edited checkpoint); start a new run, "
+                "or resume from a last.ckpt written by train.py"
+            )
     return ckpt
+
+
+# What Lightning reads from a checkpoint to go on training (fit's ckpt_path).
+RESUME_KEYS = ("epoch", "global_step", "loops", "optimizer_states", "lr_schedulers")
 
 
 def _unreadable(path: Path, exc: BaseException) -> ConfigError:

@@ -242,6 +242,29 @@ class SiameseModule(pl.LightningModule):
         # checkpoint so that ``ckpt_path=last`` composes the config that wrote it.
         self.run_overrides: list[str] | None = None
 
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> SiameseModule:
+        """Lightning's loader, made safe: the same as ``siamese.load`` (the file read as plain
+        data, its stored config checked against the registry before anything is built), the
+        model returned in eval mode. Lightning's own version would build whatever the
+        checkpoint's hyper-parameters name."""
+        if hparams_file is not None or kwargs or strict is False:
+            raise ConfigError(
+                "SiameseModule.load_from_checkpoint takes the checkpoint alone (and "
+                "map_location): its model is rebuilt from the config stored in it; use "
+                "siamese.load(path)"
+            )
+        from siamese.inference import load  # that module builds on this one
+
+        return load(checkpoint_path, map_location=map_location or "cpu")
+
     # -- inference -------------------------------------------------------------------------
     # The public entry points check their input once (check_images): embed, compare and
     # same all of it; model(images) its type, dtype and shape only, so a training loop of

@@ -18,7 +18,6 @@ from a checkpoint after ``register("tower", "mypkg.MyTower")``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from siamese.errors import ConfigError
@@ -41,8 +40,8 @@ REGISTRY: dict[str, set[str]] = {
         "siamese.losses.TripletLoss",
         "siamese.losses.MultiSimilarityLoss",
     },
-    "data": {
-        "siamese.data.SiameseDataModule",
+    "datamodule": {"siamese.data.SiameseDataModule"},
+    "source": {
         "siamese.data.sources.MNISTSubset",
         "siamese.data.sources.TorchvisionMNIST",
         "siamese.data.sources.Omniglot",
@@ -106,14 +105,34 @@ REGISTRY: dict[str, set[str]] = {
     },
 }
 
-# What the model's own constructor arguments in a checkpoint must be (SiameseModule).
-MODULE_ARGUMENT_KINDS = {
+# Where a stored config may name a class, and the kind it must be: the model's own parts
+# (SiameseModule's arguments) and the run config's groups, as conf/ places them. A class
+# anywhere else (nested in a tower's arguments, a trainer inside a loss) is refused.
+POSITIONS: dict[str, str] = {
     "tower": "tower",
     "distance": "distance",
     "loss": "loss",
     "optimizer": "optimizer",
     "scheduler": "scheduler",
+    "config.model": "tower",
+    "config.distance": "distance",
+    "config.loss": "loss",
+    "config.optimizer": "optimizer",
+    "config.scheduler": "scheduler",
+    "config.data": "datamodule",
+    "config.data.source": "source",
+    "config.data.augment": "augment",
+    "config.trainer": "trainer",
+    "config.trainer.profiler": "profiler",
+    "config.callbacks.*": "callback",
+    "config.logger": "logger",
+    "config.logger.*": "logger",
 }
+# The only Hydra keys a stored config may hold (``_args_``, ``_recursive_`` and the rest
+# change how a node is built; conf/ uses none of them).
+HYDRA_KEYS = frozenset({"_target_", "_partial_"})
+# Deeper than any config siamese writes (a recursion would be a traceback).
+MAX_DEPTH = 32
 
 
 def register(kind: str, target: str) -> None:
@@ -133,59 +152,63 @@ def registered(kind: str | None = None) -> frozenset[str]:
     return frozenset().union(*REGISTRY.values())
 
 
-def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
-    """(dotted path, value) of every leaf and ``_target_`` under ``node``."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            child = f"{path}.{key}" if path else str(key)
-            if key == "_target_":
-                yield child, value
-            else:
-                yield from _walk(value, child)
-    elif isinstance(node, list | tuple):
-        for i, value in enumerate(node):
-            yield from _walk(value, f"{path}.{i}" if path else str(i))
-    else:
-        yield path, node
-
-
-def check_stored_config(tree: Any, where: str, source: str, kind: str | None = None) -> None:
-    """Refuse a stored config that would build or call anything besides the registry.
-
-    Args:
-        tree: the stored config (dicts, lists and plain values, as ``torch.load`` gives).
-        where: the dotted path of ``tree`` in its file, for the message
-            (``hyper_parameters.tower``).
-        source: what the file is, for the message (``ckpt_path='evil.ckpt'``).
-        kind: the registry kind that ``tree``'s own ``_target_`` must have, or None.
-    """
-    for path, value in _walk(tree, where):
-        if path.endswith("._target_") or path == "_target_":
-            top = path == f"{where}._target_"
-            allowed = registered(kind if top and kind else None)
-            if not isinstance(value, str) or value not in allowed:
-                what = f"a {kind}" if top and kind else "one of siamese's own classes"
-                raise ConfigError(
-                    f"{source} names {path}={value!r}, which is not {what}: siamese builds "
-                    "only what its registry holds and refused it before building or running "
-                    "anything; pass a checkpoint written by train.py (a class of your own "
-                    "loads after siamese.registry.register(kind, 'pkg.Class'))"
-                )
-        elif isinstance(value, str) and "${" in value:
-            raise ConfigError(
-                f"{source} holds an interpolation at {path}={value!r}; stored configs are "
-                "saved resolved, so siamese refused it before building or running anything; "
-                "pass a checkpoint written by train.py"
-            )
+def position_kind(path: str) -> str | None:
+    """The kind a ``_target_`` at ``path`` (dotted, under hyper_parameters) must have, or
+    None where siamese builds nothing."""
+    if path in POSITIONS:
+        return POSITIONS[path]
+    parent = path.rsplit(".", 1)[0] if "." in path else ""
+    return POSITIONS.get(f"{parent}.*")
 
 
 def check_checkpoint_config(hparams: Any, source: str) -> None:
-    """A checkpoint's ``hyper_parameters``, checked whole: the model's own parts against
-    their kinds, then everything (the run config under ``config`` too) against the registry."""
-    if not isinstance(hparams, dict):
-        return
-    for name, kind in MODULE_ARGUMENT_KINDS.items():
-        part = hparams.get(name)
-        if isinstance(part, dict):
-            check_stored_config(part, f"hyper_parameters.{name}", source, kind=kind)
-    check_stored_config(hparams, "hyper_parameters", source)
+    """Refuse a checkpoint's ``hyper_parameters`` that would build or call anything besides
+    the registry: the whole tree is checked before anything is built.
+
+    Every ``_target_`` must sit where siamese builds something (``POSITIONS``) and name a
+    class of that kind; no other ``_..._`` key of Hydra's; no string holding an
+    interpolation (``${oc.create:...}`` would make a node, with a ``_target_`` of its own,
+    after this check); nothing nested deeper than any config siamese writes.
+
+    Args:
+        hparams: the stored hyper-parameters (dicts, lists and plain values).
+        source: what the file is, for the message (``ckpt_path='evil.ckpt'``).
+    """
+
+    def refuse(what: str) -> ConfigError:
+        return ConfigError(
+            f"{source} {what}: siamese builds only what its registry holds and refused it "
+            "before building or running anything; pass a checkpoint written by train.py (a "
+            "class of your own loads after siamese.registry.register(kind, 'pkg.Class'))"
+        )
+
+    stack: list[tuple[Any, str, int]] = [(hparams, "", 0)]
+    while stack:  # iterative: a crafted nesting cannot overflow the interpreter's stack
+        node, path, depth = stack.pop()
+        shown = f"hyper_parameters.{path}" if path else "hyper_parameters"
+        if depth > MAX_DEPTH:
+            raise refuse(f"nests its config more than {MAX_DEPTH} levels deep at {shown}")
+        if isinstance(node, dict):
+            children: list[tuple[Any, str, int]] = []
+            for key, value in node.items():
+                child = f"{path}.{key}" if path else str(key)
+                if not isinstance(key, str):
+                    raise refuse(f"has a key {key!r} that is not a name at {shown}")
+                if key.startswith("_") and key.endswith("_") and key not in HYDRA_KEYS:
+                    raise refuse(f"sets Hydra's {key} at {shown}")
+                if key != "_target_":
+                    children.append((value, child, depth + 1))
+                    continue
+                kind = position_kind(path)
+                if kind is None:
+                    raise refuse(f"names {shown}._target_={value!r} where siamese builds nothing")
+                if not isinstance(value, str) or value not in REGISTRY[kind]:
+                    raise refuse(
+                        f"names {shown}._target_={value!r}, which is not among the registry's "
+                        f"{kind} classes"
+                    )
+            stack.extend(reversed(children))  # the first key is looked at first
+        elif isinstance(node, list | tuple):
+            stack.extend((v, f"{path}.{i}", depth + 1) for i, v in reversed(list(enumerate(node))))
+        elif isinstance(node, str) and "${" in node:
+            raise refuse(f"holds an interpolation at {shown}={node!r}")

@@ -50,6 +50,10 @@ RESULTS = (
     "model.pt2",
 )
 
+# A held lock is tried this many times, this far apart, before the folder counts as in use.
+LOCK_ATTEMPTS = 5
+LOCK_RETRY_S = 0.05
+
 # Locks this process holds: resolved run folder -> open fd. Kept open for the whole process
 # (closing the fd would drop the lock); a second claim of the same folder reuses it.
 _held: dict[Path, int] = {}
@@ -225,11 +229,16 @@ def lock(run_dir: Path) -> None:
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise _unwritable(run_dir, exc) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise in_use(run_dir, _describe(run_dir / LOCK)) from None
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            # Another command's probe (holder) holds it for an instant: try again briefly.
+            if attempt + 1 == LOCK_ATTEMPTS:
+                os.close(fd)
+                raise in_use(run_dir, _describe(run_dir / LOCK)) from None
+            time.sleep(LOCK_RETRY_S)
     _held[key] = fd
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
     data = json.dumps({**info, "command": _command()}).encode()
@@ -269,12 +278,12 @@ def claim(run_dir_value: Any, task: str, ckpt_path: str | None) -> Path:
     """Check that ``task`` may write into ``hydra.run.dir``, then lock it and record the job;
     every check comes before anything is written. Returns the folder."""
     run_dir = check_run_dir_value(run_dir_value)
-    who = holder(run_dir)
-    if who is not None:
-        raise in_use(run_dir, who)
     reason = refusal(run_dir, task, ckpt_path)
     if reason is not None:
-        raise ConfigError(reason)
-    lock(run_dir)
+        # A running job there is the better answer. Probed only when refusing anyway: the
+        # probe holds the lock for an instant, which another job's start could run into.
+        who = holder(run_dir)
+        raise in_use(run_dir, who) if who is not None else ConfigError(reason)
+    lock(run_dir)  # refused with the running job's name when another process holds it
     write_record(run_dir, task)  # a failed write is a one-line WriteError
     return run_dir

@@ -10,12 +10,26 @@ the signal into an exit that unwinds the writes. (train.py's own stop, with its 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# A second SIGTERM this long after the first ends the process at once (the unwinding may
+# hang on a long library call); one sooner is the same stop delivered twice (a process
+# group and its launcher both forward it) and does not cut the first one's line short.
+INSIST_AFTER_S = 5.0
+
+
+def end_at_once_if_insisted(first: float) -> None:
+    """Python's default SIGTERM action, now, when the first came ``INSIST_AFTER_S`` ago."""
+    if time.monotonic() - first >= INSIST_AFTER_S:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -31,11 +45,14 @@ def stop_on_sigterm(out_dir: Path, doing: str, script: str) -> Iterator[None]:
         yield
         return
     got: list[int] = []
+    first = [0.0]
 
     def stop(signum: int, frame: Any) -> None:
-        if not got:  # a second SIGTERM does not cut the unwinding of the first short
+        if not got:
             got.append(signum)
+            first[0] = time.monotonic()
             raise SystemExit(128 + signum)
+        end_at_once_if_insisted(first[0])
 
     signal.signal(signal.SIGTERM, stop)
     try:

@@ -434,6 +434,7 @@ def test_indexing_opens_no_image(tmp_path, monkeypatch):
     assert len(opened) == 1  # the counter sees the reads
 
 
+@pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
 def test_train_py_skips_or_refuses_bad_files(tmp_path):
     bad = write_folder(
         tmp_path / "data",

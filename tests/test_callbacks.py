@@ -380,6 +380,7 @@ def no_rich(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+@pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
 def test_explicit_pairs_without_test_draw_the_last_validation(make_cfg, no_rich):
     cfg = make_cfg(
         "data.pair_mode=explicit",

@@ -222,6 +222,7 @@ def test_every_key_a_composed_config_has_passes_the_key_check():
     check_key_overrides(["+trainer.foo=1", "++x.y=2", "~logger", "hydra.run.dir=d", "-m"])
 
 
+@pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     # Independent commands, run side by side (start-up is most of each one's time).
     procs = run_scripts(
@@ -241,6 +242,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         assert expected in one_line_error(proc), name
 
 
+@pytest.mark.slow  # two train.py runs and a 2-job sweep, ~15 s
 def test_train_py_end_to_end_multirun_and_never_overwriting_a_run(tmp_path):
     # Independent commands side by side: one run, and a two-job sweep.
     run_dir, sweep = tmp_path / "run", tmp_path / "sweep"

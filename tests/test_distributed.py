@@ -279,6 +279,7 @@ DDP_CPU_FAST = [
 ]
 
 
+@pytest.mark.slow  # train.py on 2 processes, ~20 s; in-process 2-process tests stay
 def test_train_py_runs_on_two_cpu_processes(tmp_path: Path):
     """``trainer=ddp`` end to end: rank 0 alone writes checkpoints, metrics.json and logs."""
     run = tmp_path / "run"

@@ -142,6 +142,7 @@ def test_target_far_picks_a_threshold_with_that_false_accept_rate(trained, tmp_p
     assert not (tmp_path / "roc.png").exists()
 
 
+@pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
 def test_train_gallery_and_approximate_indexes(trained, tmp_path):
     ckpt = trained / "checkpoints" / "best.ckpt"
     base = [f"ckpt_path={ckpt}", *EVAL_FAST, "eval.plots=false"]
@@ -273,6 +274,7 @@ def test_nan_weights_and_impossible_options_are_refused(trained, tmp_path):
         )
 
 
+@pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
 def test_evaluate_py_end_to_end_and_bad_input(trained, tmp_path):
     ckpt = trained / "checkpoints" / "best.ckpt"
     (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")

@@ -136,6 +136,7 @@ def small_module(tower: dict, distance: dict) -> SiameseModule:
     ).eval()
 
 
+@pytest.mark.slow  # ~15 s for the formats; the conv tower's exports stay in the default run
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_resnet18_tower_with_cosine_exports_with_a_dynamic_batch(tmp_path, fmt):
     model = small_module(
@@ -202,6 +203,7 @@ EXPORT_BAD_INPUT = [
 ]
 
 
+@pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
 def test_export_py_writes_into_its_run_directory_and_bad_input_is_one_line(ckpt, tmp_path):
     # Independent commands side by side: one export, then each bad input.
     run_dir = tmp_path / "run"

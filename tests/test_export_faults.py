@@ -361,6 +361,7 @@ report_errors(lambda: run_evaluation(cfg))()
 """
 
 
+@pytest.mark.slow  # a subprocess, ~10 s; export.py's in-process twin stays
 def test_sigterm_while_evaluating_writes_leaves_no_temporaries(ckpt, evaluated):
     """Python's default SIGTERM ended the process mid-write and left the hidden ``.*.tmp``
     files (megabytes of embeddings); now it unwinds: exit 143, one ``stopped:`` line, the

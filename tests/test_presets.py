@@ -272,6 +272,7 @@ def _first_batch_loss(cfg: DictConfig) -> float:
         return float(module.loss_fn(module(images), labels).loss)
 
 
+@pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
 def test_debug_overfit_loss_falls_fast(tmp_path):
     """25 one-batch epochs (~5 s): the loss falls by two orders of magnitude."""
     cfg = compose_train(["debug=overfit", *CPU, "trainer.max_epochs=25"], tmp_path / "run")

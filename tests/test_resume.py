@@ -51,7 +51,7 @@ def train_epoch_logs(run_dir: Path) -> list[float]:
     return [float(r[k]) for r in rows for k in keys]
 
 
-@pytest.mark.slow  # three train.py runs, ~25 s: the default suite keeps under 5 minutes
+@pytest.mark.slow  # three train.py runs, ~25 s
 def test_a_run_killed_mid_epoch_resumes_to_the_same_metrics(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # fault_callbacks, for Hydra
     kill = [
@@ -137,6 +137,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatc
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temporary left
 
 
+@pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
 def test_a_kill_during_the_write_leaves_the_old_file(tmp_path: Path):
     """A child process is killed while torch.save is half way through the new checkpoint."""
     path = tmp_path / "last.ckpt"
@@ -609,6 +610,7 @@ def test_sigterm_after_training_stops_at_once_with_exit_143(
     assert err == [want]
 
 
+@pytest.mark.slow  # two train.py runs, ~12 s; the in-process cases stay
 def test_sigterm_while_testing_or_after_fit_in_train_py_exits_143_with_one_line(
     tmp_path: Path, monkeypatch
 ):

@@ -224,6 +224,7 @@ def checkpoint_state(path: Path) -> dict:
     return state
 
 
+@pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
 def test_a_copied_or_moved_run_resumes_tests_and_reports_its_own_files(tmp_path, recwarn):
     run = tmp_path / "run"
     run_training(compose_train(FAST, run))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import siamese
 from siamese.cli import TRUST_KEY, replayable, with_saved_overrides
 from siamese.config import build
 from siamese.errors import ConfigError
+from siamese.pipelines.evaluate import run_evaluation
 from siamese.pipelines.export import run_export
 from siamese.pipelines.train import run_training
 from siamese.registry import REGISTRY, register, registered
@@ -98,6 +100,7 @@ def test_a_checkpoint_naming_code_is_refused_before_anything_runs(attack, where)
     message = str(err.value)
     assert f"hyper_parameters.{where}._target_='torch.load'" in message
     assert "refused it before building or running anything" in message
+    assert not message.startswith("ckpt_path=") or str(evil) in message
     assert "\n" not in message
     assert not attack.marker.exists()
 
@@ -123,7 +126,8 @@ def test_builtins_open_as_the_tower_leaves_the_file_alone(attack, tmp_path):
         }
 
     with pytest.raises(
-        ConfigError, match=r"tower\._target_='builtins\.open', which is not a tower"
+        ConfigError,
+        match=r"tower\._target_='builtins\.open', which is not among the registry's tower",
     ):
         siamese.load(attack(edit))
     assert victim.read_text() == "precious"
@@ -133,7 +137,9 @@ def test_a_registered_class_of_another_kind_is_refused_where_it_does_not_belong(
     def edit(ckpt, _):
         ckpt["hyper_parameters"]["tower"]["_target_"] = "torch.optim.SGD"
 
-    with pytest.raises(ConfigError, match="'torch.optim.SGD', which is not a tower"):
+    with pytest.raises(
+        ConfigError, match="'torch.optim.SGD', which is not among the registry's tower classes"
+    ):
         siamese.load(attack(edit))
 
 
@@ -147,17 +153,31 @@ def test_an_interpolation_that_would_make_a_target_after_the_check_is_refused(at
 
 def test_evaluate_and_export_refuse_it_in_one_line(attack, tmp_path):
     evil = attack(_set("config.data.augment"))
+    cfg = compose_config("evaluate", [f"ckpt_path={evil}"], tmp_path / "eval")
+    with pytest.raises(ConfigError, match=r"config\.data\.augment\._target_='torch\.load'"):
+        run_evaluation(cfg)
+    cfg = compose_config("export", [f"ckpt_path={attack(_set('tower'))}"], tmp_path / "export")
+    with pytest.raises(ConfigError, match=r"hyper_parameters\.tower\._target_='torch\.load'"):
+        run_export(cfg)
+    assert not attack.marker.exists()
+
+
+@pytest.mark.slow  # three evaluate.py/export.py processes, ~15 s: in-process above
+def test_evaluate_py_and_export_py_say_it_in_one_line_and_exit_2(attack, tmp_path):
+    evil = attack(_set("config.data.augment"))
     proc = run_script(
         "evaluate.py", f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path
     )
     line = one_line_error(proc)
     assert "hyper_parameters.config.data.augment._target_='torch.load'" in line
     assert not attack.marker.exists()
-    # export.py goes through the same loader (in-process: the same one-line error).
-    cfg = compose_config("export", [f"ckpt_path={attack(_set('tower'))}"], tmp_path / "export")
-    with pytest.raises(ConfigError, match=r"hyper_parameters\.tower\._target_='torch\.load'"):
-        run_export(cfg)
-    assert not attack.marker.exists()
+    text = tmp_path / "config.yaml"
+    text.write_text("a: 1\n")
+    for script in ("evaluate.py", "export.py"):
+        proc = run_script(
+            script, f"ckpt_path={text}", f"hydra.run.dir={tmp_path / script}", cwd=tmp_path
+        )
+        assert "is not a readable checkpoint" in one_line_error(proc)
 
 
 def test_a_real_checkpoint_still_loads_and_embeds(real_ckpt):
@@ -212,6 +232,13 @@ def test_hydra_blocklist_refusal_is_one_line(tmp_path):
 # -- resume: the saved overrides are data too ----------------------------------------------
 
 
+ESCAPED_INTERPOLATION = "data.augment.p=" + re.sub(
+    r"([\\(){}\[\]:=, ])",
+    r"\\\1",
+    "${oc.decode:{_tar${oc.env:NOPE_XYZ,}get_: os.makedirs, name: /tmp/PWNED}}",
+)
+
+
 @pytest.mark.parametrize(
     ("override", "replayed"),
     [
@@ -226,6 +253,18 @@ def test_hydra_blocklist_refusal_is_one_line(tmp_path):
         ("scheduler._partial_=false", False),
         ("seed=${oc.env:HOME}", False),
         ("data=not_an_option", False),
+        ("model.layers=[{type:conv,out_channels:8}]", True),
+        ("data.root='/photos/my set'", True),
+        # Hydra unescapes \{ to {: an interpolation that spells _target_ only when resolved.
+        (ESCAPED_INTERPOLATION, False),
+        ("data.root=$\\{oc.env\\:SECRET\\}", False),
+        ("trainer.max_epochs=${seed}", False),
+        # Hydra's own settings: a log file anywhere, the run-folder guard switched off.
+        ("hydra.job_logging.handlers.file.filename=/tmp/elsewhere.log", False),
+        ("hydra.callbacks.run_dir_guard=null", False),
+        ("~hydra.callbacks.run_dir_guard", False),
+        ("model@_global_=convnet", False),
+        ("seed=1,2", False),
     ],
 )
 def test_which_saved_overrides_are_replayed(override, replayed):
@@ -254,11 +293,17 @@ def test_a_resume_leaves_out_saved_overrides_that_name_code(tmp_path, real_ckpt,
     # Deleting what was left out is moot (Hydra would stop on a key that is not there).
     dropped = with_saved_overrides([f"hydra.run.dir={run}", "ckpt_path=last", "~callbacks.x"])
     assert dropped == expected
+    # Saved overrides that are not a list of strings: none is replayed.
+    for odd in ("trainer.max_epochs=2", {"trainer.max_epochs": 2}, [1, 2]):
+        odd_run = _resumable(tmp_path / str(type(odd).__name__), real_ckpt, odd)
+        args = [f"hydra.run.dir={odd_run}", "ckpt_path=last"]
+        assert with_saved_overrides(args) == args
     # Only the command's own say-so replays them.
     trusted = with_saved_overrides([f"hydra.run.dir={run}", "ckpt_path=last", f"{TRUST_KEY}=true"])
     assert trusted[:3] == ["trainer.max_epochs=2", *evil]
 
 
+@pytest.mark.slow  # a train.py resume, ~10 s: with_saved_overrides is tested in-process
 def test_train_py_resume_does_not_run_a_saved_target(tmp_path, real_ckpt):
     marker = tmp_path / "PWNED"
     payload = tmp_path / "payload.pt"
@@ -379,14 +424,15 @@ def test_a_damaged_or_foreign_checkpoint_is_one_line(tmp_path, real_ckpt, edit, 
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-def test_evaluate_and_export_say_one_line_for_a_text_file(tmp_path):
+def test_evaluate_and_export_refuse_a_text_file(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("a: 1\n")
-    for script in ("evaluate.py", "export.py"):
-        proc = run_script(
-            script, f"ckpt_path={path}", f"hydra.run.dir={tmp_path / script}", cwd=tmp_path
-        )
-        assert "is not a readable checkpoint" in one_line_error(proc)
+    cfg = compose_config("evaluate", [f"ckpt_path={path}"], tmp_path / "eval")
+    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+        run_evaluation(cfg)
+    cfg = compose_config("export", [f"ckpt_path={path}"], tmp_path / "export")
+    with pytest.raises(ConfigError, match="is not a readable checkpoint"):
+        run_export(cfg)
 
 
 def test_a_wandb_run_id_from_a_checkpoint_must_be_an_id_not_a_path(tmp_path, real_ckpt):
@@ -415,3 +461,133 @@ def test_lightning_reads_checkpoints_as_plain_data_when_resuming_or_testing(tmp_
     with pytest.raises(Exception, match="Weights only load failed|weights_only"):
         AtomicCheckpointIO().load_checkpoint(path)
     assert not marker.exists()
+
+
+def test_lightnings_load_from_checkpoint_is_the_safe_loader(attack, real_ckpt):
+    from siamese.module import SiameseModule
+
+    with pytest.raises(ConfigError, match=r"hyper_parameters\.tower\._target_='torch\.load'"):
+        SiameseModule.load_from_checkpoint(attack(_set("tower")))
+    assert not attack.marker.exists()
+    model = SiameseModule.load_from_checkpoint(real_ckpt["path"])
+    assert isinstance(model, SiameseModule) and not model.training
+    with pytest.raises(ConfigError, match="use siamese.load"):
+        SiameseModule.load_from_checkpoint(real_ckpt["path"], embedding_dim=3)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (  # a registered class where siamese builds nothing: Hydra builds nested nodes first
+            lambda c: c["hyper_parameters"]["tower"].update(
+                x={"_target_": "pytorch_lightning.Trainer", "detect_anomaly": True}
+            ),
+            r"names hyper_parameters\.tower\.x\._target_='pytorch_lightning\.Trainer' where "
+            "siamese builds nothing",
+        ),
+        (  # evaluate.py builds config.data: only the data module may sit there
+            lambda c: c["hyper_parameters"]["config"]["data"].update(
+                _target_="siamese.hydra_callbacks.SweepSummary"
+            ),
+            r"config\.data\._target_='siamese\.hydra_callbacks\.SweepSummary', which is not "
+            "among the registry's datamodule classes",
+        ),
+        (
+            lambda c: c["hyper_parameters"]["config"]["data"]["source"].update(
+                _target_="siamese.data.augment.BatchRandomAffine"
+            ),
+            "which is not among the registry's source classes",
+        ),
+        (
+            lambda c: c["hyper_parameters"]["tower"].update(_args_=["x"]),
+            r"sets Hydra's _args_ at hyper_parameters\.tower",
+        ),
+        (
+            lambda c: c["hyper_parameters"]["config"].update(deep=_nested(200)),
+            "nests its config more than 32 levels deep",
+        ),
+        (
+            lambda c: c["hyper_parameters"]["tower"].update({3: "x"}),
+            "has a key 3 that is not a name",
+        ),
+        (  # torch.compile's options can name a compiler to run
+            lambda c: c["hyper_parameters"].update(
+                compile={"options": {"cpp.cxx": ["/tmp/evil.sh"]}}
+            ),
+            "a checkpoint may hold true, false or a dict of dynamic, fullgraph, mode only",
+        ),
+        (
+            lambda c: c.pop("pytorch-lightning_version"),
+            "has no pytorch-lightning_version, so Lightning did not write it",
+        ),
+    ],
+    ids=[
+        "nested-target",
+        "data-kind",
+        "source-kind",
+        "args",
+        "deep",
+        "int-key",
+        "compile",
+        "no-version",
+    ],
+)
+def test_what_a_registered_name_may_not_do_either(tmp_path, real_ckpt, edit, message):
+    path = _edited(tmp_path, real_ckpt, edit)
+    with pytest.raises(ConfigError, match=message) as err:
+        siamese.load(path)
+    assert "\n" not in str(err.value)
+
+
+def _nested(depth: int) -> list:
+    node: list = []
+    for _ in range(depth):
+        node = [node]
+    return node
+
+
+def test_a_resume_needs_what_lightning_reads_to_go_on(tmp_path, real_ckpt):
+    from siamese.inference import check_checkpoint
+
+    path = _edited(tmp_path, real_ckpt, lambda c: c.pop("loops"))
+    assert check_checkpoint(path)  # loading the model needs no loop state
+    with pytest.raises(ConfigError, match="lacks loops, which a resume needs"):
+        check_checkpoint(path, for_resume=True)
+
+
+@pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
+def test_every_config_siamese_composes_passes_the_stored_config_check(tmp_path):
+    """No false alarm: each group option, experiment and preset, stored as train.py stores
+    it (resolved), passes check_checkpoint_config."""
+    from omegaconf import OmegaConf
+
+    from siamese.registry import check_checkpoint_config
+
+    choices = [[]]
+    for group in ("data", "model", "distance", "loss", "optimizer", "scheduler", "trainer"):
+        choices += [[f"{group}={f.stem}"] for f in sorted((CONF / group).glob("*.yaml"))]
+    for group in ("logger", "experiment", "debug"):
+        choices += [[f"{group}={f.stem}"] for f in sorted((CONF / group).glob("*.yaml"))]
+    choices.append(["+callbacks.stop._target_=pytorch_lightning.callbacks.EarlyStopping"])
+    for overrides in choices:
+        if overrides == ["distance=learned"]:
+            overrides = [*overrides, "loss=bce"]
+        cfg = compose_train(overrides, tmp_path)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        model = dict(config["model"])
+        hparams = {
+            "tower": {k: v for k, v in model.items() if k not in ("channels_last", "compile")},
+            **{k: config[k] for k in ("distance", "loss", "optimizer", "scheduler")},
+            "config": config,
+        }
+        check_checkpoint_config(hparams, f"the config of {overrides}")
+
+
+def test_a_sweep_run_again_into_its_folder_is_refused_before_hydra_writes(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "metrics.json").write_text("{}")
+    before = sorted(p.relative_to(sweep) for p in sweep.rglob("*"))
+    proc = run_script("train.py", "-m", "seed=1,2", f"hydra.sweep.dir={sweep}", *FAST, cwd=tmp_path)
+    assert "already holds the runs of an earlier sweep (0)" in one_line_error(proc)
+    assert sorted(p.relative_to(sweep) for p in sweep.rglob("*")) == before

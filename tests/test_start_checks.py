@@ -207,6 +207,7 @@ def test_overrides_hydra_reads_pass_the_grammar_check(args):
     check_group_overrides(args)
 
 
+@pytest.mark.slow  # two train.py starts, ~8 s; the in-process checks stay
 def test_train_py_stops_at_start_in_one_line(tmp_path):
     # A monitor typo used to surface after a whole epoch; the path through Hydra's grammar
     # check runs before Hydra. Both as a user types them, side by side.

@@ -282,6 +282,7 @@ def test_the_optimised_value_is_the_best_epoch_that_was_tested(make_cfg, tmp_pat
     assert metrics["val/precision_at_1"] == pytest.approx(max(per_epoch))
 
 
+@pytest.mark.slow  # command-line sweeps, ~25 s
 def test_sweeps_from_the_command_line(tmp_path):
     """Three sweeps side by side (start-up is most of each one's time): an unknown
     optimized_metric stops before any job; Optuna runs two trials; the submitit launcher

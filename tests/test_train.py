@@ -123,12 +123,15 @@ def test_same_checkpoint_always_scores_the_same(trained):
         ["distance=cosine"],
         ["distance=learned", "loss=bce"],
         ["loss=contrastive", "data.pair_mode=explicit", "data.batch_size=64"],
-        [
-            "model=resnet18",
-            "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1",
-            "data.eval_batch_size=200",
-        ],
+        pytest.param(
+            [
+                "model=resnet18",
+                "trainer.limit_val_batches=1",
+                "trainer.limit_test_batches=1",
+                "data.eval_batch_size=200",
+            ],
+            marks=pytest.mark.slow,  # ~15 s
+        ),
     ],
     ids=[
         "triplet-semihard",
@@ -182,7 +185,10 @@ def test_a_damaged_last_checkpoint_names_best_ckpt_to_resume_from(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     (folder / "last.ckpt").write_bytes(b"")
-    torch.save({"state_dict": {}, "epoch": 3}, folder / "best.ckpt")
+    # What Lightning needs to go on training, and nothing more.
+    resumable = {"state_dict": {}, "epoch": 3, "global_step": 9, "loops": {}}
+    resumable |= {"optimizer_states": [], "lr_schedulers": [], "pytorch-lightning_version": "2.6"}
+    torch.save(resumable, folder / "best.ckpt")
     for mode in ("last", "auto"):
         with pytest.raises(ConfigError) as err:
             resolve_ckpt_path(mode, tmp_path)
@@ -484,6 +490,7 @@ def test_the_trainer_is_checked_before_any_data_is_read(make_cfg, tmp_path):
         run_training(cfg)
 
 
+@pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
 def test_same_config_and_seed_give_identical_results_twice_in_a_row(tmp_path):
     # The default trainer (deterministic=false) on the CPU, with augmentation and shuffling:
     # the same numbers to the last bit, not merely close ones.

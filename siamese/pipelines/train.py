@@ -11,6 +11,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from siamese.metric_names import EVAL_METRICS, TEST_ONLY_METRICS, TRAIN_METRICS
 from siamese.models.towers import check_tower_settings
 from siamese.module import TRAIN_EPOCH_LOGS, SiameseModule, scheduler_kwargs
 from siamese.pipelines.report import print_table, write_metrics
+from siamese.signals import end_at_once_if_insisted
 from siamese.sweeps import check_optimized_metric
 
 log = logging.getLogger(__name__)
@@ -375,7 +377,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             raise not_a_checkpoint_file(path, hint)
         raise ConfigError(f"ckpt_path={ckpt_path!r}: {str(path)!r} does not exist; {hint}")
     try:
-        ckpt = check_checkpoint(path)
+        ckpt = check_checkpoint(path, for_resume=True)
     except ConfigError as exc:
         if ckpt_path not in ("last", "auto"):
             raise
@@ -592,13 +594,14 @@ def sigterm_stops_outside_fit(trainer: pl.Trainer) -> Iterator[None]:
     ):
         yield
         return
-    fired = False
+    fired: list[float] = []  # when this handler stopped the run
 
     def stop(signum: int, frame: Any) -> None:
-        nonlocal fired
         between = signal.getsignal(signal.SIGTERM) is stop  # no stage's handler in place
-        if not fired and (between or (trainer.testing and trainer.world_size == 1)):
-            fired = True  # a second SIGTERM does not cut the line about the first short
+        if fired:
+            end_at_once_if_insisted(fired[0])
+        elif between or (trainer.testing and trainer.world_size == 1):
+            fired.append(time.monotonic())
             raise StopSignalled(signum)
 
     signal.signal(signal.SIGTERM, stop)
