@@ -286,6 +286,18 @@ def test_omniglot_one_shot_splits(tmp_path):
     assert half.image_shape == (1, 105, 105)
 
 
+def test_omniglot_skips_links_that_loop(tmp_path):
+    bg = make_omniglot_set(tmp_path, "images_background", BACKGROUND)
+    ev = make_omniglot_set(tmp_path, "images_evaluation", EVALUATION)
+    root = tmp_path / "omniglot-py"
+    background = next(p for p in root.glob("images_background*") if p.is_dir())
+    (background / "Loop").symlink_to("Loop")  # ln -s Loop Loop: ELOOP when followed
+    alphabet = next(p for p in background.iterdir() if p.is_dir() and not p.is_symlink())
+    (alphabet / "self").symlink_to("self")
+    splits = Omniglot(download=False, image_size=28, val_classes=2).load(str(tmp_path))
+    assert splits.train.classes == bg + ev
+
+
 def test_omniglot_extracts_zips(tmp_path):
     make_omniglot_set(tmp_path, "images_background", BACKGROUND, as_zip=True)
     make_omniglot_set(tmp_path, "images_evaluation", EVALUATION, as_zip=True)

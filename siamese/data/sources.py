@@ -836,10 +836,10 @@ def _walk_omniglot(folder: str) -> tuple[list[str], np.ndarray, list[str]]:
     targets: list[int] = []
     classes: list[str] = []
     for alphabet in _visible(folder):
-        if not alphabet.is_dir():
+        if _kind(alphabet) != "dir":  # a link that loops (ln -s x x) is no alphabet
             continue
         for character in _visible(alphabet.path):
-            if not character.is_dir():
+            if _kind(character) != "dir":
                 continue
             pngs = [e.path for e in _visible(character.path) if e.name.lower().endswith(".png")]
             if not pngs:
