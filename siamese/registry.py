@@ -192,7 +192,8 @@ def check_checkpoint_config(hparams: Any, source: str) -> None:
             children: list[tuple[Any, str, int]] = []
             for key, value in node.items():
                 child = f"{path}.{key}" if path else str(key)
-                if not isinstance(key, str):
+                if not isinstance(key, str) or "." in key:
+                    # A dotted key would spoof a path (POSITIONS are dotted paths).
                     raise refuse(f"has a key {key!r} that is not a name at {shown}")
                 if key.startswith("_") and key.endswith("_") and key not in HYDRA_KEYS:
                     raise refuse(f"sets Hydra's {key} at {shown}")

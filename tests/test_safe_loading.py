@@ -510,9 +510,15 @@ def test_lightnings_load_from_checkpoint_is_the_safe_loader(attack, real_ckpt):
             lambda c: c["hyper_parameters"]["tower"].update({3: "x"}),
             "has a key 3 that is not a name",
         ),
+        (  # a dotted key would spell a path where a registered callback may sit
+            lambda c: c["hyper_parameters"]["config"]["data"].update(
+                {"callbacks.x": {"_target_": "pytorch_lightning.callbacks.ModelCheckpoint"}}
+            ),
+            "has a key 'callbacks.x' that is not a name",
+        ),
         (  # torch.compile's options can name a compiler to run
             lambda c: c["hyper_parameters"].update(
-                compile={"options": {"cpp.cxx": ["/tmp/evil.sh"]}}
+                compile={"backend": "inductor", "options": {"max_autotune": True}}
             ),
             "a checkpoint may hold true, false or a dict of dynamic, fullgraph, mode only",
         ),
@@ -528,6 +534,7 @@ def test_lightnings_load_from_checkpoint_is_the_safe_loader(attack, real_ckpt):
         "args",
         "deep",
         "int-key",
+        "dotted-key",
         "compile",
         "no-version",
     ],
