@@ -166,6 +166,7 @@ def test_wandb_keys_are_overridable(make_cfg):
 
 
 # -- resume ---------------------------------------------------------------------------------
+@pytest.mark.slow  # two runs with every logger, ~7 s: default suite under 5 minutes
 def test_resume_continues_the_wandb_run_and_appends_to_the_logs(make_cfg):
     first = make_cfg("logger=many", *TINY, "trainer.max_epochs=2", *STOP_AFTER_FIRST_EPOCH)
     run_training(first)

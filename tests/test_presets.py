@@ -98,7 +98,11 @@ def test_every_preset_is_found():
     assert DEBUGS == ["fast", "overfit", "profile"]
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize(
+    "name",
+    # omniglot_koch's tower and 105x105 images take ~6 s: slow (default suite under 5 minutes).
+    [pytest.param(n, marks=pytest.mark.slow) if n == "omniglot_koch" else n for n in EXPERIMENTS],
+)
 def test_experiment_runs_fast_dev_run(name, tmp_path):
     cfg = compose_preset([f"experiment={name}", *CPU, FAST_DEV_RUN], tmp_path)
     metrics = run_training(cfg)
