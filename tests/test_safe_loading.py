@@ -418,7 +418,11 @@ def _edited(tmp_path: Path, real_ckpt: dict, edit) -> Path:
     ],
 )
 def test_a_damaged_or_foreign_checkpoint_is_one_line(tmp_path, real_ckpt, edit, message):
-    path = _edited(tmp_path, real_ckpt, edit)
+    load_refuses(_edited(tmp_path, real_ckpt, edit), message)
+
+
+def load_refuses(path: Path, message: str) -> None:
+    """``siamese.load(path)`` is one ConfigError line naming the file and matching ``message``."""
     with pytest.raises(ConfigError, match=message) as err:
         siamese.load(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
@@ -540,10 +544,7 @@ def test_lightnings_load_from_checkpoint_is_the_safe_loader(attack, real_ckpt):
     ],
 )
 def test_what_a_registered_name_may_not_do_either(tmp_path, real_ckpt, edit, message):
-    path = _edited(tmp_path, real_ckpt, edit)
-    with pytest.raises(ConfigError, match=message) as err:
-        siamese.load(path)
-    assert "\n" not in str(err.value)
+    load_refuses(_edited(tmp_path, real_ckpt, edit), message)
 
 
 def _nested(depth: int) -> list:
