@@ -611,8 +611,9 @@ def with_saved_overrides(argv: Sequence[str]) -> list[str]:
         if left_out:
             print(
                 f"resuming {run_dir}: left out {len(left_out)} of the overrides saved in "
-                f"{ckpt.name}, which set a _target_, an interpolation or a key no config "
-                f"file has: {' '.join(left_out)}; add {TRUST_KEY}=true to replay them "
+                f"{ckpt.name}, which set a _target_, an interpolation, hydra's own settings "
+                f"or a key no config file has: {' '.join(left_out)}; add {TRUST_KEY}=true "
+                "to replay them "
                 "(only for a checkpoint you made yourself)",
                 file=sys.stderr,
                 flush=True,
