@@ -388,16 +388,23 @@ def _quoting_hint(parser: Any, key: str, value: str) -> str:
     return f"quote it: {shown}, typed in a shell as {shlex.quote(received)}"
 
 
+@functools.cache
+def _override_parser() -> Any:
+    """Hydra's own override parser (built once: it is an ANTLR grammar)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
 def check_override_syntax(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
     """Fail with one line for an override that Hydra's grammar cannot read, or reads as a
     sweep in a single run: a path such as Lightning's own ``ckpt_path=epoch=0-step=5.ckpt``,
     ``ckpt_path=modèle.ckpt`` or ``ckpt_path=a,b.ckpt``. The line shows the quoted value,
     and how to type it (a shell removes the quotes written for Hydra unless the whole
     override is quoted too); Hydra's own report is several lines without either."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ValueType
 
-    parser = OverridesParser.create()
+    parser = _override_parser()
     sweep_run = runs_as_sweep(argv, conf_dir)
     option_value = False  # the argument after -cn/-cp/...: not an override
     for arg in argv:
@@ -509,12 +516,10 @@ def replayable(override: Any, conf_dir: Path = CONF_DIR) -> bool:
     resolver runs), a key no config file has, anything under ``hydra`` (its log file, its
     callbacks: Hydra keeps those out of a run's saved overrides), a package (``@``) or a
     sweep. The checkpoint is a file, and a file can come from a stranger."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     if not isinstance(override, str) or ("=" not in override and not override.startswith("~")):
         return False
     try:
-        parsed = OverridesParser.create().parse_overrides([override])[0]
+        parsed = _override_parser().parse_overrides([override])[0]
     except Exception:  # Hydra's grammar refuses it: nothing to replay
         return False
     key = parsed.key_or_group

@@ -52,7 +52,7 @@ class RunDirGuard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Before Hydra writes any job's .hydra/: a sweep run again into the same
         # hydra.sweep.dir would start over its jobs' runs (a requeued job resumes with auto).
-        if not is_first_process() or config.get("ckpt_path") in run_dirs.RESUME_MODES:
+        if not is_first_process() or config.get("ckpt_path") in cli.RESUME_MODES:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = sorted(p.name for p in sweep_dir.glob("*") if p.is_dir() and run_dirs.results_in(p))
@@ -69,13 +69,9 @@ class RunDirGuard(Callback):
         job_dir = Path(config.hydra.runtime.output_dir)
         task = config.get("task_name") or "train"
         try:
-            # A sweep run again into the same hydra.sweep.dir would train over its jobs'
-            # runs: the same rule as a single run (a requeued job resumes with auto).
-            reason = run_dirs.refusal(job_dir, task, config.get("ckpt_path"))
-            if reason is not None:
-                raise ConfigError(reason)
-            run_dirs.lock(job_dir)
-            run_dirs.write_record(job_dir, task)
+            # The same rule as a single run: a sweep run again into its hydra.sweep.dir
+            # would train over its jobs' runs (a requeued job resumes with auto).
+            run_dirs.claim(job_dir, task, config.get("ckpt_path"))
         except SiameseError as exc:
             fail(str(exc))
         self._job_dir = job_dir

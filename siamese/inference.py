@@ -38,17 +38,11 @@ STORED_COMPILE_KEYS = frozenset({"mode", "fullgraph", "dynamic"})
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], source: str) -> SiameseModule:
-    """The SiameseModule that ``ckpt`` (a checked checkpoint dict) describes, with its weights.
+    """The SiameseModule that ``ckpt`` (a dict ``check_checkpoint`` passed) describes, with
+    its weights.
 
     Everything that is not a siamese checkpoint, or that would build anything besides the
     registry, is one ConfigError line naming ``source`` and what is wrong."""
-    version = ckpt.get("pytorch-lightning_version")
-    major = re.match(r"\s*(\d+)\.", version) if isinstance(version, str) else None
-    if version is not None and (major is None or int(major.group(1)) < 2):
-        raise ConfigError(
-            f"{source} says it was written by Lightning {version!r}; siamese checkpoints come "
-            "from Lightning 2 or newer (train.py): pass a .ckpt written by train.py"
-        )
     hparams = ckpt.get("hyper_parameters")
     if not isinstance(hparams, dict):
         raise ConfigError(
@@ -153,10 +147,18 @@ def check_checkpoint(path: Path, for_resume: bool = False) -> dict[str, Any]:
             f"ckpt_path={str(path)!r} holds no model state_dict; pass a .ckpt file written by "
             "train.py"
         )
-    if not isinstance(ckpt.get("pytorch-lightning_version"), str):
+    version = ckpt.get("pytorch-lightning_version")
+    if not isinstance(version, str):
         raise ConfigError(
             f"ckpt_path={str(path)!r} has no pytorch-lightning_version, so Lightning did not "
             "write it; pass a .ckpt file written by train.py"
+        )
+    major = re.match(r"\s*(\d+)\.", version)
+    if major is None or int(major.group(1)) < 2:
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} says it was written by Lightning {version!r}; siamese "
+            "checkpoints come from Lightning 2 or newer (train.py): pass a .ckpt written by "
+            "train.py"
         )
     if for_resume:
         lacking = [k for k in RESUME_KEYS if k not in ckpt]

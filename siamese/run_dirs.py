@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from siamese.cli import RESUME_MODES
 from siamese.errors import ConfigError
 from siamese.exports import atomic_write
 
 RECORD = "run.json"  # the job that made the folder: task, created, command
 LOCK = ".run.lock"  # flock'ed for the whole job; holds the running job's pid/host/command
 TRAIN_TASKS = ("train", "debug")  # debug=... runs are training runs under outputs/debug/
-RESUME_MODES = ("last", "auto")
 SCRIPTS = {
     "train": "train.py",
     "debug": "train.py",
@@ -99,12 +99,12 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def made_by(run_dir: Path) -> str | None:
-    """The task (train, debug, evaluate, export) that made ``run_dir``: its ``run.json``;
-    for a folder from before run.json, told from its files (checkpoints/: train, model.json:
-    export, evaluate.py's thresholded model, index or embeddings: evaluate); None when it
-    cannot be told (a metrics.json alone)."""
-    record = read_record(run_dir)
+def made_by(run_dir: Path, record: dict[str, Any] | None = None) -> str | None:
+    """The task (train, debug, evaluate, export) that made ``run_dir``: its ``run.json``
+    (``record``, when already read); for a folder from before run.json, told from its files
+    (checkpoints/: train, model.json: export, evaluate.py's thresholded model, index or
+    embeddings: evaluate); None when it cannot be told (a metrics.json alone)."""
+    record = read_record(run_dir) if record is None else record
     if record is not None and isinstance(record.get("task"), str):
         return record["task"]
     found = set(results_in(run_dir))
@@ -126,8 +126,10 @@ def refusal(run_dir: Path, task: str, ckpt_path: str | None) -> str | None:
     if not run_dir.is_dir():
         return None
     found = results_in(run_dir)
-    owner = made_by(run_dir)
-    kind = _kind(run_dir)
+    record = read_record(run_dir)
+    owner = made_by(run_dir, record)
+    script = SCRIPTS.get(str((record or {}).get("task")))
+    kind = f"a run of {script}" if script else "a run"  # as run.json names the job
     unchanged = "(nothing in it was changed)"
     ckpt_inside = bool(ckpt_path) and ckpt_path not in RESUME_MODES and _inside(ckpt_path, run_dir)
     if task in TRAIN_TASKS:
@@ -157,13 +159,6 @@ def refusal(run_dir: Path, task: str, ckpt_path: str | None) -> str | None:
         f"hydra.run.dir={str(run_dir)!r} already holds {kind} ({', '.join(found)}); "
         f"choose another hydra.run.dir {unchanged}"
     )
-
-
-def _kind(run_dir: Path) -> str:
-    """``a run of evaluate.py`` when run.json names the job, else ``a run``."""
-    record = read_record(run_dir) or {}
-    script = SCRIPTS.get(str(record.get("task")))
-    return f"a run of {script}" if script else "a run"
 
 
 def holder(run_dir: Path) -> str | None:

@@ -32,27 +32,35 @@ def end_at_once_if_insisted(first: float) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def owns_default_sigterm() -> bool:
+    """Whether a handler may be put in for SIGTERM here: only Python's default action is
+    replaced (never a handler a job runner installed), and only the main thread can."""
+    return (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    )
+
+
 @contextlib.contextmanager
 def stop_on_sigterm(out_dir: Path, doing: str, script: str) -> Iterator[None]:
     """SIGTERM ends the block by unwinding it (SystemExit 143, one ``stopped:`` line), so the
     files being written remove their temporaries; Python's default action would end the
     process where it stands and leave megabytes of hidden ``.*.tmp`` files. Only Python's
     default action is replaced (not a handler a job runner installed)."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    ):
+    if not owns_default_sigterm():
         yield
         return
     got: list[int] = []
-    first = [0.0]
+    first = time.monotonic()  # when the signal came (set by it)
 
     def stop(signum: int, frame: Any) -> None:
-        if not got:
-            got.append(signum)
-            first[0] = time.monotonic()
-            raise SystemExit(128 + signum)
-        end_at_once_if_insisted(first[0])
+        nonlocal first
+        if got:
+            end_at_once_if_insisted(first)
+            return
+        got.append(signum)
+        first = time.monotonic()
+        raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
     try:

@@ -10,7 +10,6 @@ import os
 import pickle
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,7 @@ from siamese.metric_names import EVAL_METRICS, TEST_ONLY_METRICS, TRAIN_METRICS
 from siamese.models.towers import check_tower_settings
 from siamese.module import TRAIN_EPOCH_LOGS, SiameseModule, scheduler_kwargs
 from siamese.pipelines.report import print_table, write_metrics
-from siamese.signals import end_at_once_if_insisted
+from siamese.signals import end_at_once_if_insisted, owns_default_sigterm
 from siamese.sweeps import check_optimized_metric
 
 log = logging.getLogger(__name__)
@@ -588,10 +587,7 @@ def sigterm_stops_outside_fit(trainer: pl.Trainer) -> Iterator[None]:
 
     Only Python's default SIGTERM action is replaced (not a handler a job runner installed).
     Inside a stage Lightning's handler calls this one after its own."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    ):
+    if not owns_default_sigterm():
         yield
         return
     fired: list[float] = []  # when this handler stopped the run
