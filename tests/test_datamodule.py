@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -75,10 +76,35 @@ def test_one_class_is_refused_before_any_batch_size_advice():
         dm.setup("fit")
 
 
-def test_class_balance_is_checked_when_the_data_is_loaded():
+def test_batches_are_planned_when_the_data_is_loaded_and_the_plan_logged_once(caplog):
+    """4 classes of 2 asked of 3 classes: every class, 3 + 3 + 2 images (6 of each in train)."""
     dm = SiameseDataModule(TinySource(classes=3), batch_size=8, samples_per_class=2)
-    with pytest.raises(ConfigError, match="4 classes per batch, but the training split has only 3"):
+    with caplog.at_level(logging.INFO, logger="siamese.data"):
         dm.setup("fit")
+        plan = dm.check_batches()
+        _, labels = next(iter(dm.train_dataloader()))
+    assert plan.slots == (3, 3, 2)
+    assert sorted(labels.unique(return_counts=True)[1].tolist()) == [2, 3, 3]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batches:")]
+    assert lines == [
+        "batches: 8 images = 3 + 3 + 2 of 3 classes "
+        "(asked 8 / 2 = 4 classes; the training split has 3)"
+    ]
+
+
+def test_training_needs_two_classes_with_two_images():
+    # Train: class 0 has 6 images, classes 1 and 2 one each (val and test have pairs).
+    source = TinySource(classes=3)
+    splits = source.load(None)
+    splits = DataSplits(splits.train.subset([0, 1, 2, 3, 4, 5, 6, 12]), splits.val, splits.test)
+    dm = SiameseDataModule(SimpleNamespace(load=lambda root: splits), batch_size=8)
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    assert str(err.value) == (
+        "the training split has 1 class with 2 or more images (3 classes in all); "
+        "class-balanced batches need 2 such classes for same and different pairs: add images "
+        "to more classes, or hold out fewer for validation and test"
+    )
 
 
 def test_input_stats_are_per_channel_mean_and_std():

@@ -10,6 +10,7 @@ back, and ``train.py trainer=ddp`` to run end to end.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -31,7 +32,6 @@ from siamese.distributed import (
     gather_uneven,
     gather_with_grad,
 )
-from siamese.errors import ConfigError
 from siamese.metric_names import EVAL_METRICS
 from siamese.module import SiameseModule
 from siamese.pipelines.train import planned_processes, run_training
@@ -76,9 +76,15 @@ def make_module(loss: dict[str, Any]) -> SiameseModule:
     )
 
 
-def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """2B images of 2B / M classes, the first process's part first."""
-    targets = torch.arange(60) % 10
+# The global batches of the gradient test: "whole" is 2B / M = 8 classes of M images (each
+# process holds 4 whole classes); "shared" draws from 3 classes, so the plan takes 11 + 11 +
+# 10 images of them and the middle class is split between the two processes.
+GLOBAL_BATCHES = {"whole": 10, "shared": 3}
+
+
+def global_batch(kind: str = "whole") -> tuple[torch.Tensor, torch.Tensor]:
+    """2B images drawn by the class-balanced sampler, the first process's part first."""
+    targets = torch.arange(60) % GLOBAL_BATCHES[kind]
     sampler = ClassBalancedBatchSampler(targets, 2 * B, M, seed=3)
     idx = torch.tensor(next(iter(sampler)))
     g = torch.Generator().manual_seed(1)
@@ -112,17 +118,18 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _worker(rank: int, store: str, results: str, eval_emb: torch.Tensor, eval_labels) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        images, labels = global_batch()
         part = slice(rank * B, (rank + 1) * B)
         out: dict[str, Any] = {}
-        for name, loss in LOSSES.items():
-            module = make_module(loss)
-            module.tower = convert_cpu_sync_batchnorm(module.tower)
-            ddp = torch.nn.parallel.DistributedDataParallel(StepLoss(module))
-            module.train()
-            step_loss = ddp(images[part], labels[part])
-            step_loss.backward()
-            out[name] = {"loss": step_loss.detach(), **_state(module)}
+        for kind in GLOBAL_BATCHES:
+            images, labels = global_batch(kind)
+            for name, loss in LOSSES.items():
+                module = make_module(loss)
+                module.tower = convert_cpu_sync_batchnorm(module.tower)
+                ddp = torch.nn.parallel.DistributedDataParallel(StepLoss(module))
+                module.train()
+                step_loss = ddp(images[part], labels[part])
+                step_loss.backward()
+                out[kind, name] = {"loss": step_loss.detach(), **_state(module)}
         # Gathers: uneven parts come back whole and in rank order.
         mine = torch.arange(3 + rank, dtype=torch.float32) + 10 * rank
         out["uneven"] = gather_uneven(mine)
@@ -153,13 +160,17 @@ def two_process_results(tmp_path_factory) -> tuple[list[dict], torch.Tensor, tor
     return results, eval_emb, eval_labels
 
 
+@pytest.mark.parametrize("kind", list(GLOBAL_BATCHES))
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_two_processes_step_like_one_process_with_the_global_batch(two_process_results, loss):
+def test_two_processes_step_like_one_process_with_the_global_batch(two_process_results, loss, kind):
     results, _, _ = two_process_results
-    images, labels = global_batch()
+    images, labels = global_batch(kind)
+    if kind == "shared":  # a class on both processes: its pairs across them count too
+        assert sorted(labels.bincount().tolist()) == [10, 11, 11]
+        assert set(labels[:B].tolist()) & set(labels[B:].tolist())
     reference = one_step(make_module(LOSSES[loss]), images, labels)
     for rank in range(2):
-        got = results[rank][loss]
+        got = results[rank][kind, loss]
         assert set(got) == set(reference)
         assert len([k for k in got if k.startswith("grad.")]) == 11  # every tower tensor
         for key, want in reference.items():
@@ -204,9 +215,26 @@ def test_class_balanced_parts_make_up_the_single_process_batches():
     assert len(one) == len(parts[0]) == len(parts[1]) == 400 // (2 * B)
     for i, batch in enumerate(one):
         assert parts[0][i] + parts[1][i] == batch
-        for part in (parts[0][i], parts[1][i]):  # each part is whole classes of M images
+        for part in (parts[0][i], parts[1][i]):  # here each part is whole classes of M images
             counts = torch.bincount(targets[part], minlength=10)
             assert set(counts.tolist()) <= {0, M}
+
+
+def test_a_class_split_between_processes_keeps_its_images_distinct():
+    """3 classes of 40 asked for 2B / M = 8 classes: every process draws the same global
+    batch of 11 + 11 + 10 and takes its half, cutting one class in two."""
+    targets = torch.arange(120) % 3
+    one = list(ClassBalancedBatchSampler(targets, 2 * B, M, seed=7))
+    parts = [
+        list(ClassBalancedBatchSampler(targets, B, M, seed=7, rank=r, world_size=2)) for r in (0, 1)
+    ]
+    assert len(one) == len(parts[0]) == len(parts[1]) == 120 // (2 * B)
+    for i, batch in enumerate(one):
+        assert parts[0][i] + parts[1][i] == batch and len(parts[0][i]) == len(parts[1][i]) == B
+        assert len(set(batch)) == 2 * B  # no image twice in the global batch
+        assert sorted(torch.bincount(targets[batch]).tolist()) == [10, 11, 11]
+        on_both = set(targets[parts[0][i]].tolist()) & set(targets[parts[1][i]].tolist())
+        assert len(on_both) == 1
 
 
 def test_explicit_pairs_split_into_equal_distinct_parts():
@@ -228,16 +256,32 @@ def test_eval_shares_cover_the_split_once_with_equal_batch_counts():
 
 
 @pytest.mark.parametrize(
-    ("batch_size", "message"),
+    ("batch_size", "slots", "rank0"),
     [
-        (18, "data.batch_size=18 per process cannot be split into class-balanced parts"),
-        (64, "global batches of 128 images = 32 classes"),
+        # 36 = 9 classes x 4: process 0 takes 4 whole classes and half of the fifth.
+        (18, [4] * 9, [4, 4, 4, 4, 2]),
+        # 128 asks for 32 classes of 10: all 10, 13 or 12 images each.
+        (64, [13] * 8 + [12] * 2, [13, 13, 13, 13, 12]),
     ],
 )
-def test_a_batch_that_cannot_be_split_into_class_balanced_parts_is_one_line(batch_size, message):
+def test_ddp_batches_the_old_sampler_refused_are_planned_for_the_global_batch(
+    batch_size, slots, rank0
+):
     targets = torch.arange(400) % 10
-    with pytest.raises(ConfigError, match=message):
-        ClassBalancedBatchSampler(targets, batch_size, M, rank=0, world_size=2)
+    parts = [
+        ClassBalancedBatchSampler(targets, batch_size, M, rank=r, world_size=2) for r in (0, 1)
+    ]
+    assert list(parts[0].plan.slots) == slots
+    for first, second in zip(*parts, strict=True):
+        assert len(first) == len(second) == batch_size
+        batch = first + second
+        assert len(set(batch)) == len(batch)  # 40 images a class: no repeats
+        assert sorted(torch.bincount(targets[batch]).tolist(), reverse=True) == sorted(
+            slots + [0] * (10 - len(slots)), reverse=True
+        )
+        # Process 0 holds the first classes drawn (largest slots first among equals).
+        counts = torch.bincount(targets[first], minlength=10)
+        assert sorted(counts[counts > 0].tolist(), reverse=True) == rank0
 
 
 @pytest.mark.parametrize(
@@ -310,14 +354,25 @@ def test_train_py_runs_on_two_cpu_processes(tmp_path: Path):
     assert sum("train/loss_step" in line for line in lines) == 1  # one writer: rank 0
 
 
-def test_a_ddp_batch_of_partial_classes_stops_training_before_any_process_starts(make_cfg):
-    """train.py checks the batches for the planned processes before Lightning starts them
-    (the error reaches the command line as one line, like every ConfigError)."""
+def test_train_py_plans_the_global_batch_before_any_process_starts(make_cfg, monkeypatch, caplog):
+    """train.py plans the batches for the planned processes before Lightning starts them,
+    and logs the plan once: 2 x 168 asks for 21 classes of the digits' 10."""
     cfg = make_cfg(
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=168"
     )
-    with pytest.raises(ConfigError, match="data.batch_size=168 per process cannot be split"):
+
+    def stop(cfg, datamodule):
+        raise RuntimeError("stopped after the batch check")
+
+    monkeypatch.setattr("siamese.pipelines.train.build_module", stop)
+    stopped = pytest.raises(RuntimeError, match="stopped after the batch check")
+    with caplog.at_level(logging.INFO, logger="siamese.data"), stopped:
         run_training(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batches:")]
+    assert lines == [
+        "batches: global batches of 336 images on 2 processes (168 each) = 6 classes x 34 + "
+        "4 classes x 33 images (asked 2 x 168 / 16 = 21 classes; the training split has 10)"
+    ]
     assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
 
 

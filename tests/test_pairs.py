@@ -40,23 +40,43 @@ def test_class_balanced_epoch_covers_big_classes_without_repeats_and_is_seeded()
 
 
 @pytest.mark.parametrize(
-    ("batch_size", "m", "match"),
+    ("batch_size", "m", "slots"),
     [
-        (8, 8, "at least 2 classes"),
-        (30, 8, "must be a multiple"),
-        (8, 1, "no positive pairs"),
-        (120, 4, "30 classes per batch, but the training split has only 10 classes"),
+        (8, 8, [4, 4]),  # one class of m: two classes share the batch
+        (30, 8, [8, 8, 8, 6]),  # not a multiple of m: the remainder is a smaller slot
+        (8, 1, [2, 2, 2, 2]),  # samples_per_class=1 gives no same pairs: 2
+        (120, 4, [12] * 10),  # 30 classes asked of 10: all 10, 12 images each
     ],
 )
-def test_batch_sizes_that_cannot_be_class_balanced(batch_size, m, match):
-    with pytest.raises(ConfigError, match=match):
-        ClassBalancedBatchSampler(TARGETS, batch_size=batch_size, samples_per_class=m)
+def test_batches_the_old_sampler_refused_are_planned_from_the_split(batch_size, m, slots):
+    sampler = ClassBalancedBatchSampler(TARGETS, batch_size=batch_size, samples_per_class=m)
+    assert list(sampler.plan.slots) == slots and sampler.plan.adapted
+    assert len(sampler) == len(TARGETS) // batch_size
+    for batch in sampler:
+        batch = torch.tensor(batch)
+        classes, counts = TARGETS[batch].unique(return_counts=True)
+        assert sorted(counts.tolist(), reverse=True) == slots
+        for c, n in zip(classes.tolist(), counts.tolist(), strict=True):
+            times = batch[TARGETS[batch] == c].unique(return_counts=True)[1]
+            # Class 9 (5 images) repeats images only when its slot is larger, as evenly as
+            # possible; every other class gives distinct images.
+            want = {n // 5, -(-n // 5)} if c == 9 and n > 5 else {1}
+            assert set(times.tolist()) <= want, (c, n, times)
 
 
-def test_small_class_is_sampled_with_replacement():
+def test_the_smaller_slot_goes_to_the_class_with_fewer_images():
+    sampler = ClassBalancedBatchSampler(TARGETS, batch_size=30, samples_per_class=8, seed=2)
+    with_nine = [b for b in sampler if 9 in TARGETS[b].tolist()]
+    assert with_nine  # class 9 is visited as often as any other
+    for batch in with_nine:
+        assert int((TARGETS[batch] == 9).sum()) == 6
+
+
+def test_small_class_is_sampled_with_replacement_each_image_equally_often():
     sampler = ClassBalancedBatchSampler(TARGETS, batch_size=100, samples_per_class=10, seed=0)
     batch = torch.tensor(next(iter(sampler)))
-    assert (TARGETS[batch] == 9).sum() == 10  # class 9 has only 5 images
+    small = batch[TARGETS[batch] == 9]  # class 9 has only 5 images: each twice
+    assert sorted(small.unique(return_counts=True)[1].tolist()) == [2] * 5
 
 
 def test_eval_batches_cover_everything_once_in_a_fixed_order():

@@ -151,8 +151,6 @@ def test_variants_train_and_test(make_cfg, overrides):
 def test_bad_inputs_fail_with_one_clear_error(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="model.embedding_dim must be a positive integer, got 0"):
         run_training(make_cfg("model.embedding_dim=0"))
-    with pytest.raises(ConfigError, match="data.batch_size=8 does not fit class-balanced"):
-        run_training(make_cfg("data.batch_size=8"))
     with pytest.raises(ConfigError, match=r"shrinks the .* input"):
         run_training(make_cfg("data.image_size=3"))  # 3 -> 1 -> 0
     with pytest.raises(DataError, match="does not exist"):

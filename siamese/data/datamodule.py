@@ -18,6 +18,7 @@ from typing import Protocol
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -31,7 +32,7 @@ from siamese.data.datasets import (
     identity_collate,
 )
 from siamese.data.pairs import PairBatchSampler, PairView
-from siamese.data.samplers import ClassBalancedBatchSampler, EvalBatchSampler
+from siamese.data.samplers import BatchPlan, ClassBalancedBatchSampler, EvalBatchSampler
 from siamese.distributed import rank_and_world
 from siamese.errors import ConfigError, DataError
 
@@ -69,7 +70,10 @@ class SiameseDataModule(pl.LightningDataModule):
         source: a ``siamese.data.sources`` object (MNISTSubset, TorchvisionMNIST, ...).
         root: where the source finds or downloads its files (unused by the embedded subset).
         batch_size: images per training batch (in_batch) or pairs per batch (explicit).
-        samples_per_class: images of each class in a class-balanced batch.
+        samples_per_class: images of each class in a class-balanced batch. The batches are
+            planned from the training split (``siamese.data.samplers.plan_batches``): a
+            batch size that is not a multiple of it, or asks for more classes than the
+            split has, is adapted and the plan logged once (docs/batches.md).
         pair_mode: ``in_batch`` (all B(B-1)/2 pairs of a class-balanced batch) or
             ``explicit`` (balanced (x1, x2, same) pairs, redrawn every epoch).
         pairs_per_epoch: explicit pairs per epoch (default: the training set's size).
@@ -94,8 +98,9 @@ class SiameseDataModule(pl.LightningDataModule):
             ``bad_files.txt``); None lists them only as warnings.
 
     Under DDP ``batch_size`` and ``eval_batch_size`` are per process: each process draws its
-    part of the same global class-balanced batch, and evaluation splits its batches between
-    processes (the module gathers the embeddings back).
+    contiguous part of the same global class-balanced batch (a class may be split between
+    processes), and evaluation splits its batches between processes (the module gathers the
+    embeddings and labels back).
     """
 
     def __init__(
@@ -157,6 +162,7 @@ class SiameseDataModule(pl.LightningDataModule):
         # Shared by every split (and copied into each worker process).
         self.bad_file_policy = BadFiles(skip_bad_files, self.bad_files)
         self._bad_files_reported = 0
+        self._plan_logged = False  # the batch plan's line is logged once per run
         self.splits: DataSplits | None = None
         self._read: DataSplits | None = None
         # What the loaders read: ``splits``, or copies of them on the training device.
@@ -274,12 +280,21 @@ class SiameseDataModule(pl.LightningDataModule):
         return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
     # -- loaders ---------------------------------------------------------------------------
-    def check_batches(self, world_size: int | None = None) -> None:
-        """Fail when the training batches cannot be drawn on ``world_size`` processes (by
-        default the trainer's); train.py runs it before the trainer starts any."""
-        if self.pair_mode == "in_batch":
-            world = self._rank_and_world()[1] if world_size is None else world_size
-            self._train_batch_sampler(rank=0, world_size=world)
+    def check_batches(self, world_size: int | None = None) -> BatchPlan | None:
+        """Plan the training batches for ``world_size`` processes (by default the trainer's),
+        or fail when none can be drawn; train.py runs it before the trainer starts any.
+
+        The first time, rank 0 logs the plan's line when it differs from what was asked
+        (``docs/batches.md``). Returns the plan (None for explicit pairs).
+        """
+        if self.pair_mode != "in_batch":
+            return None
+        world = self._rank_and_world()[1] if world_size is None else world_size
+        plan = self._train_batch_sampler(rank=0, world_size=world).plan
+        if plan.adapted and not self._plan_logged and rank_zero_only.rank == 0:
+            log.info(plan.describe())
+        self._plan_logged = True
+        return plan
 
     def train_batches_per_epoch(self) -> int:
         """Training batches per epoch on this process (before trainer.limit_train_batches)."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from siamese.errors import ConfigError
+from siamese.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +72,139 @@ class EpochBatchSampler(Sampler):
                 yield batch
 
 
-class ClassBalancedBatchSampler(EpochBatchSampler):
-    """Batches of ``batch_size // samples_per_class`` classes x ``samples_per_class`` images.
+@dataclass(frozen=True)
+class BatchPlan:
+    """What a class-balanced global batch holds: ``slots[i]`` images of its i-th class.
 
-    Classes are visited in shuffled rounds, each as often as any other whatever its size
-    (as pytorch-metric-learning's ``MPerClassSampler``); each class keeps a shuffled queue
-    that is refilled when empty. With classes of equal size every image is used about once
-    per epoch; with unequal ones a small class's images recur within an epoch and a large
-    class's are not all seen. A class with fewer images than ``samples_per_class`` is
-    sampled with replacement: without augmentation a batch can then hold the same image
-    twice (a zero-distance positive pair). One epoch has ``len(targets) // batch_size``
-    batches. ``reshuffle=False``
+    ``plan_batches`` makes it from what was asked (``batch_size`` per process on
+    ``world_size`` processes, ``samples_per_class``) and the number of classes in the
+    training split; ``describe()`` is the one line logged when it differs from what was
+    asked (``docs/batches.md``).
+    """
+
+    batch_size: int  # asked, per process
+    samples_per_class: int  # asked
+    world_size: int
+    num_classes: int  # in the training split
+    slots: tuple[int, ...]  # images per class in a global batch, largest first
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def classes_per_batch(self) -> int:
+        return len(self.slots)
+
+    @property
+    def adapted(self) -> bool:
+        """Whether the batches differ from ``samples_per_class`` images of whole classes."""
+        return bool(self.reasons())
+
+    def reasons(self) -> list[str]:
+        """Why the slots differ from ``samples_per_class`` images of whole classes (empty
+        when they do not)."""
+        m, g, c = self.samples_per_class, self.global_batch, self.num_classes
+        batch = f"data.batch_size={self.batch_size}"
+        if self.world_size > 1:
+            batch = f"the global batch of {self.world_size} x {self.batch_size} = {g}"
+        out = []
+        if m < 2:
+            out.append(f"data.samples_per_class={m} gives no same pairs; 2 are used")
+        m = max(m, 2)
+        if g < 4:
+            out.append(f"{batch} has room for one class only: no different-class pairs")
+        elif g < 2 * m:
+            out.append(f"{batch} is less than 2 x data.samples_per_class={m}: 2 classes share it")
+        elif g // m > c:
+            asked = f"{self.world_size} x {self.batch_size}" if self.world_size > 1 else f"{g}"
+            out.append(f"asked {asked} / {m} = {g // m} classes; the training split has {c}")
+        elif g % m:
+            out.append(f"{batch} is not a multiple of data.samples_per_class={m}")
+        return out
+
+    def describe(self) -> str:
+        """One line: the batches actually drawn and why they differ from what was asked."""
+        g, slots = self.global_batch, self.slots
+        head = f"{g} images"
+        if self.world_size > 1:
+            head = (
+                f"global batches of {g} images on {self.world_size} processes "
+                f"({self.batch_size} each)"
+            )
+        if len(set(slots)) == 1:
+            body = f"{len(slots)} class{'es' if len(slots) > 1 else ''} x {slots[0]} images"
+            body = body if self.world_size == 1 else f"{head} = {body}"
+        elif len(slots) <= 4:
+            body = f"{head} = {' + '.join(map(str, slots))} of {len(slots)} classes"
+        else:
+            sizes = sorted(set(slots), reverse=True)
+            parts = " + ".join(f"{slots.count(s)} classes x {s}" for s in sizes)
+            body = f"{head} = {parts} images"
+        reasons = self.reasons()
+        return f"batches: {body}" + (f" ({'; '.join(reasons)})" if reasons else "")
+
+
+def plan_batches(
+    num_classes: int, batch_size: int, samples_per_class: int, world_size: int = 1
+) -> BatchPlan:
+    """The slots of a global batch of ``batch_size * world_size`` images (docs/batches.md).
+
+    Slots of ``m = max(samples_per_class, 2)`` images; a remainder of 2 or more is one
+    smaller slot, a remainder of 1 joins the last slot (40 = 16 + 16 + 8, 33 = 17 + 16). A
+    batch of 4 or more images holds at least 2 classes: below two slots it is split in two
+    (7 = 4 + 3); a batch of 2 or 3 images is one class. More slots than classes: every class,
+    the images spread evenly over them (64 on 10 classes = 4 x 7 + 6 x 6).
+    """
+    g = batch_size * world_size
+    if g < 2:
+        raise ConfigError(
+            f"data.batch_size={batch_size} gives global batches of {g} images; in-batch "
+            "pairs need at least 2: use data.batch_size=2 or more"
+        )
+    m = max(samples_per_class, 2)
+    full, rest = divmod(g, m)
+    if g < 4:
+        slots = [g]
+    elif full + (rest >= 2) < 2:  # fewer than two classes of m: two classes share it
+        slots = [g - g // 2, g // 2]
+    else:
+        slots = [m] * full + ([rest] if rest >= 2 else [])
+        slots[-1] += rest if rest == 1 else 0
+    if len(slots) > num_classes:  # every class, with more images each
+        slots = [g // num_classes + (i < g % num_classes) for i in range(num_classes)]
+    slots.sort(reverse=True)
+    return BatchPlan(batch_size, samples_per_class, world_size, num_classes, tuple(slots))
+
+
+class ClassBalancedBatchSampler(EpochBatchSampler):
+    """Class-balanced batches, planned from the training split (``plan_batches``).
+
+    A global batch holds ``plan.classes_per_batch`` classes with ``plan.slots`` images each:
+    usually ``batch_size // samples_per_class`` classes x ``samples_per_class`` images, and
+    otherwise what ``plan_batches`` makes of it (every class when the batch asks for more
+    classes than the split has; a smaller slot for the remainder). Classes are visited in
+    shuffled rounds, each as often as any other whatever its size (as
+    pytorch-metric-learning's ``MPerClassSampler``); within a batch the larger slots go to
+    the chosen classes with more images. Each class keeps a shuffled queue that is refilled
+    when empty, and a slot takes consecutive images of it, so no image appears twice in a
+    global batch unless its class has fewer images than its slot: such a class is sampled
+    with replacement, its images repeated as evenly as possible (without augmentation a
+    batch then holds zero-distance positive pairs). With classes of equal size every image
+    is used about once per epoch; with unequal ones a small class's images recur within an
+    epoch and a large class's are not all seen. One epoch has
+    ``len(targets) // (batch_size * world_size)`` batches (at least 1). ``reshuffle=False``
     ignores ``set_epoch``: every epoch repeats epoch 0's batches (``debug=overfit``).
 
-    Under DDP (``world_size`` > 1) ``batch_size`` is per process: the sampler draws the
-    global batches of ``batch_size * world_size`` images that one process would draw with
-    that batch size, and process ``rank`` takes its ``rank``-th part, whole classes each. The
-    parts of all processes make up the global batch, so the model gathers them to pair every
-    image with every other (``siamese.distributed.gather_with_grad``).
+    Under DDP (``world_size`` > 1) ``batch_size`` is per process: every process draws the
+    same global batches of ``batch_size * world_size`` images and process ``rank`` takes its
+    ``rank``-th contiguous part of ``batch_size`` images, so a class may be split between
+    processes. The model gathers the embeddings and labels of all parts to pair every image
+    with every other (``siamese.distributed.gather_with_grad``).
+
+    Raises:
+        DataError: fewer than 2 classes of the split have 2 or more images.
+        ConfigError: a global batch of fewer than 2 images.
     """
 
     def __init__(
@@ -102,54 +218,25 @@ class ClassBalancedBatchSampler(EpochBatchSampler):
         world_size: int = 1,
     ) -> None:
         targets = torch.as_tensor(targets).reshape(-1)
-        if samples_per_class < 2:
-            raise ConfigError(
-                f"data.samples_per_class={samples_per_class} gives no positive pairs in a "
-                "batch; use 2 or more"
-            )
         check_rank(rank, world_size)
-        global_batch = batch_size * world_size
-        if world_size > 1 and (batch_size % samples_per_class or batch_size < samples_per_class):
-            raise ConfigError(
-                f"data.batch_size={batch_size} per process cannot be split into class-balanced "
-                f"parts of data.samples_per_class={samples_per_class} across {world_size} "
-                f"processes: each process needs whole classes, so use a multiple of "
-                f"{samples_per_class} (e.g. data.batch_size="
-                f"{max(samples_per_class, batch_size // samples_per_class * samples_per_class)})"
-            )
-        if global_batch % samples_per_class or global_batch // samples_per_class < 2:
-            raise ConfigError(
-                f"data.batch_size={batch_size} does not fit class-balanced batches of "
-                f"data.samples_per_class={samples_per_class}: it must be a multiple of it and "
-                f"hold at least 2 classes (batch_size >= {2 * samples_per_class})"
-            )
         classes, counts = torch.unique(targets, return_counts=True)
-        self.classes_per_batch = global_batch // samples_per_class
-        if self.classes_per_batch > len(classes):
-            if world_size > 1:
-                fit = len(classes) // world_size * samples_per_class
-                raise ConfigError(
-                    f"data.batch_size={batch_size} on each of {world_size} processes makes "
-                    f"global batches of {global_batch} images = {self.classes_per_batch} "
-                    f"classes x data.samples_per_class={samples_per_class}, but the training "
-                    f"split has only {len(classes)} classes; raise data.samples_per_class to "
-                    f"at least {-(-global_batch // len(classes))} (batch_size must stay a "
-                    f"multiple of it) or lower data.batch_size"
-                    + (f" to {fit}" if fit >= samples_per_class else "")
-                )
-            raise ConfigError(
-                f"data.batch_size={batch_size} / data.samples_per_class={samples_per_class} = "
-                f"{self.classes_per_batch} classes per batch, but the training split has only "
-                f"{len(classes)} classes; raise samples_per_class to at least "
-                f"{-(-batch_size // len(classes))} or lower batch_size"
+        pairable = int((counts >= 2).sum())
+        if pairable < 2:
+            raise DataError(
+                f"the training split has {pairable} class{'es' if pairable != 1 else ''} with "
+                f"2 or more images ({len(classes)} classes in all); class-balanced batches need "
+                "2 such classes for same and different pairs: add images to more classes, or "
+                "hold out fewer for validation and test"
             )
+        self.plan = plan_batches(len(classes), batch_size, samples_per_class, world_size)
         order = torch.argsort(targets, stable=True)
         self.members = list(torch.split(order, counts.tolist()))  # indices of each class
         self.batch_size = batch_size
         self.samples_per_class = samples_per_class
+        self.classes_per_batch = self.plan.classes_per_batch
         self.rank = rank
         self.world_size = world_size
-        self.num_batches = max(1, len(targets) // global_batch)
+        self.num_batches = max(1, len(targets) // self.plan.global_batch)
         self._init_epochs(seed, reshuffle)
 
     def __len__(self) -> int:
@@ -157,30 +244,35 @@ class ClassBalancedBatchSampler(EpochBatchSampler):
 
     def _batches(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        m = self.samples_per_class
+        slots = self.plan.slots
         part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         queues = [members[torch.randperm(len(members), generator=g)] for members in self.members]
         heads = [0] * len(queues)
         class_order: list[int] = []
         for _ in range(self.num_batches):
             chosen: list[int] = []
-            while len(chosen) < self.classes_per_batch:
+            while len(chosen) < len(slots):
                 if not class_order:
                     class_order = torch.randperm(len(queues), generator=g).tolist()
                 c = class_order.pop()
                 if c not in chosen:
                     chosen.append(c)
+            # The largest slots to the classes with the most images (ties: drawn first).
+            by_size = sorted(chosen, key=lambda c: -len(queues[c]))
+            size = dict(zip(by_size, slots, strict=True))
             batch: list[Tensor] = []
             for c in chosen:
-                queue = queues[c]
-                if len(queue) < m:
-                    batch.append(queue[torch.randint(len(queue), (m,), generator=g)])
+                queue, n = queues[c], size[c]
+                if len(queue) < n:  # with replacement: each image n // len or one more times
+                    rounds = -(-n // len(queue))
+                    draws = [queue[torch.randperm(len(queue), generator=g)] for _ in range(rounds)]
+                    batch.append(torch.cat(draws)[:n])
                     continue
-                if heads[c] + m > len(queue):
+                if heads[c] + n > len(queue):
                     queues[c] = queue = queue[torch.randperm(len(queue), generator=g)]
                     heads[c] = 0
-                batch.append(queue[heads[c] : heads[c] + m])
-                heads[c] += m
+                batch.append(queue[heads[c] : heads[c] + n])
+                heads[c] += n
             yield torch.cat(batch)[part].tolist()
 
 
