@@ -133,6 +133,7 @@ def check_key_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
     keys = config_keys(conf_dir)
     names = {k.rsplit(".", 1)[-1] for k in keys}
     chosen = _chosen_option_keys(argv, conf_dir)
+    _check_nested_group_keys(argv, [k for k, _ in dotted], conf_dir)
     for key, arg in dotted:
         group = key.split(".", 1)[0]
         if group in chosen and key not in chosen[group][1]:
@@ -171,6 +172,69 @@ def check_key_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
         else:
             hint = ""
         fail(f"{key} is not a key of any config{hint} (+{arg} would add it as a new key)")
+
+
+def _nested_choice(argv: Sequence[str], nested: str, conf_dir: Path) -> str | None:
+    """The option of a nested group (``data/augment``) this command line composes: its own
+    ``data/augment=X``, else the default of the chosen ``data=`` option (or of train.yaml's);
+    None when that cannot be told from the files (an experiment may override it)."""
+    parent, sub = nested.split("/", 1)
+    option = None
+    for arg in argv:
+        if arg.startswith(("~", "+")) and _override_key(arg) in (nested, nested.replace("/", ".")):
+            return None  # dropped or added: Hydra's own checks
+        if "=" not in arg or arg.startswith(("-", "+", "~")):
+            continue
+        key, value = arg.split("=", 1)
+        if key == nested:
+            return value
+        if key == "experiment" or (key == nested.replace("/", ".") and value == "null"):
+            return None
+        if key == parent:
+            option = value
+    if option is None:
+        train = yaml.safe_load((conf_dir / "train.yaml").read_text()) or {}
+        option = next(
+            (e[parent] for e in train.get("defaults") or [] if isinstance(e, dict) and parent in e),
+            None,
+        )
+    file = conf_dir / parent / f"{option}.yaml"
+    if option is None or not file.is_file():
+        return None
+    node = yaml.safe_load(file.read_text()) or {}
+    for entry in node.get("defaults") or [] if isinstance(node, dict) else []:
+        if isinstance(entry, dict) and sub in entry:
+            return entry[sub]
+    return None
+
+
+def _check_nested_group_keys(argv: Sequence[str], keys: Sequence[str], conf_dir: Path) -> None:
+    """``data.augment.brightness=0.3`` on a run whose ``data/augment`` option has no such
+    key (it belongs to another option): one line naming the option, its keys and the ones
+    that have it, instead of Hydra's "not in struct" report."""
+    values = config_values(conf_dir)
+    for key in keys:
+        parts = key.split(".")
+        if len(parts) < 3 or not (conf_dir / parts[0] / parts[1]).is_dir():
+            continue
+        nested = f"{parts[0]}/{parts[1]}"
+        option = _nested_choice(argv, nested, conf_dir)
+        if option is None:
+            continue
+        prefix = f"{parts[0]}.{parts[1]}"
+        own = {
+            k for k, seen in values.items() if any(f == f"{nested}/{option}.yaml" for _, f in seen)
+        }
+        if not own or key in own:
+            continue
+        others = [
+            o
+            for o in group_options(nested, conf_dir) or []
+            if any(f == f"{nested}/{o}.yaml" for _, f in values.get(key, []))
+        ]
+        mine = sorted(k[len(prefix) + 1 :] for k in own if k.count(".") == 2)
+        where = f"; {nested}={' or '.join(others)} has it" if others else ""
+        fail(f"{key} is not a key of {nested}={option} ({prefix} has: {', '.join(mine)}){where}")
 
 
 def option_keys(group: str, option: str, conf_dir: Path = CONF_DIR) -> set[str] | None:

@@ -15,7 +15,7 @@ from hydra.conf import HydraConf
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from siamese.cli import with_saved_overrides
+from siamese.cli import check_group_overrides, with_saved_overrides
 from siamese.errors import ConfigError
 from siamese.hydra_callbacks import RunDirGuard
 from siamese.pipelines.train import resolve_ckpt_path, run_training
@@ -82,6 +82,12 @@ def as_override(value):
     return str(value)
 
 
+RESNET18_KEYS = (
+    "backbone_lr_mult, channels_last, compile, dropout, embedding_dim, freeze_bn, head_bn, "
+    "image_size, in_channels, input_mean, input_std, pretrained, small_input, weights"
+)
+
+
 @pytest.mark.parametrize(
     ("arg", "line"),
     [
@@ -93,16 +99,12 @@ def as_override(value):
         (
             "model=resnet18 model.hidden_dims=[128]",
             "error: model.hidden_dims is not a key of model=resnet18; model has: _target_, "
-            "channels_last, compile, dropout, embedding_dim, image_size, in_channels, "
-            "input_mean, input_std, small_input (+model.hidden_dims=[128] would add it as a "
-            "new key)",
+            f"{RESNET18_KEYS} (+model.hidden_dims=[128] would add it as a new key)",
         ),
         (
             "model=resnet18 model.layers.0.out_channels=8",
             "error: model.layers is not a key of model=resnet18; model has: _target_, "
-            "channels_last, compile, dropout, embedding_dim, image_size, in_channels, "
-            "input_mean, input_std, small_input (+model.layers.0.out_channels=8 would add it "
-            "as a new key)",
+            f"{RESNET18_KEYS} (+model.layers.0.out_channels=8 would add it as a new key)",
         ),
         (
             "optimizer.learning_rate=0.1",
@@ -448,3 +450,29 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "stopped: Ctrl-C (SIGINT) before the run finished; run it again to start over"
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["data.augment.brightness=0.3"],  # the default data's augment is the affine one
+            "data.augment.brightness is not a key of data/augment=affine_digits (data.augment "
+            "has: _target_, degrees, elastic_alpha, elastic_sigma, hflip, p, padding_mode, "
+            "scale, shear, translate); data/augment=photo has it",
+        ),
+        (
+            ["data=image_folder", "data/augment=photo", "data.augment.degrees=3"],
+            "data.augment.degrees is not a key of data/augment=photo (data.augment has: "
+            "_target_, brightness, contrast, hflip, hue, p_jitter, ratio, saturation, scale, "
+            "size); data/augment=affine_digits or affine_omniglot or affine_photos has it",
+        ),
+    ],
+)
+def test_a_key_of_another_option_of_a_nested_group_is_one_line(argv, line, capsys):
+    with pytest.raises(SystemExit):
+        check_group_overrides(argv)
+    assert capsys.readouterr().err.strip() == f"error: {line}"
+    # The keys of the chosen option pass (the check leaves values to the next checks).
+    check_group_overrides(["data=image_folder", "data/augment=photo", "data.augment.hue=0.05"])
+    check_group_overrides(["experiment=photos_finetune", "data.augment.hue=0.05"])
