@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from siamese import cli, run_dirs
 from siamese.cli import fail
@@ -35,19 +35,30 @@ class RunDirGuard(Callback):
 
     Sweeps: each job's directory is new, so its job only locks and records it
     (``on_job_start``, released at its end). Only the first process of a job does any of
-    this: DDP's other processes write into the folder their first process holds."""
+    this: DDP's other processes write into the folder their first process holds. They
+    only refuse what it refuses (``siamese.run_dirs.check``), and do not save Hydra's
+    ``.hydra/`` there: torchrun's and srun's processes, other nodes' too (on a shared
+    filesystem), run the same command into the same folder as rank 0."""
 
     def __init__(self) -> None:
         self._job_dir: Path | None = None  # the sweep job this process has locked
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not is_first_process():
-            return
+        # Every process checks, so that all stop at once: one left running would wait for
+        # rank 0 until the process group's timeout (30 minutes).
+        check_launcher_run_dir(config)
         task = config.get("task_name") or "train"
+        run_dir, ckpt_path = config.hydra.run.get("dir"), config.get("ckpt_path")
         try:
-            run_dirs.claim(config.hydra.run.get("dir"), task, config.get("ckpt_path"))
+            if is_first_process():
+                run_dirs.claim(run_dir, task, ckpt_path)
+                return
+            run_dirs.check(run_dir, task, ckpt_path)  # rank 0 holds the lock
         except SiameseError as exc:
             fail(str(exc))
+        # As Lightning starts its own DDP processes (hydra.output_subdir=null).
+        with read_write(config.hydra):
+            config.hydra.output_subdir = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Before Hydra writes any job's .hydra/: a sweep run again into the same
@@ -92,6 +103,32 @@ def is_first_process() -> bool:
     """False in the processes that Lightning, torchrun or SLURM start besides rank 0."""
     names = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
     return all(os.environ.get(name, "0") in ("", "0") for name in names)
+
+
+def launcher_processes() -> int:
+    """How many processes torchrun started for this run (``WORLD_SIZE``); 1 otherwise."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return 1
+    size = os.environ.get("WORLD_SIZE", "1")
+    return int(size) if size.isdigit() else 1
+
+
+def check_launcher_run_dir(config: DictConfig) -> None:
+    """Under torchrun with several processes, refuse a ``hydra.run.dir`` made from the start
+    time (the default): each process, on each node, would get its own folder, while rank 0
+    alone writes the checkpoints that every process reads back for the test. (Called for
+    single runs only: a sweep's jobs get their folders from hydra.sweep.dir.)"""
+    processes = launcher_processes()
+    if processes < 2:
+        return
+    raw = OmegaConf.to_container(config.hydra.run, resolve=False).get("dir")
+    if "${now:" not in str(raw):
+        return
+    fail(
+        f"torchrun started {processes} processes, and hydra.run.dir={raw} would give each "
+        "its own folder; give every node the same hydra.run.dir, on a filesystem they all "
+        "see (e.g. hydra.run.dir=outputs/train/runs/two-nodes)"
+    )
 
 
 def _multirun() -> bool:

@@ -269,6 +269,17 @@ def write_record(run_dir: Path, task: str) -> None:
         f.write((json.dumps(body, indent=2) + "\n").encode())
 
 
+def check(run_dir_value: Any, task: str, ckpt_path: str | None) -> Path:
+    """``claim``'s checks alone, for the processes besides rank 0 (torchrun's or srun's,
+    other nodes' too): they refuse what rank 0 refuses, so that none is left waiting for it,
+    without probing the lock rank 0 holds or writing anything. Returns the folder."""
+    run_dir = check_run_dir_value(run_dir_value)
+    reason = refusal(run_dir, task, ckpt_path)
+    if reason is not None:
+        raise ConfigError(reason)
+    return run_dir
+
+
 def claim(run_dir_value: Any, task: str, ckpt_path: str | None) -> Path:
     """Check that ``task`` may write into ``hydra.run.dir``, then lock it and record the job;
     every check comes before anything is written. Returns the folder."""
