@@ -10,6 +10,8 @@ same/different distance histograms, ROC, a 2-D projection, a retrieval grid) aft
 validation every few epochs, after the last validation of ``fit`` and after ``test``; each
 picture becomes a PNG under ``save_dir`` and goes to every attached logger in its own form
 (TensorBoard images and embedding projector, W&B images and a neighbour table).
+``BackboneFreeze`` (``siamese.finetuning``) keeps a pretrained backbone frozen for the
+first epochs.
 ``select_callbacks`` drops the progress bar and model summary the trainer flags switch off.
 """
 
@@ -50,6 +52,7 @@ from siamese.evaluation.plots import (
     retrieval_grid_figure,
     roc_figure,
 )
+from siamese.finetuning import BackboneFreeze as BackboneFreeze  # conf: siamese.callbacks.*
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import torch
 from siamese.data.datasets import UndecodableImage, decode_image, special_file_type
 from siamese.data.sources import IMAGE_EXTENSIONS, list_files
 from siamese.errors import ConfigError, DataError, SiameseError
+from siamese.models.backbones import without_pretrained
 from siamese.module import SiameseModule, state_difference
 from siamese.registry import check_checkpoint_config
 
@@ -79,6 +80,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str) -> SiameseModule:
             f"or a dict of {', '.join(sorted(STORED_COMPILE_KEYS))} only: pass a .ckpt "
             "written by train.py"
         )
+    if isinstance(hparams.get("tower"), dict):  # the state dict holds the weights: no cache
+        hparams = {**hparams, "tower": without_pretrained(hparams["tower"])}
     try:
         model = SiameseModule(**hparams)
     except Exception as exc:  # a value its constructor refuses: the file was edited

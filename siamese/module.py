@@ -34,6 +34,7 @@ from siamese.evaluation import retrieval_metrics, verification_metrics
 from siamese.evaluation.oneshot import oneshot_metrics
 from siamese.losses import LossOutput
 from siamese.metric_names import ONESHOT_WAYS
+from siamese.models.backbones import check_lr_mult
 
 RECALL_KS = (1, 5, 10)
 ONESHOT_EPISODES = 1000
@@ -191,6 +192,9 @@ class SiameseModule(pl.LightningModule):
         compile: ``torch.compile`` the tower for training steps: ``True``, or a dict of
             ``torch.compile`` keywords (``{mode: max-autotune}``). Evaluation runs eagerly
             (its last batch has another shape), and checkpoints keep the plain weights.
+        backbone_lr_mult: the learning rate of a backbone tower's backbone (``model=timm``,
+            ``resnet18``) relative to the head's, through an optimizer parameter group (the
+            one-cycle peak and any other schedule scale with it).
 
     Under DDP the in-batch pairs and mining span the global batch: each process embeds its
     part, and the embeddings are gathered with their gradients (``siamese.distributed``), so
@@ -210,9 +214,11 @@ class SiameseModule(pl.LightningModule):
         config: dict[str, Any] | None = None,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
+        backbone_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run config is logged once, by RunRecord
+        self.backbone_lr_mult = check_lr_mult(backbone_lr_mult)
         self.tower = build(tower)
         self.distance = build(distance)
         self.loss_fn = build(loss, distance=self.distance)
@@ -655,12 +661,55 @@ class SiameseModule(pl.LightningModule):
         steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
         return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
+    @property
+    def backbone(self) -> torch.nn.Module | None:
+        """The tower's pretrained-style backbone (everything but its embedding head), or None
+        for a tower without one; Lightning's BackboneFinetuning acts on it."""
+        return getattr(self.tower, "backbone", None)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one, or with ``backbone_lr_mult`` != 1 the
+        backbone's (its ``lr_mult`` scales the optimizer's lr) and the rest."""
+        backbone = self.backbone
+        if backbone is None or self.backbone_lr_mult == 1.0:
+            return [{"params": list(self.parameters()), "name": "all", "lr_mult": 1.0}]
+        inside = {id(p) for p in backbone.parameters()}
+        return [
+            {
+                "params": [p for p in self.parameters() if id(p) in inside],
+                "name": "backbone",
+                "lr_mult": self.backbone_lr_mult,
+            },
+            {
+                "params": [p for p in self.parameters() if id(p) not in inside],
+                "name": "head",
+                "lr_mult": 1.0,
+            },
+        ]
+
     def configure_optimizers(self):
-        optimizer = build(self.hparams.optimizer)(params=self.parameters())
+        make_optimizer = build(self.hparams.optimizer)
+        groups = self.parameter_groups()
+        lr = getattr(make_optimizer, "keywords", {}).get("lr")
+        if len(groups) == 1:
+            optimizer = make_optimizer(params=groups[0]["params"])
+        else:
+            if lr is None:
+                raise ConfigError(
+                    "model.backbone_lr_mult needs optimizer.lr set (it scales it), e.g. "
+                    "optimizer.lr=0.001"
+                )
+            for group in groups:
+                group["lr"] = float(lr) * group["lr_mult"]
+            optimizer = make_optimizer(params=groups)
         if not self.hparams.scheduler:
             return optimizer
         make = build(self.hparams.scheduler)
-        scheduler = make(optimizer, **scheduler_kwargs(make, self.planned_steps()))
+        kwargs = scheduler_kwargs(make, self.planned_steps())
+        peak = getattr(make, "keywords", {}).get("max_lr")
+        if len(groups) > 1 and isinstance(peak, int | float):  # one peak per group
+            kwargs["max_lr"] = [float(peak) * g["lr_mult"] for g in optimizer.param_groups]
+        scheduler = make(optimizer, **kwargs)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

@@ -28,7 +28,11 @@ _PL = "pytorch_lightning"
 # checks that every `_target_` under conf/ is here) plus the torch optimizers and schedulers
 # that a config can pick with plain arguments.
 REGISTRY: dict[str, set[str]] = {
-    "tower": {"siamese.models.ConvTower", "siamese.models.ResNet18Tower"},
+    "tower": {
+        "siamese.models.ConvTower",
+        "siamese.models.ResNet18Tower",
+        "siamese.models.TimmTower",
+    },
     "distance": {
         "siamese.distances.EuclideanDistance",
         "siamese.distances.CosineSimilarity",
@@ -47,7 +51,7 @@ REGISTRY: dict[str, set[str]] = {
         "siamese.data.sources.Omniglot",
         "siamese.data.sources.ImageFolder",
     },
-    "augment": {"siamese.data.augment.BatchRandomAffine"},
+    "augment": {"siamese.data.augment.BatchRandomAffine", "siamese.data.augment.BatchPhotoAugment"},
     "optimizer": {
         f"torch.optim.{name}"
         for name in ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
@@ -70,6 +74,7 @@ REGISTRY: dict[str, set[str]] = {
     },
     "trainer": {f"{_PL}.Trainer"},
     "callback": {
+        "siamese.callbacks.BackboneFreeze",
         "siamese.callbacks.DashboardPlots",
         "siamese.callbacks.DivergenceGuard",
         "siamese.callbacks.LastCheckpoint",
@@ -150,6 +155,16 @@ def registered(kind: str | None = None) -> frozenset[str]:
     if kind is not None:
         return frozenset(REGISTRY[kind])
     return frozenset().union(*REGISTRY.values())
+
+
+def tower_class(config: Any) -> type | None:
+    """The class a tower config names when the registry holds it (imported then), else None."""
+    target = config.get("_target_") if hasattr(config, "get") else None
+    if not isinstance(target, str) or target not in REGISTRY["tower"]:
+        return None
+    from hydra.utils import get_class
+
+    return get_class(target)
 
 
 def position_kind(path: str) -> str | None:

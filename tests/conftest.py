@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# No test downloads weights: siamese and huggingface_hub read HF_HUB_OFFLINE, and the
+# libraries' caches are empty folders of this session (tests write the files they need).
+os.environ["HF_HUB_OFFLINE"] = "1"
+_CACHES = Path(tempfile.mkdtemp(prefix="siamese-test-caches-"))
+atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
+os.environ["HF_HOME"] = str(_CACHES / "huggingface")
+os.environ["TORCH_HOME"] = str(_CACHES / "torch")
+os.environ.pop("HF_HUB_CACHE", None)
 
 # A few batches of everything: enough to exercise every stage in seconds.
 FAST_WITH_PLOTS = [

@@ -25,10 +25,14 @@ def _image_size(value: int | Sequence[int] | None) -> tuple[int, int]:
 
 
 def check_tower_settings(model_cfg: Mapping[str, Any]) -> None:
-    """Check the tower arguments that need no image shape (its dropout probabilities), so
-    that train.py refuses them at start: the tower itself is built after the data is read."""
+    """Check the tower arguments that need no image shape (dropout probabilities, a timm
+    name, a weights file, the backbone's learning-rate multiplier), so that train.py refuses
+    them at start: the tower itself is built after the data is read."""
     if model_cfg.get("dropout") is not None:
         check_dropout(model_cfg["dropout"], "model.dropout")
+    from siamese.models.backbones import check_backbone_settings  # built on this module
+
+    check_backbone_settings(model_cfg)
     for index, spec in enumerate(model_cfg.get("layers") or []):
         if isinstance(spec, Mapping) and str(spec.get("type", "")).lower() == "dropout":
             check_dropout(spec.get("p", 0.1), f"model.layers.{index}.p")
@@ -133,38 +137,3 @@ class ConvTower(Tower):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(self.normalize_input(x)))  # (B, D)
-
-
-class ResNet18Tower(Tower):
-    """torchvision's ResNet-18 (random init, no download) with its fc replaced by Linear(512, D).
-
-    ``small_input`` swaps the 7x7/2 stem and max-pool for a 3x3/1 conv, the usual choice for
-    28x28 or 32x32 images. ``dropout`` applies to the pooled features before that Linear.
-    """
-
-    def __init__(
-        self,
-        embedding_dim: int = 64,
-        small_input: bool = True,
-        dropout: float = 0.0,
-        in_channels: int | None = None,
-        image_size: int | Sequence[int] | None = None,
-        input_mean: float | Sequence[float] | None = None,
-        input_std: float | Sequence[float] | None = None,
-    ) -> None:
-        super().__init__(embedding_dim, in_channels, image_size, input_mean, input_std)
-        dropout = check_dropout(dropout, "model.dropout")
-        from torchvision.models import resnet18
-
-        net = resnet18(weights=None)
-        if small_input:
-            net.conv1 = nn.Conv2d(self.in_channels, 64, 3, 1, 1, bias=False)
-            net.maxpool = nn.Identity()
-        else:
-            net.conv1 = nn.Conv2d(self.in_channels, 64, 7, 2, 3, bias=False)
-        fc = nn.Linear(net.fc.in_features, embedding_dim)
-        net.fc = nn.Sequential(nn.Dropout(dropout), fc) if dropout > 0 else fc
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(self.normalize_input(x))  # (B, D)

@@ -47,6 +47,7 @@ from siamese.exports import (
     written_together,
 )
 from siamese.inference import load
+from siamese.models import BackboneTower
 from siamese.module import SiameseModule
 from siamese.pipelines.report import print_table, write_metrics
 from siamese.pipelines.train import REPORTED as TRAIN_REPORTED
@@ -253,6 +254,12 @@ def embedded_inputs(cfg: DictConfig, model: SiameseModule, out_dir: Path) -> Emb
     if "bad_files" in data_cfg:  # this run's list, not the training run's
         data_cfg["bad_files"] = str(out_dir / "bad_files.txt")
     datamodule = build(data_cfg)
+    wanted = tuple(model.tower.input_shape[1:])
+    if isinstance(model.tower, BackboneTower) and datamodule.image_size != wanted:
+        # A backbone takes its own input size: resize the images to it (a conv tower's
+        # mismatch is refused below: its size is the data's by design).
+        log.info("data: images resized to %dx%d, the model's input size", *wanted)
+        datamodule.image_size = wanted
     splits = datamodule.read_splits()
     check_model_fits(model, splits.image_shape, data_name)
     query_split = pick_split(splits, ev.split)

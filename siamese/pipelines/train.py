@@ -36,9 +36,11 @@ from siamese.inference import check_checkpoint, not_a_checkpoint_file
 from siamese.loggers import build_loggers
 from siamese.losses import PairLoss
 from siamese.metric_names import EVAL_METRICS, TEST_ONLY_METRICS, TRAIN_METRICS
+from siamese.models.backbones import input_defaults, without_pretrained
 from siamese.models.towers import check_tower_settings
 from siamese.module import TRAIN_EPOCH_LOGS, SiameseModule, scheduler_kwargs
 from siamese.pipelines.report import print_table, write_metrics
+from siamese.registry import tower_class
 from siamese.signals import end_at_once_if_insisted, owns_default_sigterm
 from siamese.sweeps import check_optimized_metric
 
@@ -399,7 +401,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
 
 
 # Keys of the model group that set how the tower runs, not what it is (not tower arguments).
-MODEL_RUN_OPTIONS = ("channels_last", "compile")
+MODEL_RUN_OPTIONS = ("channels_last", "compile", "backbone_lr_mult")
 
 
 def split_model_config(model_cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -409,16 +411,46 @@ def split_model_config(model_cfg: DictConfig) -> tuple[dict[str, Any], dict[str,
     return tower, options
 
 
-def build_module(cfg: DictConfig, datamodule: Any) -> SiameseModule:
-    """The Siamese module, its tower sized for the data (channels, image size, statistics)."""
+def size_data_for_weights(model_cfg: DictConfig, datamodule: Any) -> None:
+    """Deliver the data at the input size of the weights a backbone tower starts from (or at
+    ``model.image_size`` when set), before any image is read; one line when that changes
+    ``data.image_size``."""
+    tower, _ = split_model_config(model_cfg)
+    size = tower.get("image_size") or input_defaults(tower, 3).get("image_size")
+    if size is None or not hasattr(tower_class(tower), "input_defaults"):
+        return
+    wanted = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+    if datamodule.image_size == wanted:
+        return
+    whose = "model.image_size" if tower.get("image_size") else "the pretrained weights' input size"
+    log.info(
+        "data: images resized to %dx%d, %s (data.image_size=%s; model.image_size=[H,W] sets "
+        "another)",
+        *wanted,
+        whose,
+        "x".join(map(str, datamodule.image_size)) if datamodule.image_size else "null",
+    )
+    datamodule.image_size = wanted
+
+
+def build_module(cfg: DictConfig, datamodule: Any, resuming: bool = False) -> SiameseModule:
+    """The Siamese module, its tower sized for the data (channels, image size, statistics).
+
+    A backbone tower's input statistics are those of its pretrained weights; ``resuming``
+    builds it without them (the checkpoint's weights replace them)."""
     tower, options = split_model_config(cfg.model)
     channels, height, width = datamodule.image_shape
     defaults: dict[str, Any] = {"in_channels": channels, "image_size": [height, width]}
-    if tower.get("input_mean") is None or tower.get("input_std") is None:
+    for key, value in input_defaults(tower, channels).items():
+        if key != "image_size":
+            defaults[key] = value
+    if tower.get("input_mean") is None and "input_mean" not in defaults:
         defaults["input_mean"], defaults["input_std"] = datamodule.input_stats()
     for key, value in defaults.items():
         if tower.get(key) is None:
             tower[key] = value
+    if isinstance(tower["image_size"], int):  # model.image_size=32 means 32x32
+        tower["image_size"] = [tower["image_size"]] * 2
     if tower["in_channels"] != channels or list(tower["image_size"]) != [height, width]:
         raise ConfigError(
             f"model expects {tower['in_channels']}x{tower['image_size']} images but the data "
@@ -426,6 +458,10 @@ def build_module(cfg: DictConfig, datamodule: Any) -> SiameseModule:
         )
     container = OmegaConf.to_container(cfg, resolve=True)
     container["model"] = tower
+    if datamodule.image_size is not None and isinstance(container.get("data"), dict):
+        container["data"]["image_size"] = list(datamodule.image_size)  # as trained
+    if resuming:
+        tower = without_pretrained(tower)
     test_classes = datamodule.load_splits().test.classes
     groups = class_groups(test_classes, cfg.get("oneshot_within"), "oneshot_within")
     module = SiameseModule(
@@ -441,6 +477,7 @@ def build_module(cfg: DictConfig, datamodule: Any) -> SiameseModule:
         config=container,
         channels_last=bool(options.get("channels_last", False)),
         compile=options.get("compile", False),
+        backbone_lr_mult=options.get("backbone_lr_mult", 1.0),
     )
     module.oneshot_groups = groups
     if HydraConfig.initialized():  # train.py, not a config composed in code
@@ -495,8 +532,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins
     )
     datamodule = build(cfg.data)
-    datamodule.check_batches(processes)  # DDP: each process needs whole classes
-    module = build_module(cfg, datamodule)
+    size_data_for_weights(cfg.model, datamodule)  # before any image is read
+    datamodule.check_batches(processes)  # plans (and logs) the global batch of all processes
+    module = build_module(cfg, datamodule, resuming=ckpt_path is not None)
     # SIGTERM outside fit (between the stages, while testing, before metrics.json) stops
     # the run at once with the same line: Python's default would end it without a word,
     # and Lightning would go on testing.
