@@ -27,8 +27,8 @@ from omegaconf import DictConfig, open_dict
 from siamese import run_dirs
 from siamese.hydra_callbacks import RunDirGuard
 
-# As tests/test_distributed.py's DDP_CPU_FAST, with 3 training batches. data.batch_size=80
-# per process: 2 x 80 = 10 digit classes x 16 (the batch planner may lift this).
+# As tests/test_distributed.py's DDP_CPU_FAST, with 3 training batches. The default
+# data.batch_size=160 per process makes global batches of 320 = 10 classes x 32 images.
 SHORT = [
     "trainer=ddp",
     "trainer.accelerator=cpu",
@@ -37,7 +37,6 @@ SHORT = [
     "trainer.enable_model_summary=false",
     "trainer.limit_train_batches=3",
     "~callbacks.plots",
-    "data.batch_size=80",
     "eval_pairs=500",
 ]
 TWO_NODES = ["trainer.num_nodes=2", "trainer.devices=1"]
@@ -73,7 +72,14 @@ def start(cmd: list[str], cwd: Path, log: Path) -> subprocess.Popen:
         return subprocess.Popen(
             cmd,
             cwd=cwd,
-            env={**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"},
+            # One thread per process everywhere: float sums then add up in the same order
+            # on both set-ups (torchrun and Lightning's launcher pick thread counts apart).
+            env={
+                **os.environ,
+                "WANDB_MODE": "offline",
+                "PYTHONWARNINGS": "ignore",
+                "OMP_NUM_THREADS": "1",
+            },
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: killed with its workers
