@@ -361,7 +361,7 @@ def test_train_py_plans_the_global_batch_before_any_process_starts(make_cfg, mon
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=168"
     )
 
-    def stop(cfg, datamodule):
+    def stop(cfg, datamodule, resuming=False):
         raise RuntimeError("stopped after the batch check")
 
     monkeypatch.setattr("siamese.pipelines.train.build_module", stop)
