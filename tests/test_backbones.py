@@ -405,3 +405,63 @@ def test_photos_finetune_trains_on_a_folder_with_the_cached_resnet18(tmp_path, c
     assert stored["tower"]["input_mean"] == [0.485, 0.456, 0.406]  # resnet18.a1_in1k's
     assert stored["backbone_lr_mult"] == 0.1
     assert stored["config"]["data"]["image_size"] == [224, 224]
+
+
+@pytest.mark.slow  # train.py on 2 CPU processes: ~40 s
+def test_under_ddp_a_frozen_backbone_stays_exactly_the_cached_weights(tmp_path):
+    """DDP keeps the frozen backbone's requires_grad (it fixes what it synchronises when it
+    wraps the model) and BackboneFreeze drops its gradients: after an epoch frozen, every
+    backbone tensor is still the cached one and metrics.json exists."""
+    hf = tmp_path / "hf"
+    state = timm_state(seed=7)
+    put_in_hf_cache(hf, HUB_ID, "model.safetensors", state)
+    run = tmp_path / "run"
+    env = {"HF_HOME": str(hf), "HF_HUB_OFFLINE": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        proc = run_scripts(
+            [
+                (
+                    "train.py",
+                    [
+                        "trainer=ddp",
+                        "trainer.accelerator=cpu",
+                        "trainer.devices=2",
+                        "debug=fast",
+                        "trainer.enable_progress_bar=false",
+                        "~callbacks.plots",
+                        "model=timm",
+                        f"model.name={ARCH}",
+                        "model.pretrained=true",
+                        "model.image_size=[32,32]",
+                        "callbacks.backbone_freeze.unfreeze_at_epoch=1",
+                        "callbacks.backbone_freeze.train_bn=false",
+                        f"hydra.run.dir={run}",
+                    ],
+                )
+            ],
+            timeout=600,
+        )[0]
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "metrics.json").is_file()
+    trained = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "state_dict"
+    ]
+    backbone = {
+        k[len("tower.backbone.") :]: v
+        for k, v in trained.items()
+        if k.startswith("tower.backbone.")
+    }
+    stem = "conv1.0.weight"
+    assert torch.equal(backbone[stem], state[stem].sum(1, keepdim=True))
+    frozen = [k for k, v in backbone.items() if k != stem and not torch.equal(v, state[k])]
+    assert frozen == []  # BatchNorm too: train_bn=false keeps its statistics and parameters
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 0 and last["global_step"] > 0  # it trained (the head), one epoch
