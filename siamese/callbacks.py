@@ -532,7 +532,8 @@ class DivergenceGuard(Callback):
             grad_norm = None
         else:  # the total norm carries any NaN or inf through
             grad_norm = grad_total(grads)
-        lr = optimizer.param_groups[0]["lr"]
+        # The head's rate when a backbone has its own group (model.backbone_lr_mult).
+        lr = optimizer.param_groups[-1]["lr"]
         self._record(trainer, pl_module, self._pending_loss, grad_norm, trainer.global_step + 1, lr)
 
     def _record(

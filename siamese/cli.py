@@ -348,7 +348,7 @@ _KIND_WORDS = {"bool": "true or false", "number": "a number", "numbers": "a list
 
 
 # Number keys that also take a list of numbers: an image size as [H, W].
-NUMBER_OR_LIST = frozenset({"data.image_size"})
+NUMBER_OR_LIST = frozenset({"data.image_size", "model.image_size", "data.augment.size"})
 
 
 def _fits(key: str, kind: str, value: Any) -> bool:
@@ -362,7 +362,7 @@ def _fits(key: str, kind: str, value: Any) -> bool:
     numbers = isinstance(value, list) and all(_is_number(x) or later(x) for x in value)
     if kind == "number":
         return _is_number(value) or (numbers and key in NUMBER_OR_LIST)
-    return numbers
+    return numbers or (_is_number(value) and key in NUMBER_OR_LIST)
 
 
 def check_value_overrides(argv: Sequence[str], conf_dir: Path = CONF_DIR) -> None:

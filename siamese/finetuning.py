@@ -104,6 +104,13 @@ class BackboneFreeze(BackboneFinetuning):
                 mult,
             )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run resumed mid-epoch gets no epoch start (Lightning skips it): unfreeze here when
+        # the epoch it resumes in is past the frozen ones.
+        if self.active:
+            for optimizer in trainer.optimizers:
+                self.finetune_function(pl_module, trainer.current_epoch, optimizer)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.active:
             for optimizer in trainer.optimizers:

@@ -394,7 +394,14 @@ class SiameseModule(pl.LightningModule):
     def _train_batch_sampler(self) -> Any:
         return getattr(self.trainer.train_dataloader, "batch_sampler", None)
 
+    def _keep_batchnorm_frozen(self) -> None:
+        # model.freeze_bn: Lightning neither calls train() when fitting starts nor skips
+        # restoring modes after validation, and DDP's SyncBatchNorm makes new layers.
+        if getattr(self.tower, "freeze_bn", False) and self.tower.training:
+            self.tower.freeze_batchnorm()
+
     def on_train_epoch_start(self) -> None:
+        self._keep_batchnorm_frozen()
         # Lightning calls set_epoch only on a loader's sampler, not on a batch_sampler: without
         # this every epoch would train on the same class-balanced batches (or pairs).
         batch_sampler = self._train_batch_sampler()
@@ -614,6 +621,7 @@ class SiameseModule(pl.LightningModule):
             checkpoint[RUN_OVERRIDES_KEY] = list(self.run_overrides)
 
     def on_train_start(self) -> None:
+        self._keep_batchnorm_frozen()  # also for a run resumed mid-epoch (no epoch start)
         # Put the random streams back as late as possible: nothing between here and the
         # next batch draws from them, so training goes on exactly as it would have.
         states = self.__dict__.pop("_resume_rng", None)
@@ -668,10 +676,12 @@ class SiameseModule(pl.LightningModule):
         return getattr(self.tower, "backbone", None)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's parameter groups: one, or with ``backbone_lr_mult`` != 1 the
-        backbone's (its ``lr_mult`` scales the optimizer's lr) and the rest."""
+        """The optimizer's parameter groups: for a tower with a backbone, the backbone's (its
+        ``lr_mult`` scales the optimizer's lr) and the rest (named, so a dashboard's
+        ``lr-AdamW/backbone`` and ``lr-AdamW/head`` do not depend on the multiplier); one
+        group otherwise."""
         backbone = self.backbone
-        if backbone is None or self.backbone_lr_mult == 1.0:
+        if backbone is None:
             return [{"params": list(self.parameters()), "name": "all", "lr_mult": 1.0}]
         inside = {id(p) for p in backbone.parameters()}
         return [

@@ -24,7 +24,7 @@ from torchvision.models import resnet18
 import siamese
 from siamese.errors import ConfigError
 from siamese.models import ResNet18Tower, TimmTower
-from siamese.models.backbones import check_backbone_settings, input_defaults
+from siamese.models.backbones import check_backbone_settings, input_defaults, without_pretrained
 from siamese.models.weights import read_weights
 from siamese.pipelines.export import run_export
 from siamese.pipelines.train import run_training
@@ -297,6 +297,7 @@ def test_fine_tuning_a_cached_backbone_then_loading_and_exporting_from_the_check
             "model.image_size=32",  # the weights say 160: digits stay small here
             "model.embedding_dim=16",
             "model.backbone_lr_mult=0.1",
+            "model.freeze_bn=true",
             "callbacks.backbone_freeze.unfreeze_at_epoch=1",
             f"+callbacks.probe._target_={probe_target}",
         ],
@@ -315,6 +316,9 @@ def test_fine_tuning_a_cached_backbone_then_loading_and_exporting_from_the_check
     assert weights_changed(start["backbone"], epoch0["backbone"], dims=1) != []
     assert weights_changed(start["head"], epoch0["head"]) != []
     assert weights_changed(epoch0["backbone"], epoch1["backbone"]) != []
+    # model.freeze_bn: the pretrained running statistics, through both epochs.
+    stats = [k for k in state if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(epoch1["backbone"][k], state[k]) for k in stats)
     # Each group follows the one-cycle schedule, the backbone's at 0.1x the head's rate.
     assert 0 < probe.lrs["head"] <= cfg.optimizer.lr
     assert probe.lrs["backbone"] == pytest.approx(0.1 * probe.lrs["head"], rel=1e-9)
@@ -465,3 +469,97 @@ def test_under_ddp_a_frozen_backbone_stays_exactly_the_cached_weights(tmp_path):
     assert frozen == []  # BatchNorm too: train_bn=false keeps its statistics and parameters
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 0 and last["global_step"] > 0  # it trained (the head), one epoch
+
+
+def test_freeze_bn_keeps_the_pretrained_statistics_while_training(caches):
+    state = timm_state(seed=9)
+    put_in_hf_cache(caches["hf"], HUB_ID, "model.safetensors", state)
+    tower = TimmTower(ARCH, pretrained=True, freeze_bn=True, in_channels=3, image_size=32)
+    tower.eval()
+    tower.train()  # what a trainer does around validation
+    assert tower.training and tower.head.training
+    norms = [m for m in tower.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    tower(torch.rand(4, 3, 32, 32)).sum().backward()
+    own = tower.backbone.state_dict()
+    stats = [k for k in own if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(own[k], state[k]) for k in stats)
+    # Its BatchNorm scale and shift still get gradients (only the statistics are frozen).
+    assert all(m.weight.grad is not None for m in norms)
+
+
+def test_a_pretrained_small_input_resnet18_rebuilds_from_its_config_alone(tmp_path, caches):
+    """Its 7x7 stem at stride 1 is not the random small-input 3x3 stem: the config that
+    siamese.load and a resume build (no weights) names it."""
+    torch.save(tv_state(), tmp_path / "tv.pth")
+    config = {"weights": str(tmp_path / "tv.pth"), "in_channels": 1, "image_size": [28, 28]}
+    trained = ResNet18Tower(embedding_dim=8, **config)
+    assert trained.net.conv1.kernel_size == (7, 7) and trained.net.conv1.stride == (1, 1)
+    rebuilt = without_pretrained({"_target_": "siamese.models.ResNet18Tower", **config})
+    assert rebuilt["weights"] is None and rebuilt["stem"] == "7x7"
+    rebuilt.pop("_target_")
+    again = ResNet18Tower(embedding_dim=8, **rebuilt)
+    again.load_state_dict(trained.state_dict())  # the same tensors, the same shapes
+    images = torch.rand(2, 1, 28, 28)
+    assert torch.equal(again.eval()(images), trained.eval()(images))
+
+
+def test_a_checkpoint_of_train_py_gives_its_backbone_and_its_input_config(tmp_path):
+    tv = tv_state(seed=2)
+    ckpt = {
+        "hyper_parameters": {
+            "tower": {
+                "_target_": "siamese.models.ResNet18Tower",
+                "image_size": [48, 48],
+                "input_mean": [0.25],
+                "input_std": [0.5],
+            },
+        },
+        "state_dict": {f"tower.net.{k}": v for k, v in tv.items()},  # fc: its head
+    }
+    torch.save(ckpt, tmp_path / "run.ckpt")
+    weights = str(tmp_path / "run.ckpt")
+    tower = ResNet18Tower(weights=weights, in_channels=3, image_size=48)
+    assert_starts_with(tower, tv)
+    # timm's resnet18 names its tensors as torchvision's does: either tower takes the other's.
+    timm_tower = TimmTower("resnet18", weights=weights, in_channels=3, image_size=48)
+    assert torch.equal(timm_tower.backbone.conv1.weight, tv["conv1.weight"])
+    # The data it was trained on set the size and statistics, not ImageNet's.
+    cfg = {"_target_": "siamese.models.TimmTower", "name": "resnet18", "weights": weights}
+    assert input_defaults(cfg, 3) == {
+        "image_size": [48, 48],
+        "input_mean": [0.25, 0.25, 0.25],
+        "input_std": [0.5, 0.5, 0.5],
+    }
+
+
+def test_timm_names_tags_and_sizes_it_cannot_take_are_one_line():
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.name='resnet18.foo': resnet18 has no weights "
+        r"tagged 'foo'; its weights: resnet18.a1_in1k, ",
+    ):
+        check_backbone_settings({"_target_": "siamese.models.TimmTower", "name": "resnet18.foo"})
+    vit = TimmTower("test_vit", in_channels=1, image_size=32, embedding_dim=4)  # built for 32
+    assert vit.backbone.patch_embed.img_size == (32, 32)
+    assert vit(torch.rand(2, 1, 32, 32)).shape == (2, 4)
+    with pytest.raises(ConfigError, match=r"test_vit .*30.*\(Input height \(30\) should be"):
+        TimmTower("test_vit", in_channels=1, image_size=30)
+
+
+def test_backbone_freeze_unfreezes_a_run_resumed_mid_epoch_past_the_frozen_epochs():
+    from types import SimpleNamespace
+
+    from siamese.finetuning import BackboneFreeze
+
+    module = SimpleNamespace(backbone=torch.nn.Linear(2, 2), backbone_lr_mult=1.0)
+    trainer = SimpleNamespace(world_size=1, optimizers=[object()], current_epoch=1, strategy=None)
+    callback = BackboneFreeze(unfreeze_at_epoch=1)
+    callback.setup(trainer, module, "fit")  # frozen as a fresh fit starts
+    assert not module.backbone.weight.requires_grad
+    callback.on_train_start(trainer, module)  # resumed inside epoch 1: no epoch start hook
+    assert module.backbone.weight.requires_grad and not callback.frozen
+    early = SimpleNamespace(world_size=1, optimizers=[object()], current_epoch=0, strategy=None)
+    callback.setup(early, module, "fit")
+    callback.on_train_start(early, module)  # epoch 0: stays frozen
+    assert not module.backbone.weight.requires_grad

@@ -84,7 +84,7 @@ def as_override(value):
 
 RESNET18_KEYS = (
     "backbone_lr_mult, channels_last, compile, dropout, embedding_dim, freeze_bn, head_bn, "
-    "image_size, in_channels, input_mean, input_std, pretrained, small_input, weights"
+    "image_size, in_channels, input_mean, input_std, pretrained, small_input, stem, weights"
 )
 
 

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # Images smaller than this (a side, in pixels) take ResNet-18's small-input stem by default.
 SMALL_INPUT_BELOW = 96
+STEMS = ("3x3", "7x7")  # ResNet18Tower's first conv
 HF_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm asks the hub for, in order
 
 
@@ -93,10 +94,64 @@ class BackboneTower(Tower):
     def train(self, mode: bool = True) -> BackboneTower:
         super().train(mode)
         if mode and self.freeze_bn:
-            for module in self.backbone.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
+            self.freeze_batchnorm()
         return self
+
+    def freeze_batchnorm(self) -> None:
+        """Put the backbone's BatchNorm layers in eval mode (``freeze_bn``). Lightning does not
+        call ``train()`` when fitting starts, and restores each module's own mode after
+        validation, so the tower applies it when built and SiameseModule at each epoch start
+        (DDP's SyncBatchNorm conversion makes new layers)."""
+        for module in self.backbone.modules():
+            if isinstance(module, _BatchNorm):
+                module.eval()
+
+
+def _check_forward(tower: Tower, what: str) -> None:
+    """One image through the tower at build, in eval mode: a network that cannot take the
+    input size fails here in one line, not at the first training step."""
+    was = tower.training
+    tower.eval()
+    try:
+        with torch.no_grad():
+            tower(torch.zeros(1, *tower.input_shape))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        c, h, w = tower.input_shape
+        raise ConfigError(
+            f"{what} cannot take {c}x{h}x{w} images ({reason}); set model.image_size=[H,W] "
+            "to a size it takes (its pretrained size: timm.models.get_pretrained_cfg(name)"
+            ".input_size)"
+        ) from None
+    finally:
+        tower.train(was)
+
+
+def checkpoint_input(weights: Any, channels: int) -> dict[str, Any]:
+    """The input config a train.py checkpoint used as ``model.weights`` was trained with
+    (image size, mean, std), or {} for any other file: the weights then came from data of
+    that size and those statistics, not from ImageNet's."""
+    if not weights or str(weights).endswith(".safetensors"):
+        return {}
+    try:
+        data = torch.load(Path(str(weights)).expanduser(), map_location="cpu",
+                          weights_only=True, mmap=True)  # fmt: skip
+    except Exception:  # not a checkpoint: read_weights says what it is when it reads it
+        return {}
+    hparams = data.get("hyper_parameters") if isinstance(data, dict) else None
+    tower = hparams.get("tower") if isinstance(hparams, dict) else None
+    if not isinstance(tower, dict):
+        return {}
+    found: dict[str, Any] = {}
+    size = tower.get("image_size")
+    if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        found["image_size"] = size
+    mean, std = tower.get("input_mean"), tower.get("input_std")
+    if all(isinstance(v, list) and v and all(isinstance(x, float | int) for x in v)
+           for v in (mean, std)):  # fmt: skip
+        found["input_mean"] = _stats_for(mean, channels)
+        found["input_std"] = _stats_for(std, channels)
+    return found
 
 
 # -- timm --------------------------------------------------------------------------------
@@ -106,6 +161,14 @@ def check_timm_name(name: Any) -> str:
     import timm
 
     if isinstance(name, str) and timm.is_model(name):
+        arch, _, tag = name.partition(".")
+        if tag and name not in timm.list_pretrained(name):
+            tags = timm.list_pretrained(f"{arch}.*")
+            hint = f"its weights: {', '.join(tags[:6])}" if tags else "timm has no weights for it"
+            raise ConfigError(
+                f"model.name={name!r}: {arch} has no weights tagged {tag!r}; {hint} (or drop "
+                "the tag)"
+            )
         return name
     names = timm.list_models()
     base = str(name).split(".")[0].lower()
@@ -158,7 +221,11 @@ def timm_weights_file(name: str) -> Path:
             f"`hf download {cfg.hf_hub_id} {files[0]}` fills that cache folder: copy it here "
             "(or point HF_HOME at a copy), or pass model.weights=PATH to a weights file"
         )
-    assert legacy is not None and cfg.url  # timm's cfgs have a hub id or a url
+    if legacy is None:
+        raise ConfigError(
+            f"model.pretrained=true: timm lists no downloadable weights for {name}; use "
+            "model.pretrained=false, or model.weights=PATH to a weights file"
+        )
     file, why = download_url(cfg.url, legacy)
     if file is not None:
         return file
@@ -169,14 +236,37 @@ def timm_weights_file(name: str) -> Path:
     )
 
 
-def _timm_net(name: str, channels: int, state: dict[str, Tensor] | None, source: str) -> nn.Module:
+def _timm_net(
+    name: str,
+    channels: int,
+    state: dict[str, Tensor] | None,
+    source: str,
+    image_size: tuple[int, int],
+) -> nn.Module:
     """timm's ``name`` without its classifier (pooled features), with ``state`` loaded
     through timm's own pretrained path (its filters, ``in_chans`` adaptation, classifier
-    removal)."""
+    removal). A model built for one input size (a ViT) is built for ``image_size``: timm
+    resamples its position embeddings when it loads weights of another size."""
     import timm
+    from timm.models import get_pretrained_cfg
+
+    extra: dict[str, Any] = {}
+    cfg = get_pretrained_cfg(name)
+    if cfg is not None and cfg.fixed_input_size:
+        extra["img_size"] = tuple(image_size)
 
     def plain() -> nn.Module:
-        return timm.create_model(name, pretrained=False, num_classes=0, in_chans=channels)
+        try:
+            return timm.create_model(
+                name, pretrained=False, num_classes=0, in_chans=channels, **extra
+            )
+        except (RuntimeError, AssertionError, ValueError, TypeError) as exc:
+            reason = " ".join(str(exc).split())[:160]
+            size = "x".join(map(str, image_size))
+            raise ConfigError(
+                f"timm cannot build {name} for {channels}-channel {size} images ({reason}); "
+                "set model.image_size=[H,W] to a size it takes"
+            ) from None
 
     if state is None:
         return plain()
@@ -187,6 +277,7 @@ def _timm_net(name: str, channels: int, state: dict[str, Tensor] | None, source:
             num_classes=0,
             in_chans=channels,
             pretrained_cfg_overlay={"state_dict": dict(state)},
+            **extra,
         )
     except (RuntimeError, KeyError, ValueError) as exc:  # load_state_dict(strict) and filters
         net = plain()
@@ -237,8 +328,10 @@ class TimmTower(BackboneTower):
         elif _flag(pretrained, "model.pretrained"):
             file = timm_weights_file(self.name)
             state, source = read_weights(file, "the cached weights"), f"the cached file {file}"
-        self.backbone = _timm_net(self.name, self.in_channels, state, source)
+        self.backbone = _timm_net(self.name, self.in_channels, state, source, self.image_size)
         self.head = self._make_head(self.backbone.num_features, dropout, head_bn)
+        self.train()  # freeze_bn
+        _check_forward(self, f"timm's {self.name}")
 
     @staticmethod
     def input_defaults(config: Mapping[str, Any], channels: int) -> dict[str, Any]:
@@ -247,11 +340,12 @@ class TimmTower(BackboneTower):
         if not (config.get("pretrained") or config.get("weights")):
             return {}
         cfg = timm_pretrained_cfg(str(config.get("name")))
-        return {
+        defaults = {
             "image_size": list(cfg.input_size[1:]),
             "input_mean": _stats_for(cfg.mean, channels),
             "input_std": _stats_for(cfg.std, channels),
         }
+        return {**defaults, **checkpoint_input(config.get("weights"), channels)}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(self.normalize_input(x)))  # (B, D)
@@ -288,6 +382,8 @@ class ResNet18Tower(BackboneTower):
     file. ``small_input`` (null: for images under 96 px) drops the stem's stride and
     max-pool, the usual choice for 28x28 or 32x32 images; with random weights it also uses a
     3x3 stem conv, with pretrained ones it keeps the pretrained 7x7 conv at stride 1.
+    ``stem`` (null: ``7x7`` when starting from weights, else ``3x3`` for small input) names
+    the first conv, so a checkpoint rebuilds the same network without its weights file.
     ``dropout`` applies to the pooled features before the Linear.
     """
 
@@ -295,6 +391,7 @@ class ResNet18Tower(BackboneTower):
         self,
         embedding_dim: int = 64,
         small_input: bool | None = None,
+        stem: str | None = None,
         pretrained: bool = False,
         weights: str | None = None,
         head_bn: bool = False,
@@ -318,14 +415,22 @@ class ResNet18Tower(BackboneTower):
         elif _flag(pretrained, "model.pretrained"):
             file = resnet18_weights_file()
             state, source = read_weights(file, "the cached weights"), f"the cached file {file}"
+        if stem is None:
+            stem = "3x3" if small_input and state is None else "7x7"
+        if stem not in STEMS:
+            raise ConfigError(f"model.stem={stem!r} is unknown; expected null, 3x3 or 7x7")
+        if stem == "3x3" and state is not None:
+            raise ConfigError(
+                "model.stem=3x3 cannot take pretrained weights (their first conv is 7x7); "
+                "leave model.stem null"
+            )
         net = resnet18(weights=None)
-        if state is None:
-            if small_input:
-                net.conv1 = nn.Conv2d(self.in_channels, 64, 3, 1, 1, bias=False)
-            else:
-                net.conv1 = nn.Conv2d(self.in_channels, 64, 7, 2, 3, bias=False)
+        stride = 1 if small_input else 2
+        if stem == "3x3":
+            net.conv1 = nn.Conv2d(self.in_channels, 64, 3, stride, 1, bias=False)
         else:
-            net.conv1 = nn.Conv2d(self.in_channels, 64, 7, 1 if small_input else 2, 3, bias=False)
+            net.conv1 = nn.Conv2d(self.in_channels, 64, 7, stride, 3, bias=False)
+        if state is not None:
             _load_resnet(net, dict(state), self.in_channels, source)
         if small_input:
             net.maxpool = nn.Identity()
@@ -333,6 +438,7 @@ class ResNet18Tower(BackboneTower):
         # Dropout + Linear) keeps its keys.
         net.fc = self._make_head(net.fc.in_features, dropout, head_bn)
         self.net = net
+        self.train()  # freeze_bn
 
     @property
     def backbone(self) -> nn.Module:
@@ -345,11 +451,12 @@ class ResNet18Tower(BackboneTower):
         if not (config.get("pretrained") or config.get("weights")):
             return {}
         preset = _torchvision_weights().transforms()
-        return {
+        defaults = {
             "image_size": [int(preset.crop_size[0])] * 2,
             "input_mean": _stats_for(preset.mean, channels),
             "input_std": _stats_for(preset.std, channels),
         }
+        return {**defaults, **checkpoint_input(config.get("weights"), channels)}
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(self.normalize_input(x))  # (B, D)
@@ -378,22 +485,28 @@ def without_pretrained(tower: Mapping[str, Any]) -> dict[str, Any]:
     """A tower config that builds the same architecture without reading any weights (a
     checkpoint's state dict fills it): ``pretrained`` false and ``weights`` null."""
     tower = dict(tower)
+    from_weights = bool(tower.get("pretrained") or tower.get("weights"))
     if "pretrained" in tower:
         tower["pretrained"] = False
     if "weights" in tower:
         tower["weights"] = None
+    if from_weights and tower.get("_target_") == "siamese.models.ResNet18Tower":
+        tower["stem"] = tower.get("stem") or "7x7"  # the pretrained stem, not a 3x3 one
     return tower
 
 
-def check_backbone_settings(model_cfg: Mapping[str, Any]) -> None:
+def check_backbone_settings(model_cfg: Mapping[str, Any], resuming: bool = False) -> None:
     """The backbone settings a run can refuse before reading data: ``backbone_lr_mult``, a
-    timm ``name``, and that ``weights`` is a file."""
+    timm ``name``, and (unless ``resuming``: the checkpoint holds the weights) that
+    ``weights`` is a file and pretrained weights are in the cache."""
     if "backbone_lr_mult" in model_cfg:
         check_lr_mult(model_cfg["backbone_lr_mult"])
     target = model_cfg.get("_target_")
     if target == "siamese.models.TimmTower":
         check_timm_name(model_cfg.get("name"))
     weights = model_cfg.get("weights")
+    if resuming:
+        return
     if weights and not Path(str(weights)).expanduser().is_file():
         what = "is a folder" if Path(str(weights)).expanduser().is_dir() else "does not exist"
         raise ConfigError(

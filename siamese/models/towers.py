@@ -24,7 +24,7 @@ def _image_size(value: int | Sequence[int] | None) -> tuple[int, int]:
     return h, w
 
 
-def check_tower_settings(model_cfg: Mapping[str, Any]) -> None:
+def check_tower_settings(model_cfg: Mapping[str, Any], resuming: bool = False) -> None:
     """Check the tower arguments that need no image shape (dropout probabilities, a timm
     name, a weights file, the backbone's learning-rate multiplier), so that train.py refuses
     them at start: the tower itself is built after the data is read."""
@@ -32,7 +32,7 @@ def check_tower_settings(model_cfg: Mapping[str, Any]) -> None:
         check_dropout(model_cfg["dropout"], "model.dropout")
     from siamese.models.backbones import check_backbone_settings  # built on this module
 
-    check_backbone_settings(model_cfg)
+    check_backbone_settings(model_cfg, resuming)
     for index, spec in enumerate(model_cfg.get("layers") or []):
         if isinstance(spec, Mapping) and str(spec.get("type", "")).lower() == "dropout":
             check_dropout(spec.get("p", 0.1), f"model.layers.{index}.p")

@@ -22,8 +22,9 @@ from siamese.errors import ConfigError
 WEIGHT_SUFFIXES = ".pth, .pt, .bin, .safetensors or a .ckpt of train.py"
 # Containers other programs wrap a state dict in (Lightning, timm's train script, DDP, EMA).
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema")
-# A checkpoint of this project: the backbone's tensors sit under this prefix.
-PROJECT_PREFIX = "tower.backbone."
+# A checkpoint of this project: the backbone's tensors sit under these prefixes (TimmTower's
+# backbone; ResNet18Tower's torchvision network, whose fc is the embedding head).
+PROJECT_PREFIXES = ("tower.backbone.", "tower.net.")
 TRUE = {"1", "true", "yes", "on"}
 
 
@@ -58,7 +59,8 @@ def read_weights(path: str | os.PathLike[str], key: str = "model.weights") -> di
 
     Takes a plain state dict (torch or safetensors), one wrapped by another program
     (``state_dict``, ``model``, ...; a ``module.`` prefix from DDP is dropped), or a
-    checkpoint of train.py, whose backbone tensors it returns."""
+    checkpoint of train.py, whose backbone tensors it returns (a timm ResNet's and
+    torchvision's have the same names, so either tower takes the other's)."""
     file = Path(path).expanduser()
     shown = f"{key}={str(path)!r}"
     if not file.is_file():
@@ -98,9 +100,10 @@ def _unwrap(data: Any, shown: str) -> dict[str, Tensor]:
         data.get("state_dict"), Mapping
     ):  # a checkpoint of train.py: its backbone
         state = {
-            k[len(PROJECT_PREFIX) :]: v
+            k[len(prefix) :]: v
+            for prefix in PROJECT_PREFIXES
             for k, v in data["state_dict"].items()
-            if isinstance(k, str) and k.startswith(PROJECT_PREFIX)
+            if isinstance(k, str) and k.startswith(prefix) and not k.startswith(f"{prefix}fc.")
         }
         if not state:
             tower = data["hyper_parameters"].get("tower")

@@ -77,7 +77,8 @@ def check_config(cfg: DictConfig) -> None:
     check_seed("eval_seed", cfg.get("eval_seed", 0), EVAL_SEED_MAX)
     # The tower and the data module are built after the data is read; their settings that
     # need no data are checked now, by the same code (the augment's own constructor).
-    check_tower_settings(cfg.model)
+    # A resumed run's weights come from its checkpoint, not from model.weights or a cache.
+    check_tower_settings(cfg.model, resuming=bool(cfg.get("ckpt_path")))
     if cfg.data.get("augment") is not None:
         build(cfg.data.augment)
     check_monitors(cfg.get("callbacks"))
@@ -411,6 +412,22 @@ def split_model_config(model_cfg: DictConfig) -> tuple[dict[str, Any], dict[str,
     return tower, options
 
 
+def check_augment_size(augment_cfg: Any, size: tuple[int, int]) -> None:
+    """Refuse an augmentation that resizes training images away from the size validation,
+    test and the model take (``data.augment.size``)."""
+    wanted = (augment_cfg or {}).get("size")
+    if wanted is None:
+        return
+    got = (wanted, wanted) if isinstance(wanted, int) else tuple(int(v) for v in wanted)
+    if got != tuple(size):
+        raise ConfigError(
+            f"data.augment.size={list(got)} would train on other images than the "
+            f"{size[0]}x{size[1]} ones validation, test and the model take; leave "
+            "data.augment.size=null (the crop is resized back to the data's size), or set "
+            "data.image_size instead"
+        )
+
+
 def size_data_for_weights(model_cfg: DictConfig, datamodule: Any) -> None:
     """Deliver the data at the input size of the weights a backbone tower starts from (or at
     ``model.image_size`` when set), before any image is read; one line when that changes
@@ -534,6 +551,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     datamodule = build(cfg.data)
     size_data_for_weights(cfg.model, datamodule)  # before any image is read
     datamodule.check_batches(processes)  # plans (and logs) the global batch of all processes
+    check_augment_size(cfg.data.get("augment"), datamodule.image_shape[1:])
     module = build_module(cfg, datamodule, resuming=ckpt_path is not None)
     # SIGTERM outside fit (between the stages, while testing, before metrics.json) stops
     # the run at once with the same line: Python's default would end it without a word,
