@@ -563,3 +563,28 @@ def test_backbone_freeze_unfreezes_a_run_resumed_mid_epoch_past_the_frozen_epoch
     callback.setup(early, module, "fit")
     callback.on_train_start(early, module)  # epoch 0: stays frozen
     assert not module.backbone.weight.requires_grad
+
+
+def test_with_no_network_the_missing_file_is_one_line_at_once(caches, monkeypatch):
+    """Downloads allowed but nothing reachable: no retries for a minute, the same one line
+    with the reason (a connect that fails, as with no network)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.delenv("ALL_PROXY", raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+
+    def no_network(address, timeout=None):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr("siamese.models.weights.socket.create_connection", no_network)
+    with pytest.raises(ConfigError) as info:
+        ResNet18Tower(pretrained=True, in_channels=3, image_size=64)
+    assert (
+        f"{TV_FILE} are not in {caches['torch'] / 'hub' / 'checkpoints'} (TORCH_HOME/hub/"
+        "checkpoints) and there is no network (download.pytorch.org: Network is unreachable); "
+        "download https://download.pytorch.org/models/"
+    ) in str(info.value)
+    with pytest.raises(ConfigError, match=r"and there is no network \(huggingface.co: Network"):
+        check_backbone_settings({"_target_": "siamese.models.TimmTower", "name": ARCH,
+                                 "pretrained": True})  # fmt: skip

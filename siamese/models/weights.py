@@ -10,9 +10,11 @@ read as tensors only (``weights_only`` / safetensors): it cannot name code.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
@@ -173,11 +175,32 @@ def weights_mismatch(
     return f"{what}; {count} tensor{'s differ' if count > 1 else ' differs'}"
 
 
+PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def unreachable(url: str) -> str | None:
+    """Why ``url``'s host cannot be reached (no network), in words, or None. One connect
+    with a 5 s limit: huggingface_hub would otherwise retry for over a minute. Behind a
+    proxy the download itself is the test."""
+    if any(os.environ.get(k) for k in PROXY_ENV):
+        return None
+    parsed = urlparse(url)
+    host = parsed.hostname or url
+    try:
+        socket.create_connection((host, parsed.port or 443), timeout=5).close()
+    except OSError as exc:
+        return f"there is no network ({host}: {exc.strerror or exc})"
+    return None
+
+
 def download_hf(repo_id: str, filenames: Iterable[str]) -> tuple[Path | None, str]:
     """The first of ``filenames`` that huggingface_hub downloads into its cache, or (None,
     why not)."""
     if offline():
         return None, "HF_HUB_OFFLINE=1 forbids downloads"
+    why = unreachable(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    if why is not None:
+        return None, why
     from huggingface_hub import hf_hub_download
 
     reason = "no such file in the repository"
@@ -193,6 +216,9 @@ def download_url(url: str, file: Path) -> tuple[Path | None, str]:
     """``url`` downloaded to ``file`` by torch.hub (torchvision's own download), or (None, why)."""
     if offline():
         return None, "HF_HUB_OFFLINE=1 forbids downloads"
+    why = unreachable(url)
+    if why is not None:
+        return None, why
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(file), progress=False)
