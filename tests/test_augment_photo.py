@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import CONF, compose_train
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -166,19 +167,27 @@ AFFINE = {
 }
 
 
-@pytest.mark.parametrize("data", sorted(AFFINE))
-def test_data_configs_keep_their_affine_settings(data, tmp_path):
-    cfg = compose_train([f"data={data}"], tmp_path)
+def compose_many(overrides: list[list[str]]) -> list:
+    """Several train configs composed in one Hydra context (a context costs as much as a
+    composition)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return [compose("train", overrides=o) for o in overrides]
+
+
+def test_data_configs_keep_their_affine_settings():
     common = {"scale": [0.9, 1.1], "p": 1.0, "elastic_alpha": 0.0, "elastic_sigma": 4.0}
-    want = {"_target_": "siamese.data.augment.BatchRandomAffine", **common, **AFFINE[data]}
-    assert dict(cfg.data.augment) == want
+    names = sorted(AFFINE)
+    for data, cfg in zip(names, compose_many([[f"data={d}"] for d in names]), strict=True):
+        want = {"_target_": "siamese.data.augment.BatchRandomAffine", **common, **AFFINE[data]}
+        assert dict(cfg.data.augment) == want, data
 
 
-@pytest.mark.parametrize("data", ["image_folder", "mnist_subset"])
-def test_data_augment_photo_selects_the_photo_recipe(data, tmp_path):
-    cfg = compose_train([f"data={data}", "data/augment=photo", "data.augment.hue=0.2"], tmp_path)
-    aug = instantiate(cfg.data.augment)
-    assert isinstance(aug, BatchPhotoAugment) and aug.ranges[HUE] == (-0.2, 0.2)
+def test_data_augment_photo_selects_the_photo_recipe():
+    names = ["image_folder", "mnist_subset"]
+    overrides = [[f"data={d}", "data/augment=photo", "data.augment.hue=0.2"] for d in names]
+    for cfg in compose_many(overrides):
+        aug = instantiate(cfg.data.augment)
+        assert isinstance(aug, BatchPhotoAugment) and aug.ranges[HUE] == (-0.2, 0.2)
 
 
 def test_augment_null_and_single_keys_still_override(tmp_path):
