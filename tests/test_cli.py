@@ -190,6 +190,7 @@ def test_values_of_the_right_kind_pass_the_value_check():
     )
 
 
+@pytest.mark.slow  # ~8 s: composes every config (default suite under 5 minutes)
 def test_every_key_a_composed_config_has_passes_the_key_check():
     """No false alarm: every key of the train, evaluate and export configs, with each
     experiment and preset, is accepted (new keys with +, hydra.* and groups are Hydra's)."""
@@ -431,6 +432,7 @@ def test_a_used_run_directory_is_refused_with_a_hint_for_the_task(tmp_path, caps
     assert (tmp_path / "ex" / "model.json").read_text() == "{}"
 
 
+@pytest.mark.slow  # ~4 s: a fit then a resume (default suite under 5 minutes)
 def test_resume_with_another_schedule_length_is_refused(make_cfg):
     run_training(make_cfg())
     with pytest.raises(ConfigError, match="planned for 3 steps, but this run plans 6"):

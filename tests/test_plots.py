@@ -93,6 +93,7 @@ def test_embeddings_2d_pca(tmp_path, n_classes):
     read_png(plot_embeddings_2d(emb, labels, out, max_points=100), out)
 
 
+@pytest.mark.slow  # ~2 s: t-SNE (default suite under 5 minutes)
 def test_embeddings_2d_tsne(tmp_path):
     rng = np.random.default_rng(0)
     emb = np.concatenate([rng.normal(0, 0.1, (12, 5)), rng.normal(3, 0.1, (12, 5))])

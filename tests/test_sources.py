@@ -416,6 +416,7 @@ def test_image_folder_split_layout_carves_missing_val(tmp_path):
         ImageFolder().load(tmp_path)
 
 
+@pytest.mark.slow  # ~6 s: thousands of files (default suite under 5 minutes)
 def test_image_folder_indexes_many_files_without_opening_them(tmp_path):
     for c in range(50):
         folder = tmp_path / f"class{c:02d}"

@@ -267,6 +267,7 @@ def test_a_single_run_without_the_optimized_metric_warns_and_finishes(caplog):
     ]
 
 
+@pytest.mark.slow  # ~4 s: a fit (default suite under 5 minutes)
 def test_the_optimised_value_is_the_best_epoch_that_was_tested(make_cfg, tmp_path):
     cfg = make_cfg("trainer.max_epochs=3", "trainer.limit_train_batches=2")
     metrics = run_training(cfg)

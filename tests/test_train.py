@@ -118,9 +118,15 @@ def test_same_checkpoint_always_scores_the_same(trained):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["loss=triplet", "loss.mining=semi_hard", "model.embedding_dim=32"],
-        ["distance=cosine", "loss=contrastive", "loss.margin=0.6"],
-        ["distance=cosine"],
+        # Three of the variants run with -m slow: the default suite stays under 5 minutes.
+        pytest.param(
+            ["loss=triplet", "loss.mining=semi_hard", "model.embedding_dim=32"],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["distance=cosine", "loss=contrastive", "loss.margin=0.6"], marks=pytest.mark.slow
+        ),
+        pytest.param(["distance=cosine"], marks=pytest.mark.slow),
         ["distance=learned", "loss=bce"],
         ["loss=contrastive", "data.pair_mode=explicit", "data.batch_size=64"],
         pytest.param(
