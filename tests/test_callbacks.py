@@ -398,6 +398,7 @@ def test_explicit_pairs_without_test_draw_the_last_validation(make_cfg, no_rich)
     assert metrics["train/images_per_sec"] > 0
 
 
+@pytest.mark.slow  # ~5 s: a fit with pictures (default suite under 5 minutes)
 def test_partly_evaluated_split_still_draws_its_own_images(make_cfg, no_rich, caplog):
     cfg = make_cfg(
         "test=false",

@@ -227,6 +227,7 @@ def test_one_shot_episodes_within_an_alphabet(trained, evaluated, tmp_path, capl
         run_evaluation(compose_eval([f"ckpt_path={ckpt}", "eval.oneshot.within=script"], tmp_path))
 
 
+@pytest.mark.slow  # ~4 s: a fit and an evaluation (default suite under 5 minutes)
 def test_rank_by_head_ranks_every_item_with_the_learned_head(trained, tmp_path):
     out = tmp_path / "learned"
     learned = ["distance=learned", "loss=bce", "trainer.max_epochs=1"]
@@ -352,6 +353,7 @@ def test_a_train_gallery_needs_the_same_classes():
         check_shared_classes(other, train, "test", "X")
 
 
+@pytest.mark.slow  # ~3 s: a fit and two evaluations (default suite under 5 minutes)
 def test_from_run_rescores_saved_embeddings_without_images(evaluated, tmp_path, monkeypatch):
     out, report = evaluated
     # No image may be read: the data module is never built.

@@ -159,7 +159,14 @@ def test_one_shot_within_alphabet_on_data_without_alphabets_is_one_line(tmp_path
 
 
 # debug=fast runs in full below (test_debug_fast_trains_five_batches_and_tests).
-@pytest.mark.parametrize("name", [d for d in DEBUGS if d != "fast"])
+@pytest.mark.parametrize(
+    "name",  # profile (~2 s) with -m slow: the default suite stays under 5 minutes
+    [
+        pytest.param(d, marks=pytest.mark.slow) if d == "profile" else d
+        for d in DEBUGS
+        if d != "fast"
+    ],
+)
 def test_debug_preset_runs_fast_dev_run(name, tmp_path):
     cfg = compose_train([f"debug={name}", *CPU, FAST_DEV_RUN], tmp_path / "run")
     assert cfg.task_name == "debug"  # runs land in outputs/debug/, not among real runs

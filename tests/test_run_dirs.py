@@ -140,6 +140,7 @@ def test_export_replaces_only_its_own_export_and_new_folders_record_their_job(tm
     run_dirs.unlock(new)
 
 
+@pytest.mark.slow  # ~3 s: three entry-point processes (default suite under 5 minutes)
 def test_the_entry_points_refuse_before_hydra_writes(tmp_path):
     """The issue's commands, each one line and exit 2, with every file as it was."""
     run = fake_run(tmp_path / "run", "train", "checkpoints/best.ckpt", "metrics.json")
