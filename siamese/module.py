@@ -682,7 +682,7 @@ class SiameseModule(pl.LightningModule):
         group otherwise."""
         backbone = self.backbone
         if backbone is None:
-            return [{"params": list(self.parameters()), "name": "all", "lr_mult": 1.0}]
+            return [{"params": list(self.parameters())}]
         inside = {id(p) for p in backbone.parameters()}
         return [
             {

@@ -152,7 +152,7 @@ class SiameseDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.image_size = _size(image_size)
+        self.image_size = image_size_pair(image_size)
         self.augment = augment
         self.seed = seed
         self.reshuffle = reshuffle
@@ -405,12 +405,15 @@ def ordered_loader(split: LabelledImages, batch_size: int, num_workers: int = 0)
     )
 
 
-def _size(value: int | Sequence[int] | None) -> tuple[int, int] | None:
+def image_size_pair(
+    value: int | Sequence[int] | None, key: str = "data.image_size"
+) -> tuple[int, int] | None:
+    """``32`` or ``[H, W]`` as (H, W) (None stays None), or one line for anything else."""
     if value is None:
         return None
     size = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
     if len(size) != 2 or min(size) < 1:
-        raise ConfigError(f"data.image_size must be a positive int or [H, W], got {value!r}")
+        raise ConfigError(f"{key} must be a positive int or [H, W], got {value!r}")
     return size
 
 

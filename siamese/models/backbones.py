@@ -27,6 +27,7 @@ from siamese.models.weights import (
     download_hf,
     download_url,
     hf_cache_dir,
+    one_line,
     read_weights,
     torch_checkpoints_dir,
     weights_mismatch,
@@ -116,7 +117,7 @@ def _check_forward(tower: Tower, what: str) -> None:
         with torch.no_grad():
             tower(torch.zeros(1, *tower.input_shape))
     except (RuntimeError, AssertionError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:160]
+        reason = one_line(exc, 160)
         c, h, w = tower.input_shape
         raise ConfigError(
             f"{what} cannot take {c}x{h}x{w} images ({reason}); set model.image_size=[H,W] "
@@ -261,7 +262,7 @@ def _timm_net(
                 name, pretrained=False, num_classes=0, in_chans=channels, **extra
             )
         except (RuntimeError, AssertionError, ValueError, TypeError) as exc:
-            reason = " ".join(str(exc).split())[:160]
+            reason = one_line(exc, 160)
             size = "x".join(map(str, image_size))
             raise ConfigError(
                 f"timm cannot build {name} for {channels}-channel {size} images ({reason}); "
@@ -283,7 +284,7 @@ def _timm_net(
         net = plain()
         classifier = net.pretrained_cfg.get("classifier") or ()
         ignore = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        why = weights_mismatch(net, state, ignore) or " ".join(str(exc).split())[:200]
+        why = weights_mismatch(net, state, ignore) or one_line(exc)
         raise ConfigError(
             f"{source} does not fit timm's {name}: {why}; pass weights of this architecture "
             "or the model.name they were saved from"

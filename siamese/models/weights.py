@@ -52,8 +52,9 @@ def torch_checkpoints_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut at ``limit`` characters."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
 def read_weights(path: str | os.PathLike[str], key: str = "model.weights") -> dict[str, Tensor]:
@@ -75,7 +76,7 @@ def read_weights(path: str | os.PathLike[str], key: str = "model.weights") -> di
             data: Any = load_file(str(file), device="cpu")
         except Exception as exc:  # safetensors raises its own error types for a bad header
             raise ConfigError(
-                f"{shown} is not a safetensors weights file ({_one_line(exc)}); pass a weights "
+                f"{shown} is not a safetensors weights file ({one_line(exc)}); pass a weights "
                 f"file ({WEIGHT_SUFFIXES})"
             ) from None
     else:
@@ -84,7 +85,7 @@ def read_weights(path: str | os.PathLike[str], key: str = "model.weights") -> di
         except Exception as exc:  # pickle, zip and torch errors: all mean "not weights"
             raise ConfigError(
                 f"{shown} is not a weights file torch reads as plain tensors "
-                f"({_one_line(exc)}); pass a weights file ({WEIGHT_SUFFIXES})"
+                f"({one_line(exc)}); pass a weights file ({WEIGHT_SUFFIXES})"
             ) from None
     state = _unwrap(data, shown)
     if not state:
@@ -208,7 +209,7 @@ def download_hf(repo_id: str, filenames: Iterable[str]) -> tuple[Path | None, st
         try:
             return Path(hf_hub_download(repo_id, name, cache_dir=hf_cache_dir())), ""
         except Exception as exc:  # network, missing file, auth: the one line says which
-            reason = f"the download failed: {_one_line(exc)[:120]}"
+            reason = f"the download failed: {one_line(exc)[:120]}"
     return None, reason
 
 
@@ -223,5 +224,5 @@ def download_url(url: str, file: Path) -> tuple[Path | None, str]:
         file.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(file), progress=False)
     except Exception as exc:  # network or disk
-        return None, f"the download failed: {_one_line(exc)[:120]}"
+        return None, f"the download failed: {one_line(exc)[:120]}"
     return file, ""

@@ -28,6 +28,7 @@ from siamese.callbacks import StopSignalled, is_positive_int, select_callbacks
 from siamese.checkpointing import AtomicCheckpointIO, RunRelativePaths
 from siamese.cli import resumable_checkpoint
 from siamese.config import build
+from siamese.data.datamodule import image_size_pair
 from siamese.distances import check_embedding_dim
 from siamese.distributed import SyncBatchNormPlugin
 from siamese.errors import ConfigError, find_in_chain
@@ -415,11 +416,8 @@ def split_model_config(model_cfg: DictConfig) -> tuple[dict[str, Any], dict[str,
 def check_augment_size(augment_cfg: Any, size: tuple[int, int]) -> None:
     """Refuse an augmentation that resizes training images away from the size validation,
     test and the model take (``data.augment.size``)."""
-    wanted = (augment_cfg or {}).get("size")
-    if wanted is None:
-        return
-    got = (wanted, wanted) if isinstance(wanted, int) else tuple(int(v) for v in wanted)
-    if got != tuple(size):
+    got = image_size_pair((augment_cfg or {}).get("size"), "data.augment.size")
+    if got is not None and got != tuple(size):
         raise ConfigError(
             f"data.augment.size={list(got)} would train on other images than the "
             f"{size[0]}x{size[1]} ones validation, test and the model take; leave "
@@ -433,11 +431,11 @@ def size_data_for_weights(model_cfg: DictConfig, datamodule: Any) -> None:
     ``model.image_size`` when set), before any image is read; one line when that changes
     ``data.image_size``."""
     tower, _ = split_model_config(model_cfg)
-    size = tower.get("image_size") or input_defaults(tower, 3).get("image_size")
-    if size is None or not hasattr(tower_class(tower), "input_defaults"):
+    if not hasattr(tower_class(tower), "input_defaults"):
         return
-    wanted = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
-    if datamodule.image_size == wanted:
+    size = tower.get("image_size") or input_defaults(tower, 3).get("image_size")
+    wanted = image_size_pair(size, "model.image_size")
+    if wanted is None or datamodule.image_size == wanted:
         return
     whose = "model.image_size" if tower.get("image_size") else "the pretrained weights' input size"
     log.info(
@@ -466,8 +464,9 @@ def build_module(cfg: DictConfig, datamodule: Any, resuming: bool = False) -> Si
     for key, value in defaults.items():
         if tower.get(key) is None:
             tower[key] = value
-    if isinstance(tower["image_size"], int):  # model.image_size=32 means 32x32
-        tower["image_size"] = [tower["image_size"]] * 2
+    tower["image_size"] = list(
+        image_size_pair(tower["image_size"], "model.image_size")
+    )  # 32 means 32x32
     if tower["in_channels"] != channels or list(tower["image_size"]) != [height, width]:
         raise ConfigError(
             f"model expects {tower['in_channels']}x{tower['image_size']} images but the data "
