@@ -1,4 +1,4 @@
-"""Tiny data sets in their real on-disk formats: MNIST IDX files, Omniglot trees, folders."""
+"""Tiny data sets in their real on-disk formats (MNIST IDX, Omniglot, folders) and set readers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from siamese.data.datasets import LabelledImages
 
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -135,3 +138,15 @@ def make_image_folder(root: Path, counts: dict[str, int]) -> dict[str, list[Path
             written.setdefault(name, []).append(path)
             k += 1
     return written
+
+
+def class_counts(targets: torch.Tensor, n: int) -> list[int]:
+    """How many items of each of ``n`` classes ``targets`` holds."""
+    return torch.bincount(targets, minlength=n).tolist()
+
+
+def read_all(images: LabelledImages) -> torch.Tensor:
+    """Every image of a set in one batch, checking the batch's labels are the set's targets."""
+    x, y = images.__getitems__(list(range(len(images))))
+    assert torch.equal(y, images.targets)
+    return x
