@@ -53,12 +53,19 @@ class EuclideanDistance(Distance):
         super().__init__(normalize_embeddings)
 
     def pairwise(self, a: Tensor, b: Tensor) -> Tensor:
-        # Clamping before sqrt keeps the gradient finite for identical rows (the diagonal).
         sq = a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2.0 * a @ b.T
-        return sq.clamp_min(_EPS).sqrt()  # (Na, Nb)
+        return _sqrt(sq)  # (Na, Nb)
 
     def paired(self, a: Tensor, b: Tensor) -> Tensor:
-        return (a - b).pow(2).sum(-1).clamp_min(_EPS).sqrt()  # (N,)
+        return _sqrt((a - b).pow(2).sum(-1))  # (N,)
+
+
+def _sqrt(sq: Tensor) -> Tensor:
+    """sqrt(max(sq, 0)) with sqrt(max(sq, 1e-12))'s gradient: finite for identical rows (0
+    there), where sqrt's is infinite. The value is not floored, so identical rows are at
+    distance 0 exactly and a margin test on it (a contrastive loss's) sees 0, not 1e-6."""
+    floored = sq.clamp_min(_EPS).sqrt()
+    return torch.where(sq > _EPS, floored, sq.clamp_min(0).sqrt().detach())
 
 
 class CosineSimilarity(Distance):

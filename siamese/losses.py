@@ -5,6 +5,11 @@ Each loss takes a Distance. ``forward(emb, labels)`` uses every pair (or triplet
 batch; pair losses also offer ``forward_pairs(e1, e2, same)`` for explicit (x1, x2, same)
 batches. Both return a LossOutput with the scalar and what a dashboard needs to spot a
 collapse (the fraction of active terms and the mean same/different distance).
+
+Every loss first passes its embeddings through ``distance.prepare`` (pytorch-metric-learning's
+``normalize_embeddings=True``), so raw embeddings given to a normalising distance (cosine,
+euclidean on unit vectors) score as their unit-length copies would; the model's embeddings,
+already prepared, are unchanged by it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from siamese.errors import ConfigError
 @dataclass
 class LossOutput:
     loss: Tensor  # scalar, differentiable
-    active_fraction: Tensor  # fraction of pairs/triplets with a non-zero loss
+    active_fraction: Tensor  # fraction of pairs/triplets inside their margin (a non-zero loss)
     pos_distance: Tensor  # mean distance of same pairs (lower means more alike)
     neg_distance: Tensor  # mean distance of different pairs
 
@@ -53,30 +58,33 @@ TRIPLET_CHUNK = 2**24
 
 
 class PairLoss(nn.Module):
-    """A loss on pair scores; subclasses define ``terms(scores, same) -> per-pair losses``."""
+    """A loss on pair scores; subclasses define ``terms(scores, same) -> (active, loss)``."""
 
     def __init__(self, distance: Distance) -> None:
         super().__init__()
         self.distance = distance
 
     def terms(self, scores: Tensor, same: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-pair losses and the loss, reduced the way this objective wants it."""
+        """(P,) bool: which pairs have a non-zero loss; and the loss, reduced the way this
+        objective wants it."""
         raise NotImplementedError
 
     def forward(self, emb: Tensor, labels: Tensor) -> LossOutput:
+        emb = self.distance.prepare(emb)
         rows, cols, same = in_batch_pairs(labels)
         scores = self.distance.pairwise(emb, emb)[rows, cols]  # (P,)
         return self._output(scores, same, emb)
 
     def forward_pairs(self, e1: Tensor, e2: Tensor, same: Tensor) -> LossOutput:
+        e1, e2 = self.distance.prepare(e1), self.distance.prepare(e2)
         return self._output(self.distance.paired(e1, e2), same.bool(), e1, e2)
 
     def _output(self, scores: Tensor, same: Tensor, *embeddings: Tensor) -> LossOutput:
-        per_pair, loss = self.terms(scores, same)
+        active, loss = self.terms(scores, same)
         dist = self.distance.to_distance(scores.detach())
         return LossOutput(
             loss=_propagate_nonfinite(loss, *embeddings),
-            active_fraction=(per_pair.detach() > 0).float().mean(),
+            active_fraction=active.detach().float().mean(),
             pos_distance=_masked_mean(dist, same),
             neg_distance=_masked_mean(dist, ~same),
         )
@@ -87,8 +95,11 @@ class ContrastiveLoss(PairLoss):
 
     Works on ``distance.to_distance`` (cosine becomes 1 - cos). Same and different terms are
     averaged separately and added, so the many negatives of an in-batch batch do not drown
-    the few positives. ``reduction="nonzero"`` averages each over its non-zero entries only
-    (pytorch-metric-learning's default reducer); ``"mean"`` over all of them.
+    the few positives. ``reduction="nonzero"`` averages each over its active pairs only
+    (pytorch-metric-learning's default reducer): a same pair farther than ``pos_margin``, a
+    different pair closer than ``margin``, tested on the distance itself (not on a loss
+    that rounding can leave at 1e-12); ``"mean"`` averages over all pairs. Margins apply to
+    ``to_distance``, so for a similarity they are its mirror: cosine's 1 - cos.
     """
 
     REDUCTIONS = ("nonzero", "mean")
@@ -119,9 +130,10 @@ class ContrastiveLoss(PairLoss):
         per_pair = torch.where(
             same, F.relu(d - self.pos_margin).pow(2), F.relu(self.margin - d).pow(2)
         )
-        counted = per_pair > 0 if self.reduction == "nonzero" else torch.ones_like(same)
+        active = torch.where(same, d > self.pos_margin, d < self.margin)
+        counted = active if self.reduction == "nonzero" else torch.ones_like(same)
         loss = _masked_mean(per_pair, same & counted) + _masked_mean(per_pair, ~same & counted)
-        return per_pair, loss
+        return active, loss
 
 
 class BCELoss(PairLoss):
@@ -142,7 +154,7 @@ class BCELoss(PairLoss):
     def terms(self, scores: Tensor, same: Tensor) -> tuple[Tensor, Tensor]:
         per_pair = F.binary_cross_entropy_with_logits(scores, same.float(), reduction="none")
         loss = 0.5 * (_masked_mean(per_pair, same) + _masked_mean(per_pair, ~same))
-        return per_pair, loss
+        return per_pair > 0, loss
 
 
 class TripletLoss(nn.Module):
@@ -167,6 +179,7 @@ class TripletLoss(nn.Module):
         self.mining = mining
 
     def forward(self, emb: Tensor, labels: Tensor) -> LossOutput:
+        emb = self.distance.prepare(emb)
         d = self.distance.to_distance(self.distance.pairwise(emb, emb))  # (B, B)
         same = labels.unsqueeze(0) == labels.unsqueeze(1)
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
@@ -269,6 +282,7 @@ class MultiSimilarityLoss(nn.Module):
         return 1 - scores.pow(2) / 2  # unit vectors: |a - b|^2 = 2 - 2 cos
 
     def forward(self, emb: Tensor, labels: Tensor) -> LossOutput:
+        emb = self.distance.prepare(emb)  # unit length, which 1 - d^2 / 2 = cos needs
         s = self.similarity(emb)  # (B, B)
         same = labels.unsqueeze(0) == labels.unsqueeze(1)
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)

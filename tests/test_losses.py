@@ -113,6 +113,100 @@ def test_contrastive_with_no_different_pair_still_has_a_gradient():
     assert torch.isfinite(emb.grad).all()
 
 
+def test_identical_rows_are_at_distance_zero_with_a_finite_gradient():
+    # No 1e-6 floor on the value (a margin test would count it), a finite gradient all the same.
+    a = torch.tensor([[0.6, 0.8], [0.6, 0.8], [1.0, 0.0]], requires_grad=True)
+    euc = EuclideanDistance(normalize_embeddings=False)
+    d = euc.pairwise(a, a)
+    assert d[0, 1].item() == 0.0 and d[0, 0].item() == 0.0
+    assert euc.paired(a[:1], a[1:2]).item() == 0.0
+    assert d[0, 2].item() == pytest.approx(math.sqrt(0.4**2 + 0.8**2), rel=1e-6)
+    (d.sum() + euc.paired(a[:1], a[1:2]).sum()).backward()
+    assert torch.isfinite(a.grad).all()
+
+
+def test_contrastive_nonzero_counts_pairs_by_their_margins():
+    # Class 0: two copies of (1, 0); class 1: (0, 1) and (-1, 0). By hand, margin 1.5:
+    # same (0,1) d = 0: inside pos_margin 0, not counted; same (2,3) d = sqrt 2: 2.
+    # different (0,2), (1,2) d = sqrt 2 < 1.5: (1.5 - sqrt 2)^2 each; (0,3), (1,3) d = 2: 0.
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1])
+    near = (1.5 - math.sqrt(2)) ** 2
+    out = ContrastiveLoss(EuclideanDistance(), margin=1.5)(emb, labels)
+    assert out.loss.item() == pytest.approx(2.0 + near, rel=1e-6)
+    assert out.active_fraction.item() == pytest.approx(3 / 6)
+    out.loss.backward()
+    assert torch.isfinite(emb.grad).all()
+    mean = ContrastiveLoss(EuclideanDistance(), margin=1.5, reduction="mean")(emb, labels)
+    assert mean.loss.item() == pytest.approx((0 + 2) / 2 + 2 * near / 4, rel=1e-6)
+    assert mean.active_fraction.item() == pytest.approx(3 / 6)
+    # A same pair inside pos_margin counts for nothing: (2,3) at sqrt 2 < 1.45.
+    inside = ContrastiveLoss(EuclideanDistance(), margin=1.5, pos_margin=1.45)(emb, labels)
+    assert inside.loss.item() == pytest.approx(near, rel=1e-6)
+    assert inside.active_fraction.item() == pytest.approx(2 / 6)
+
+
+def test_contrastive_duplicate_pair_is_not_counted_reproducer():
+    torch.manual_seed(0)
+    e = F.normalize(torch.randn(4, 8), dim=1)
+    e[1] = e[0]
+    y = torch.tensor([0, 0, 1, 1])
+    out = ContrastiveLoss(EuclideanDistance(), margin=1.0, pos_margin=0.0, reduction="nonzero")(
+        e, y
+    )
+    assert out.loss.item() == pytest.approx(((e[2] - e[3]).norm() ** 2).item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(2.762, abs=1e-3)
+    assert out.active_fraction.item() == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ContrastiveLoss(EuclideanDistance(), margin=1.2, pos_margin=0.1),
+        lambda: ContrastiveLoss(CosineSimilarity(), margin=1.2, pos_margin=0.1),
+        lambda: TripletLoss(EuclideanDistance(), margin=0.3, mining="batch_hard"),
+        lambda: TripletLoss(EuclideanDistance(), margin=0.3, mining="semi_hard"),
+        lambda: TripletLoss(CosineSimilarity(), margin=0.3, mining="all"),
+        lambda: MultiSimilarityLoss(EuclideanDistance()),
+        lambda: MultiSimilarityLoss(CosineSimilarity()),
+    ],
+    ids=[
+        "contrastive-euc",
+        "contrastive-cos",
+        "batch_hard",
+        "semi_hard",
+        "all-cos",
+        "ms-euc",
+        "ms-cos",
+    ],
+)
+def test_raw_embeddings_give_the_loss_of_their_unit_copies(make):
+    # A normalising distance normalises what a loss is handed directly (norms 0.2 to 5 here).
+    torch.manual_seed(2)
+    unit = F.normalize(torch.randn(12, 5, dtype=torch.float64), dim=1)
+    raw = unit * torch.linspace(0.2, 5.0, 12, dtype=torch.float64)[:, None]
+    labels = torch.randint(0, 3, (12,))
+    loss = make()
+    expected, got = loss(unit, labels), loss(raw, labels)
+    assert expected.loss.item() > 0
+    assert got.loss.item() == pytest.approx(expected.loss.item(), rel=1e-9)
+    assert got.active_fraction.item() == pytest.approx(expected.active_fraction.item())
+    assert got.pos_distance.item() == pytest.approx(expected.pos_distance.item(), rel=1e-9)
+    if isinstance(loss, ContrastiveLoss):
+        same = labels[:6] == labels[6:]
+        pairs = loss.forward_pairs(raw[:6], raw[6:], same).loss
+        assert pairs.item() == pytest.approx(
+            loss.forward_pairs(unit[:6], unit[6:], same).loss.item(), rel=1e-9
+        )
+
+
+def test_raw_embeddings_stay_raw_for_a_distance_that_does_not_normalise():
+    # (3, 4) and the origin, same class: d = 5, the loss (5 - 0)^2 = 25.
+    emb = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    loss = ContrastiveLoss(EuclideanDistance(normalize_embeddings=False), margin=1.0)
+    assert loss(emb, torch.tensor([0, 0])).loss.item() == pytest.approx(25.0)
+
+
 def triplet_by_loop(emb, labels, margin, mining):
     d = lambda i, j: float((emb[i] - emb[j]).norm())  # noqa: E731
     n = len(emb)

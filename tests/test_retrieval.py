@@ -12,8 +12,8 @@ import torch
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation import (
     build_index,
+    exact_search,
     normalize,
-    retrieval,
     retrieval_metrics,
     scored_retrieval_metrics,
 )
@@ -194,7 +194,7 @@ def adversarial_tile_keys(self, neg_q, start, stop, out):
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_ranking_does_not_trust_float32_order(metric, monkeypatch):
-    monkeypatch.setattr(retrieval._Gallery, "tile_keys", adversarial_tile_keys)
+    monkeypatch.setattr(exact_search.Gallery, "tile_keys", adversarial_tile_keys)
     # Exact ties between distinct points (small integer coordinates) ...
     gen = torch.Generator().manual_seed(5)
     emb = torch.randint(0, 3, (200, 6), generator=gen).float()
@@ -239,11 +239,11 @@ def test_near_ties_below_float32_resolution(metric):
 def test_small_tiles_and_bad_guesses(metric, monkeypatch):
     # Tiles of a few items, a sample that guesses the k-th key badly, and candidates capped
     # just past k: every fallback path, and the same numbers.
-    monkeypatch.setattr(retrieval, "_TILE_ELEMENTS", 64)
-    monkeypatch.setattr(retrieval, "_SAMPLE_MAX", 9)
-    monkeypatch.setattr(retrieval, "_SAMPLE_MIN", 9)
-    monkeypatch.setattr(retrieval, "_EXTRA_CANDIDATES", 0)
-    monkeypatch.setattr(retrieval, "_CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(exact_search, "_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(exact_search, "_SAMPLE_MAX", 9)
+    monkeypatch.setattr(exact_search, "_SAMPLE_MIN", 9)
+    monkeypatch.setattr(exact_search, "_EXTRA_CANDIDATES", 0)
+    monkeypatch.setattr(exact_search, "_CHUNK_ELEMENTS", 40)
     emb, labels = random_embeddings(seed=6)
     expected = brute_force(emb, labels, metric=metric, ks=(1, 5, 10))
     assert_same_metrics(retrieval_metrics(emb, labels, metric=metric, block_size=13), expected)
@@ -253,9 +253,9 @@ def test_small_tiles_and_bad_guesses(metric, monkeypatch):
     expected = brute_force(emb, labels, metric=metric, ks=(1, 5, 10))
     assert_same_metrics(retrieval_metrics(emb, labels, metric=metric, block_size=13), expected)
     # Many small classes (k = 10) and a cap of 15 candidates below the sample's guess.
-    monkeypatch.setattr(retrieval, "_SAMPLE_MAX", 60)
-    monkeypatch.setattr(retrieval, "_SAMPLE_MIN", 60)
-    monkeypatch.setattr(retrieval, "_EXTRA_CANDIDATES", -25)
+    monkeypatch.setattr(exact_search, "_SAMPLE_MAX", 60)
+    monkeypatch.setattr(exact_search, "_SAMPLE_MIN", 60)
+    monkeypatch.setattr(exact_search, "_EXTRA_CANDIDATES", -25)
     emb, labels = random_embeddings(seed=7, classes=80)
     expected = brute_force(emb, labels, metric=metric, ks=(1, 5, 10))
     assert_same_metrics(retrieval_metrics(emb, labels, metric=metric, block_size=13), expected)
@@ -608,3 +608,42 @@ def test_a_bad_scorer_is_one_line():
         scored_retrieval_metrics(x, y, scorer=lambda a, g: np.zeros((len(a), 3)), ks=(1,))
     with pytest.raises(DataError, match="non-finite distances"):
         scored_retrieval_metrics(x, y, scorer=lambda a, g: np.full((len(a), 4), np.nan), ks=(1,))
+
+
+# faiss.contrib.torch_utils replaces faiss.Index.search for the whole process (with a
+# version that takes no params=), so it is imported in a process of its own.
+TORCH_UTILS_HNSW = """
+import json, sys
+import faiss, faiss.contrib.torch_utils
+import numpy as np
+from siamese.evaluation import build_index, retrieval_metrics
+assert hasattr(faiss.IndexHNSWFlat, "search_numpy")  # the replacement is in place
+x, labels = np.load(sys.argv[1]), np.load(sys.argv[2])
+named = retrieval_metrics(x, labels, index="hnsw", index_params={"ef_search": 8})
+built = retrieval_metrics(x, labels, index=build_index(x, kind="hnsw", ef_search=8))
+print(json.dumps([named, built]))
+"""
+
+
+def test_hnsw_search_after_faiss_torch_utils_is_imported(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    emb, labels = separated()
+    np.save(tmp_path / "x.npy", emb)
+    np.save(tmp_path / "y.npy", labels)
+    proc = subprocess.run(
+        [sys.executable, "-c", TORCH_UTILS_HNSW, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exact = retrieval_metrics(emb, labels)
+    for got in json.loads(proc.stdout.strip().splitlines()[-1]):
+        # ef_search 8 < the 34 searched: the widened search (params=) found every neighbour.
+        assert got.pop("approx_recall_at_10") == 1.0
+        assert got == exact

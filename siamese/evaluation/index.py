@@ -2,7 +2,9 @@
 
 ``build_index`` turns a (N, D) gallery into a searchable ``faiss.Index`` with defaults that
 give high recall on clustered embeddings; ``retrieval_metrics`` accepts the result (or the
-kind's name) and ranks faiss's candidates by exact distances itself.
+kind's name), and ``IndexSearch`` ranks faiss's candidates by exact distances itself.
+``index_kind`` names what an index is; ``search`` calls faiss's search with parameters also
+where ``faiss.contrib.torch_utils`` has replaced it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from siamese.errors import ConfigError
 from siamese.evaluation.arrays import as_embeddings
+from siamese.evaluation.exact_search import Gallery, rank
 
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("l2", "ip")
@@ -29,6 +32,11 @@ _IVF_TRAIN_ITERATIONS = 10
 _DEFAULT_NPROBE = 32
 _HNSW_EF_CONSTRUCTION = 100
 _HNSW_EF_SEARCH = 128
+# Candidates asked of a faiss index past the k needed.
+_EXTRA_INDEX_CANDIDATES = 8
+# A key bound so loose that all candidates of a row land in one group: twice it is still a
+# finite float32, above any difference of keys (check_range), below inf - key (padding).
+_NO_BOUND = float(np.finfo(np.float32).max) / 4
 
 
 def build_index(
@@ -135,6 +143,21 @@ def index_kind(index: faiss.Index) -> str:
     return "other"
 
 
+def search(
+    index: faiss.Index, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's ``index.search(x, k, params=params)`` on a float32 array: (N, k) distances, ids.
+
+    ``import faiss.contrib.torch_utils`` (pytorch-metric-learning's accuracy code does it)
+    replaces ``Index.search`` in the whole process with a version that takes no ``params``,
+    and keeps faiss's own as ``search_numpy``: that one is called where it exists.
+    """
+    method = getattr(index, "search_numpy", None) or index.search
+    if params is None:
+        return method(x, k)
+    return method(x, k, params=params)
+
+
 def _ivf(
     x: np.ndarray, faiss_metric: int, nlist: int | None, nprobe: int | None, seed: int
 ) -> faiss.Index:
@@ -171,3 +194,73 @@ def _ivf(
 def _check_positive_int(name: str, value: Any, hint: str) -> None:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ConfigError(f"{name} {value!r} must be a positive integer ({hint})")
+
+
+class IndexSearch:
+    """Top-k from a faiss index's candidates, re-ranked by exact keys (approximate)."""
+
+    def __init__(self, index: faiss.Index, gal: Gallery) -> None:
+        self.index = index
+        self.gal = gal
+        # The indexes build_index makes compute float32 distances from the stored vectors
+        # (within the key bound); any other (a compressed one) gets no bound at all.
+        self.kind = index_kind(index)
+        self.trusted = self.kind in KINDS
+
+    def top_k(
+        self,
+        q: np.ndarray,
+        k: int,
+        self_ids: np.ndarray | None,
+        q_codes: np.ndarray,
+        ids_exact: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(B, k) gallery indices (-1 where the index found fewer than k) and whether each
+        is of the query's class."""
+        # A few candidates past rank k, so that float32 rounding at the cut-off cannot keep
+        # out an item that exact keys rank within k.
+        wanted = min(k + (self_ids is not None) + _EXTRA_INDEX_CANDIDATES, self.gal.size)
+        if self.kind == "hnsw":
+            # HNSW finds at most efSearch items: widen it for this search only (the index
+            # itself is left as it is).
+            ef = max(faiss.downcast_index(self.index).hnsw.efSearch, wanted)
+            params = faiss.SearchParametersHNSW(efSearch=ef)
+            distances, ids = search(self.index, q, wanted, params=params)
+        else:
+            distances, ids = search(self.index, q, wanted)
+        valid = ids >= 0
+        if self_ids is not None:
+            valid &= ids != self_ids[:, None]
+        keys = distances if self.gal.metric == "l2" else -distances
+        # Invalid entries (the query itself, -1 for not found) go last.
+        invalid = (~valid).sum(axis=1)
+        if (invalid == invalid[0]).all():  # as a rule one (the query) or none in each row
+            width = ids.shape[1] - invalid[0]
+            cols = ids[valid].reshape(len(ids), width)
+            keys = keys[valid].reshape(len(ids), width)
+        else:
+            order = np.argsort(~valid, axis=1, kind="stable")
+            keys = np.take_along_axis(np.where(valid, keys, np.inf), order, axis=1)
+            cols = np.take_along_axis(np.where(valid, ids, -1), order, axis=1)
+        # faiss lists its results by distance, but check.
+        with np.errstate(invalid="ignore"):
+            unsorted = np.flatnonzero((np.diff(keys, axis=1) < 0).any(axis=1))
+        if len(unsorted):
+            resort = np.argsort(keys[unsorted], axis=1, kind="stable")
+            keys[unsorted] = np.take_along_axis(keys[unsorted], resort, axis=1)
+            cols[unsorted] = np.take_along_axis(cols[unsorted], resort, axis=1)
+        q64 = q.astype(np.float64)
+        q_norm = np.sqrt(np.einsum("ij,ij->i", q64, q64))
+        cols, same, _ = rank(
+            self.gal, q, cols, keys, lambda c: self._bound(q_norm, c), k, q_codes, ids_exact
+        )  # every candidate is in cols, so every row is ranked
+        return cols, same
+
+    def _bound(self, q_norm: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(B,) bound on the error of faiss's float32 distances to these candidates."""
+        if not self.trusted:
+            return np.full(len(q_norm), _NO_BOUND)
+        g_norm = self.gal.candidate_norms(cols)
+        if self.gal.metric == "l2":
+            return self.gal.faiss_error * (q_norm * q_norm + g_norm * g_norm)
+        return self.gal.faiss_error * q_norm * g_norm

@@ -2,8 +2,9 @@
 
 ``pretrained=true`` takes the weights from the library's own cache (``siamese.models.weights``)
 and ``weights=PATH`` from a file; either way the input statistics and default image size are
-the weights' own (``input_defaults``), and the checkpoint carries the architecture and that
-input config, so ``siamese.load`` rebuilds the model without the cache or the file.
+the weights' own (``input_defaults``, from ``siamese.models.preprocessing``), and the
+checkpoint carries the architecture and that input config, so ``siamese.load`` rebuilds the
+model without the cache or the file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from siamese.errors import ConfigError
 from siamese.models.layers import check_dropout
+from siamese.models.preprocessing import check_forward, checkpoint_input, stats_for
+from siamese.models.preprocessing import input_defaults as input_defaults  # re-exported
 from siamese.models.towers import Tower
 from siamese.models.weights import (
     download_hf,
@@ -63,16 +66,6 @@ def check_lr_mult(value: Any) -> float:
     return float(value)
 
 
-def _stats_for(values: Sequence[float], channels: int) -> list[float]:
-    """Per-channel statistics of RGB weights for ``channels`` inputs (gray: their mean)."""
-    values = [float(v) for v in values]
-    if channels == len(values):
-        return values
-    if channels == 1:
-        return [round(sum(values) / len(values), 6)]
-    return [values[i % len(values)] for i in range(channels)]
-
-
 class BackboneTower(Tower):
     """A backbone's pooled features (B, F) -> [Dropout] -> Linear(F, D) -> [BatchNorm1d(D)].
 
@@ -106,53 +99,6 @@ class BackboneTower(Tower):
         for module in self.backbone.modules():
             if isinstance(module, _BatchNorm):
                 module.eval()
-
-
-def _check_forward(tower: Tower, what: str) -> None:
-    """One image through the tower at build, in eval mode: a network that cannot take the
-    input size fails here in one line, not at the first training step."""
-    was = tower.training
-    tower.eval()
-    try:
-        with torch.no_grad():
-            tower(torch.zeros(1, *tower.input_shape))
-    except (RuntimeError, AssertionError, ValueError) as exc:
-        reason = one_line(exc, 160)
-        c, h, w = tower.input_shape
-        raise ConfigError(
-            f"{what} cannot take {c}x{h}x{w} images ({reason}); set model.image_size=[H,W] "
-            "to a size it takes (its pretrained size: timm.models.get_pretrained_cfg(name)"
-            ".input_size)"
-        ) from None
-    finally:
-        tower.train(was)
-
-
-def checkpoint_input(weights: Any, channels: int) -> dict[str, Any]:
-    """The input config a train.py checkpoint used as ``model.weights`` was trained with
-    (image size, mean, std), or {} for any other file: the weights then came from data of
-    that size and those statistics, not from ImageNet's."""
-    if not weights or str(weights).endswith(".safetensors"):
-        return {}
-    try:
-        data = torch.load(Path(str(weights)).expanduser(), map_location="cpu",
-                          weights_only=True, mmap=True)  # fmt: skip
-    except Exception:  # not a checkpoint: read_weights says what it is when it reads it
-        return {}
-    hparams = data.get("hyper_parameters") if isinstance(data, dict) else None
-    tower = hparams.get("tower") if isinstance(hparams, dict) else None
-    if not isinstance(tower, dict):
-        return {}
-    found: dict[str, Any] = {}
-    size = tower.get("image_size")
-    if isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size):
-        found["image_size"] = size
-    mean, std = tower.get("input_mean"), tower.get("input_std")
-    if all(isinstance(v, list) and v and all(isinstance(x, float | int) for x in v)
-           for v in (mean, std)):  # fmt: skip
-        found["input_mean"] = _stats_for(mean, channels)
-        found["input_std"] = _stats_for(std, channels)
-    return found
 
 
 # -- timm --------------------------------------------------------------------------------
@@ -332,7 +278,7 @@ class TimmTower(BackboneTower):
         self.backbone = _timm_net(self.name, self.in_channels, state, source, self.image_size)
         self.head = self._make_head(self.backbone.num_features, dropout, head_bn)
         self.train()  # freeze_bn
-        _check_forward(self, f"timm's {self.name}")
+        check_forward(self, f"timm's {self.name}")
 
     @staticmethod
     def input_defaults(config: Mapping[str, Any], channels: int) -> dict[str, Any]:
@@ -343,8 +289,8 @@ class TimmTower(BackboneTower):
         cfg = timm_pretrained_cfg(str(config.get("name")))
         defaults = {
             "image_size": list(cfg.input_size[1:]),
-            "input_mean": _stats_for(cfg.mean, channels),
-            "input_std": _stats_for(cfg.std, channels),
+            "input_mean": stats_for(cfg.mean, channels),
+            "input_std": stats_for(cfg.std, channels),
         }
         return {**defaults, **checkpoint_input(config.get("weights"), channels)}
 
@@ -454,8 +400,8 @@ class ResNet18Tower(BackboneTower):
         preset = _torchvision_weights().transforms()
         defaults = {
             "image_size": [int(preset.crop_size[0])] * 2,
-            "input_mean": _stats_for(preset.mean, channels),
-            "input_std": _stats_for(preset.std, channels),
+            "input_mean": stats_for(preset.mean, channels),
+            "input_std": stats_for(preset.std, channels),
         }
         return {**defaults, **checkpoint_input(config.get("weights"), channels)}
 
@@ -519,11 +465,3 @@ def check_backbone_settings(model_cfg: Mapping[str, Any], resuming: bool = False
             timm_weights_file(str(model_cfg.get("name")))
         elif target == "siamese.models.ResNet18Tower":
             resnet18_weights_file()
-
-
-def input_defaults(tower: Mapping[str, Any], channels: int) -> dict[str, Any]:
-    """What the weights a tower config starts from say about its input (empty: the data's)."""
-    from siamese.registry import tower_class
-
-    defaults = getattr(tower_class(tower), "input_defaults", None)
-    return defaults(tower, channels) if defaults is not None else {}
