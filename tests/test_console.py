@@ -41,8 +41,10 @@ def test_library_chatter_is_kept_in_the_file_and_off_the_console(handlers):
     logging.getLogger("siamese.pipelines.train").info("batch plan: 16 + 16 + 8")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
-        warnings.warn("the data has no test split", UserWarning)
+        warnings.warn(
+            "`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1
+        )
+        warnings.warn("the data has no test split", UserWarning, stacklevel=1)
 
     shown = stream.getvalue()
     kept = logfile.read_text()
