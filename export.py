@@ -7,16 +7,14 @@ calibrated threshold) to the run directory (see conf/export.yaml for every optio
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from siamese.cli import check_group_overrides, report_errors
+from siamese.task import run, task_wrapper
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
-@report_errors
+@task_wrapper
 def main(cfg: DictConfig) -> None:
     # Imported here so that a typo in the command line is reported before torch loads.
     from siamese.pipelines.export import run_export
@@ -25,5 +23,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_group_overrides(sys.argv[1:])
-    main()
+    run(main, "export")

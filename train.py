@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from siamese.cli import check_group_overrides, report_errors, with_saved_overrides
+from siamese.task import run, task_wrapper
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-@report_errors
+@task_wrapper
 def main(cfg: DictConfig) -> float | None:
     # Imported here so that a typo in the command line is reported before torch loads.
     from hydra.core.hydra_config import HydraConfig
@@ -27,8 +25,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from siamese.resume import with_saved_overrides
+
     # Resuming (hydra.run.dir=RUN ckpt_path=last): the run's own overrides first, then the
-    # command's; checked together (a run's +key=v makes the command's key=v valid).
+    # command's, composed together (a run's +key=v makes the command's key=v valid).
     sys.argv[1:] = with_saved_overrides(sys.argv[1:])
-    check_group_overrides(sys.argv[1:])
-    main()
+    run(main, "train")

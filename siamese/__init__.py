@@ -7,6 +7,7 @@ from os import PathLike
 from typing import TYPE_CHECKING
 
 from siamese.errors import ConfigError, DataError, SiameseError
+from siamese.schemas import register as _register_schemas  # noqa: F401  (conf/'s schemas)
 
 if TYPE_CHECKING:
     import faiss

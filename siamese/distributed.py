@@ -1,4 +1,4 @@
-"""Multi-process pieces for DDP: gathers that keep gradients, padded gathers, sync batch norm.
+"""DDP pieces: gathers that keep gradients, padded gathers, evaluated splits, sync batch norm.
 
 Under Lightning's DDP every process embeds its own part of the global batch. In-batch pair
 losses and triplet mining must see the **global** batch, so embeddings are gathered with
@@ -111,6 +111,36 @@ def gather_uneven(tensor: Tensor) -> Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
 
 
+@torch.no_grad()
+def gather_split(
+    outputs: list[tuple[Tensor, Tensor, Tensor | None]], dim: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """One evaluated split from the ``(embeddings, labels, item indices)`` batches of an
+    epoch's evaluation steps: every process's batches gathered (each holds part of the
+    split), rows in item order (as evaluate.py embeds a split: the same pairs and
+    tie-breaks); None when no process embedded anything. ``dim`` is the embedding size a
+    process without a batch contributes empty rows of."""
+    distributed = is_distributed()
+    if not outputs and not distributed:
+        return None
+    has_items = all(i is not None for _, _, i in outputs)
+    if distributed and not has_items:
+        raise RuntimeError("DDP evaluation needs item indices from the loader")
+    # A process without a batch still takes part in the gathers, with empty tensors.
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    emb = torch.cat([e for e, _, _ in outputs]) if outputs else torch.zeros(0, dim, device=device)
+    labels = torch.cat([y for _, y, _ in outputs]) if outputs else empty
+    items = (torch.cat([i for _, _, i in outputs]) if outputs else empty) if has_items else None
+    if distributed:
+        emb, labels, items = (gather_uneven(t.to(device)) for t in (emb, labels, items))
+    if len(emb) == 0:
+        return None
+    if items is None:
+        return emb, labels, None
+    order = torch.argsort(items.to(emb.device))
+    return emb[order], labels[order.to(labels.device)], items.to(emb.device)[order]
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose training statistics span all processes, for CPU tensors (gloo).
 
@@ -218,6 +248,7 @@ __all__ = [
     "SyncBatchNormPlugin",
     "all_reduce_sum",
     "convert_cpu_sync_batchnorm",
+    "gather_split",
     "gather_uneven",
     "gather_with_grad",
     "is_distributed",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from siamese import cli, run_dirs
-from siamese.cli import fail
+from siamese import run_dirs, sweeps
 from siamese.errors import ConfigError, SiameseError
+from siamese.resume import RESUME_MODES
 from siamese.sweeps import (
     check_optimized_metric,
     clear_job_status,
@@ -23,6 +24,21 @@ from siamese.sweeps import (
     summarize,
     write_job_status,
 )
+from siamese.task import TaskExit
+
+
+def refusing(method: Callable[..., None]) -> Callable[..., None]:
+    """Hydra turns an Exception raised in a callback into a warning and carries on: a
+    refusal (a SiameseError) leaves as ``TaskExit``, which the task wrapper makes one line."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            method(*args, **kwargs)
+        except SiameseError as exc:
+            raise TaskExit(f"error: {exc}") from None
+
+    return wrapper
 
 
 class RunDirGuard(Callback):
@@ -43,48 +59,45 @@ class RunDirGuard(Callback):
     def __init__(self) -> None:
         self._job_dir: Path | None = None  # the sweep job this process has locked
 
+    @refusing
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Every process checks, so that all stop at once: one left running would wait for
         # rank 0 until the process group's timeout (30 minutes).
         check_launcher_run_dir(config)
         task = config.get("task_name") or "train"
         run_dir, ckpt_path = config.hydra.run.get("dir"), config.get("ckpt_path")
-        try:
-            if is_first_process():
-                run_dirs.claim(run_dir, task, ckpt_path)
-                return
-            run_dirs.check(run_dir, task, ckpt_path)  # rank 0 holds the lock
-        except SiameseError as exc:
-            fail(str(exc))
+        if is_first_process():
+            run_dirs.claim(run_dir, task, ckpt_path)
+            return
+        run_dirs.check(run_dir, task, ckpt_path)  # rank 0 holds the lock
         # As Lightning starts its own DDP processes (hydra.output_subdir=null).
         with read_write(config.hydra):
             config.hydra.output_subdir = None
 
+    @refusing
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Before Hydra writes any job's .hydra/: a sweep run again into the same
         # hydra.sweep.dir would start over its jobs' runs (a requeued job resumes with auto).
-        if not is_first_process() or config.get("ckpt_path") in cli.RESUME_MODES:
+        if not is_first_process() or config.get("ckpt_path") in RESUME_MODES:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = sorted(p.name for p in sweep_dir.glob("*") if p.is_dir() and run_dirs.results_in(p))
         if jobs:
-            fail(
+            raise ConfigError(
                 f"hydra.sweep.dir={str(sweep_dir)!r} already holds the runs of an earlier sweep "
                 f"({', '.join(jobs[:5])}{', ...' if len(jobs) > 5 else ''}); choose another "
                 "hydra.sweep.dir (nothing in it was changed)"
             )
 
+    @refusing
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_first_process() or not _multirun():
             return
         job_dir = Path(config.hydra.runtime.output_dir)
         task = config.get("task_name") or "train"
-        try:
-            # The same rule as a single run: a sweep run again into its hydra.sweep.dir
-            # would train over its jobs' runs (a requeued job resumes with auto).
-            run_dirs.claim(job_dir, task, config.get("ckpt_path"))
-        except SiameseError as exc:
-            fail(str(exc))
+        # The same rule as a single run: a sweep run again into its hydra.sweep.dir
+        # would train over its jobs' runs (a requeued job resumes with auto).
+        run_dirs.claim(job_dir, task, config.get("ckpt_path"))
         self._job_dir = job_dir
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -124,7 +137,7 @@ def check_launcher_run_dir(config: DictConfig) -> None:
     raw = OmegaConf.to_container(config.hydra.run, resolve=False).get("dir")
     if "${now:" not in str(raw):
         return
-    fail(
+    raise ConfigError(
         f"torchrun started {processes} processes, and hydra.run.dir={raw} would give each "
         "its own folder; give every node the same hydra.run.dir, on a filesystem they all "
         "see (e.g. hydra.run.dir=outputs/train/runs/two-nodes)"
@@ -135,96 +148,43 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-# A job whose process exits inside it: Hydra's run_job catches Exception only, so a
-# SystemExit (report_errors' one-line user error, its Ctrl-C exit, submitit's requeue) skips
-# on_job_end, and with the basic launcher the whole sweep ends there.
-STOPPED_REASON = (
-    "the process exited during this job: a one-line error (printed on stderr), Ctrl-C, or "
-    "a pre-emption that requeues it"
-)
-
-
 class SweepSummary(Callback):
     """For ``-m`` sweeps: check ``optimized_metric`` before any job starts, and keep
     ``<sweep dir>/sweep_summary.csv`` up to date after each job (so a sweep that stops early
     still leaves one) and print it as a table at the end. Only the first process does: the
     other DDP processes of a job replay the sweep silently.
 
-    A job that raises is marked ``failed`` in its directory (``job_status.json``, with the
-    error's line). One whose process exits inside it (a user error's ``error: ...`` line
-    and exit 2, which also ends a local sweep; Ctrl-C; a requeue) never reaches
-    ``on_job_end``: at the process's exit it is marked ``stopped``, the summary is written
-    again, and the sweep's own process prints the table (stdout) as its end would have.
+    Each job's ending is Hydra's ``JobReturn``: one that raised is marked ``failed`` in its
+    directory (``job_status.json``, with the error's line). One whose process stops inside it
+    (Ctrl-C, a signal) is marked ``stopped`` by the task wrapper (``siamese.task``), which
+    also prints the table when the sweep ends early (``siamese.sweeps.unfinished_summary``).
     """
 
-    def __init__(self) -> None:
-        self._job_dir: Path | None = None  # the job this process is running
-        self._sweep: tuple[Path, str | None] | None = None  # (sweep dir, optimized_metric)
-        self._sweep_pid: int | None = None  # the process that started the sweep
-        self._guarded_pid: int | None = None  # the process whose exit handler is registered
-
+    @refusing
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            check_optimized_metric(config.get("optimized_metric"))
-        except ConfigError as exc:
-            fail(str(exc))
+        check_optimized_metric(config.get("optimized_metric"))  # a ConfigError: one line
         if is_first_process():
             os.environ[SWEEP_DIR_ENV] = str(Path(config.hydra.sweep.dir).resolve())
-            self._sweep_pid = os.getpid()
-            self._guard(config)
+            sweeps.start_sweep(Path(config.hydra.sweep.dir), config.get("optimized_metric"))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not is_first_process() or not _multirun():
-            return
-        # In the job's own process (submitit) too: its exit is what marks it stopped.
-        self._guard(config)
-        self._job_dir = Path(config.hydra.runtime.output_dir)
-        clear_job_status(self._job_dir)  # a requeued job starts again in its directory
-        cli.last_error = None  # only this job's own error line is its reason
+        if is_first_process() and _multirun():
+            # A requeued job starts again in its directory.
+            clear_job_status(Path(config.hydra.runtime.output_dir))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if not is_first_process():
+        if not is_first_process() or not _multirun():
             return
-        self._job_dir = None
-        if _multirun():
-            if job_return.status == JobStatus.FAILED:
-                job_dir = Path(config.hydra.runtime.output_dir)
-                write_job_status(job_dir, "failed", failure_reason(job_return._return_value))
-            summarize(Path(config.hydra.sweep.dir), config.get("optimized_metric"))
+        if job_return.status == JobStatus.FAILED:
+            job_dir = Path(config.hydra.runtime.output_dir)
+            write_job_status(job_dir, "failed", failure_reason(job_return._return_value))
+        summarize(Path(config.hydra.sweep.dir), config.get("optimized_metric"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_first_process():
             return
         os.environ.pop(SWEEP_DIR_ENV, None)
-        self._unguard()
+        sweeps.end_sweep()
         table = summarize(Path(config.hydra.sweep.dir), config.get("optimized_metric"))
         if table:
-            print(table, flush=True)
-
-    def _guard(self, config: DictConfig) -> None:
-        """Have ``at_exit`` run when this process exits before the sweep's end."""
-        self._sweep = (Path(config.hydra.sweep.dir), config.get("optimized_metric"))
-        if self._guarded_pid != os.getpid():  # a copy unpickled in a submitit job: not yet
-            atexit.register(self.at_exit)
-            self._guarded_pid = os.getpid()
-
-    def _unguard(self) -> None:
-        atexit.unregister(self.at_exit)
-        self._guarded_pid = None
-        self._sweep = None
-
-    def at_exit(self) -> None:
-        """The process is ending inside the sweep: mark the job it was running ``stopped``,
-        write the summary again and, in the sweep's own process, print it. (A submitit job's
-        process that ends after its job did has nothing to add.)"""
-        job_dir, sweep, main = self._job_dir, self._sweep, self._sweep_pid == os.getpid()
-        self._job_dir = None
-        self._unguard()
-        if sweep is None or (job_dir is None and not main):
-            return
-        if job_dir is not None:
-            # A user error's own line when fail() printed one, else the possible causes.
-            write_job_status(job_dir, "stopped", cli.last_error or STOPPED_REASON)
-        table = summarize(*sweep, ended_early=main)
-        if table and main:
             print(table, flush=True)

@@ -2,8 +2,8 @@
 
 Both sides of every pair go through ``self.tower`` in one forward pass over the
 concatenated batch, so a single parameter set receives the gradients of both branches.
-Validation and test embed their whole split and score retrieval (faiss, leave-one-out) and
-verification on fixed-seed balanced pairs, with ``siamese.evaluation``.
+Validation and test embed their whole split and hand it to ``siamese.evaluation.Evaluator``
+(retrieval leave-one-out, verification on fixed-seed balanced pairs), as evaluate.py does.
 
 The constructor takes plain config dicts (``_target_`` + keywords) and builds the parts
 itself, so a checkpoint rebuilds its model from the file alone.
@@ -11,10 +11,8 @@ itself, so a checkpoint rebuilds its model from the file alone.
 
 from __future__ import annotations
 
-import inspect
 import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,143 +21,39 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from siamese.checkpointing import restore_rng_states, rng_states
-from siamese.cli import RUN_OVERRIDES_KEY
+from siamese.checkpointing import RUN_OVERRIDES_KEY, restore_rng_states, rng_states
 from siamese.config import build
-from siamese.data.pairs import sample_pairs
 from siamese.distances import LearnedDistance
-from siamese.distributed import gather_uneven, gather_with_grad, is_distributed, seed_per_rank
+from siamese.distributed import gather_split, gather_with_grad, is_distributed, seed_per_rank
 from siamese.errors import ConfigError, DataError
-from siamese.evaluation import retrieval_metrics, verification_metrics
-from siamese.evaluation.oneshot import oneshot_metrics
+from siamese.evaluation import EvalReport, Evaluator
+from siamese.inputs import IMAGE_RANGE, check_images
 from siamese.losses import LossOutput
 from siamese.metric_names import ONESHOT_WAYS
 from siamese.models.backbones import check_lr_mult
+from siamese.training import (
+    TRAIN_EPOCH_LOGS,
+    EpochStats,
+    check_same_model,
+    check_schedule_plan,
+    make_optimizers,
+    parameter_groups,
+    planned_steps,
+    scheduler_kwargs,
+    state_difference,
+)
+
+# Importable from here as before: the input check, the training pieces.
+__all__ = ["IMAGE_RANGE", "TRAIN_EPOCH_LOGS", "EvalOutputs", "SiameseModule", "check_images"]
+__all__ += ["check_same_model", "scheduler_kwargs", "state_difference"]
 
 RECALL_KS = (1, 5, 10)
 ONESHOT_EPISODES = 1000
 
 
-# What train/ logs once an epoch: image-weighted means over the epoch's steps.
-TRAIN_EPOCH_LOGS = ("loss_epoch", "active_fraction", "pos_distance", "neg_distance")
-
-
-class _EpochStats:
-    """Image-weighted sums of one training epoch's step statistics (``TRAIN_EPOCH_LOGS``),
-    kept on the device: adding a step reads nothing back. A step of another epoch starts
-    the sums again, so sums restored from a checkpoint go on only within their own epoch."""
-
-    def __init__(self) -> None:
-        self.epoch = -1
-        self.sums: Tensor | None = None
-        self.images = 0
-
-    def add(self, epoch: int, out: LossOutput, images: int) -> None:
-        step = torch.stack(
-            [
-                out.loss.detach().float(),
-                out.active_fraction.float(),
-                out.pos_distance.float(),
-                out.neg_distance.float(),
-            ]
-        )
-        if epoch != self.epoch or self.sums is None:
-            self.epoch, self.sums, self.images = epoch, step * images, images
-        else:
-            self.sums = self.sums.to(step.device) + step * images
-            self.images += images
-
-    def means(self, epoch: int) -> Tensor | None:
-        """The means of ``epoch``'s steps, or None when none of its steps was added."""
-        if epoch != self.epoch or self.sums is None or self.images == 0:
-            return None
-        return self.sums / self.images
-
-    def state_dict(self) -> dict[str, Any]:
-        sums = None if self.sums is None else self.sums.detach().cpu()
-        return {"epoch": self.epoch, "sums": sums, "images": self.images}
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        state = state or {}
-        self.epoch = int(state.get("epoch", -1))
-        self.sums = state.get("sums")
-        self.images = int(state.get("images", 0))
-
-
-# Float pixels the inference entry points take: [0, 1], with slack for a resampler's
-# overshoot; 0-255 pixels (max 255) and mean/std-normalised images (min about -2) fall outside.
-IMAGE_RANGE = (-0.5, 1.5)
-
-
-def check_images(
-    images: Any, shape: Sequence[int], name: str = "images", values: bool = True
-) -> Tensor:
-    """``images`` as a tensor (B, C, H, W) of ``shape`` (C, H, W), float or uint8, or one
-    DataError line saying what was wrong, the value and the fix.
-
-    A numpy array becomes a tensor without a copy. The type, dtype and shape cost a few
-    microseconds and read nothing back. With ``values``, float values are checked too, with
-    one ``aminmax`` pass and one read-back (a GPU waits for it): NaN, infinity and values
-    outside ``IMAGE_RANGE`` are refused. uint8 pixels (0-255) pass; ``SiameseModule``
-    divides them by 255 batch by batch.
-    """
-    c, h, w = (int(v) for v in shape)
-    wanted = f"{name} must be a float tensor (B, {c}, {h}, {w}) in [0, 1]"
-    from_numpy = isinstance(images, np.ndarray)
-    if from_numpy:
-        if images.dtype not in (np.uint8, np.float16, np.float32, np.float64):
-            raise DataError(
-                f"{wanted}; got a numpy array of dtype {images.dtype} (pass floats, or 0-255 "
-                "pixels as uint8)"
-            )
-        with warnings.catch_warnings():  # read-only arrays (np.load mmap): nothing writes to it
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            images = torch.from_numpy(np.ascontiguousarray(images))
-    if not isinstance(images, Tensor):
-        raise DataError(
-            f"{wanted}; got {type(images).__name__} (siamese.read_images(files, like=model) "
-            "reads image files)"
-        )
-    if images.dtype != torch.uint8 and not images.is_floating_point():
-        raise DataError(
-            f"{wanted}; got dtype {images.dtype} (pass floats, or 0-255 pixels as uint8)"
-        )
-    got = tuple(images.shape)
-    if got[1:] != (c, h, w):  # also any other number of dimensions
-        if got == (c, h, w):
-            hint = f"; one image needs a batch dimension: pass {name}[None]"
-        elif c == 1 and len(got) == 3 and got[1:] == (h, w):
-            hint = f"; add the channel dimension: pass {name}[:, None]"
-        elif len(got) == 4 and got[1:] == (h, w, c):
-            move = "transpose" if from_numpy else "permute"
-            hint = f"; the channels come last: pass {name}.{move}(0, 3, 1, 2)"
-        elif len(got) == 4:
-            hint = " (siamese.read_images(files, like=model) converts and resizes image files)"
-        else:
-            hint = ""
-        raise DataError(f"{wanted}; got shape {got}{hint}")
-    if not values or images.dtype == torch.uint8 or images.numel() == 0:
-        return images
-    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        bad = int((~torch.isfinite(images)).sum())
-        raise DataError(f"{wanted}; got {bad} NaN or infinite values")
-    if lo < IMAGE_RANGE[0]:
-        raise DataError(
-            f"{wanted}; got values from {lo:.4g} to {hi:.4g}: pass the pixels before any "
-            "mean/std normalisation (the model applies its own)"
-        )
-    if hi > IMAGE_RANGE[1]:
-        raise DataError(
-            f"{wanted}; got values up to {hi:.4g}: divide 0-255 pixels by 255, or pass them "
-            "as uint8"
-        )
-    return images
-
-
 @dataclass
 class EvalOutputs:
-    """One evaluated split as the metrics saw it, kept for dashboards (plots, projector).
+    """The last evaluated split and its report, kept for callbacks (plots, collapse check).
 
     When the loader gave item indices, rows are sorted by item and ``items[i]`` is the split
     index of row i (all of them in order unless the split was evaluated in part).
@@ -169,9 +63,7 @@ class EvalOutputs:
     embeddings: Tensor  # (N, D) float32, on the CPU
     labels: Tensor  # (N,)
     items: Tensor | None  # (N,) int64 split indices, or None when the loader gave none
-    distances: np.ndarray  # (P,) verification pair distances, lower means more alike
-    same: np.ndarray  # (P,) bool
-    metrics: dict[str, float]
+    report: EvalReport
 
 
 class SiameseModule(pl.LightningModule):
@@ -237,7 +129,7 @@ class SiameseModule(pl.LightningModule):
         self.register_buffer("threshold", torch.tensor(math.nan))
         self._outputs: list[tuple[Tensor, Tensor, Tensor | None]] = []
         # This training epoch's TRAIN_EPOCH_LOGS statistics, summed on the device.
-        self._epoch_stats = _EpochStats()
+        self._epoch_stats = EpochStats()
         # The last evaluated split (callbacks draw their pictures from it).
         self.last_eval: EvalOutputs | None = None
         # (C,) group of each class code of the test split (Omniglot's alphabets) for one-shot
@@ -430,13 +322,14 @@ class SiameseModule(pl.LightningModule):
         return out.loss
 
     def _logs_this_step(self) -> bool:
-        """Whether Lightning writes the logs of this training step (its
-        ``trainer.log_every_n_steps`` rule, asked before the step as its own hooks do)."""
+        """Whether Lightning writes the logs of this training step: its rule, from the
+        trainer's public fields (the optimizer steps before this one, + 1, a multiple of
+        ``log_every_n_steps``, or the run stopping)."""
         trainer = self.trainer
-        connector = getattr(trainer, "_logger_connector", None)
-        if connector is None:  # a Lightning without it: log every step, as before
+        if trainer.fast_dev_run:
             return True
-        return bool(connector.should_update_logs or trainer.fast_dev_run)
+        every = trainer.log_every_n_steps
+        return bool(every) and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
 
     def on_train_epoch_end(self) -> None:
         means = self._epoch_stats.means(self.current_epoch)
@@ -486,86 +379,47 @@ class SiameseModule(pl.LightningModule):
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
     def _epoch_metrics(self, stage: str) -> dict[str, float]:
+        """Score the split the epoch's steps embedded (gathered from every process, in item
+        order) with this model's evaluator; keep its report in ``last_eval``."""
         outputs, self._outputs = self._outputs, []
-        split = self._collect(outputs)
+        split = gather_split(outputs, self.tower.embedding_dim, self.device)
         if split is None:
             return {}
-        emb, labels, items = split
-        metrics, dist, same = self._split_metrics(emb, labels, oneshot=stage == "test")
-        self.last_eval = EvalOutputs(
-            stage,
-            emb.cpu(),
-            labels.cpu(),
-            None if items is None else items.cpu(),
-            dist,
-            same,
-            metrics,
+        emb, labels, items = (None if t is None else t.cpu() for t in split)
+        labels_np = labels.numpy()
+        test = stage == "test"
+        groups = (
+            self.oneshot_groups[labels_np] if test and self.oneshot_groups is not None else None
         )
-        return metrics
+        report = self.evaluator(oneshot=test).evaluate(emb.numpy(), labels_np, groups=groups)
+        self.last_eval = EvalOutputs(stage, emb, labels, items, report)
+        return report.logged()
 
-    def _collect(
-        self, outputs: list[tuple[Tensor, Tensor, Tensor | None]]
-    ) -> tuple[Tensor, Tensor, Tensor | None] | None:
-        """The evaluated split's embeddings, labels and item indices, in item order (as
-        evaluate.py embeds a split: the same pairs and tie-breaks). Under DDP every process
-        holds part of the split: the parts are gathered first, so all get the whole."""
-        distributed = is_distributed()
-        if not outputs and not distributed:
-            return None
-        has_items = all(i is not None for _, _, i in outputs)
-        if distributed and not has_items:
-            raise RuntimeError("DDP evaluation needs item indices from the loader")
-        # A process without a batch still takes part in the gathers, with empty tensors.
-        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-        emb = (
-            torch.cat([e for e, _, _ in outputs])
-            if outputs
-            else torch.zeros(0, self.tower.embedding_dim, device=self.device)
-        )
-        labels = torch.cat([y for _, y, _ in outputs]) if outputs else empty
-        items = (torch.cat([i for _, _, i in outputs]) if outputs else empty) if has_items else None
-        if distributed:
-            emb, labels, items = (gather_uneven(t.to(self.device)) for t in (emb, labels, items))
-        if len(emb) == 0:
-            return None
-        if items is None:
-            return emb, labels, None
-        order = torch.argsort(items.to(emb.device))
-        return emb[order], labels[order.to(labels.device)], items.to(emb.device)[order]
+    def evaluator(self, oneshot: bool = False, **settings: Any) -> Evaluator:
+        """The ``Evaluator`` of this model's distance (a learned head scores pairs and one-shot
+        episodes itself) with training's settings (``eval_pairs``, ``eval_seed``; one-shot
+        ``ONESHOT_WAYS`` when ``oneshot``); ``settings`` replace any of its keywords."""
+        seed = self.hparams.eval_seed
+        options: dict[str, Any] = {
+            "metric": self.distance.faiss_metric,
+            "pair_distance": self.pair_distance,
+            "episode_scorer": self.episode_scorer(),
+            "ks": RECALL_KS,
+            "pairs": self.hparams.eval_pairs,
+            "pairs_seed": seed,
+            "oneshot_ways": ONESHOT_WAYS if oneshot else (),
+            "oneshot_episodes": ONESHOT_EPISODES,
+            "oneshot_seed": seed,
+        }
+        return Evaluator(**{**options, **settings})
 
     @torch.no_grad()
-    def _split_metrics(
-        self, emb: Tensor, labels: Tensor, oneshot: bool = False
-    ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-        """Retrieval (leave-one-out), verification (and one-shot) metrics of one split's
-        embeddings, with the verification pairs' distances and same flags."""
-        # A tiny split cannot rank 10 neighbours: report the recalls it can (k < N).
-        ks = tuple(k for k in RECALL_KS if k < len(emb)) or (1,)
-        emb_np, labels_np = emb.cpu().numpy(), labels.cpu().numpy()
-        retrieval = retrieval_metrics(emb_np, labels_np, metric=self.distance.faiss_metric, ks=ks)
-        dist, same = self.pair_distances(
-            emb, labels, self.hparams.eval_pairs, self.hparams.eval_seed
-        )
-        verification = verification_metrics(dist, same)
-        counts = ("num_queries", "num_queries_without_positive", "num_pairs", "num_same")
-        merged = {**retrieval, **verification}
-        metrics = {k: float(v) for k, v in merged.items() if k not in counts}
-        # Mean same/different pair distance: two lines that meet when the embedding collapses.
-        metrics["pos_distance"] = float(dist[same].mean()) if same.any() else math.nan
-        metrics["neg_distance"] = float(dist[~same].mean()) if (~same).any() else math.nan
-        if oneshot:
-            shots = oneshot_metrics(
-                emb_np,
-                labels_np,
-                ways=ONESHOT_WAYS,
-                episodes=ONESHOT_EPISODES,
-                seed=self.hparams.eval_seed,
-                metric=self.distance.faiss_metric,
-                scorer=self.episode_scorer(),
-                groups=None if self.oneshot_groups is None else self.oneshot_groups[labels_np],
-            )
-            metrics.update({k: v for k, v in shots.items() if not k.endswith("_ci95")})
-        return metrics, dist, same
+    def pair_distance(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """This model's Φ between embedding rows ``a[i]`` and ``b[i]`` (a learned head too),
+        lower means more alike: (P, D) numpy -> (P,) float32 numpy."""
+        a_t = torch.as_tensor(a, dtype=torch.float32).to(self.device)
+        b_t = torch.as_tensor(b, dtype=torch.float32).to(self.device)
+        return self.distance.to_distance(self.distance.paired(a_t, b_t)).float().cpu().numpy()
 
     def episode_scorer(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
         """One-shot scoring by a learned head (Koch et al.): queries (B, 1, D) and prototypes
@@ -597,20 +451,6 @@ class SiameseModule(pl.LightningModule):
 
         return score
 
-    @torch.no_grad()
-    def pair_distances(
-        self, emb: Tensor, labels: Tensor, num_pairs: int, seed: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Distances (this model's Φ, a learned head too) and same flags of ``num_pairs``
-        fixed-seed balanced pairs of a split's embeddings, as numpy."""
-        pairs = sample_pairs(labels, num_pairs, seed)
-        out = []
-        for s in range(0, len(pairs.first), 65536):  # bounded memory for a learned head
-            a = emb[pairs.first[s : s + 65536].to(emb.device)]
-            b = emb[pairs.second[s : s + 65536].to(emb.device)]
-            out.append(self.distance.to_distance(self.distance.paired(a, b)).float().cpu())
-        return torch.cat(out).numpy(), pairs.same.numpy()
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Augmentation and dropout draw from these: an exact resume needs them back.
         checkpoint["rng_states"] = rng_states()
@@ -638,36 +478,7 @@ class SiameseModule(pl.LightningModule):
         check_same_model(checkpoint.get("state_dict", {}), self.state_dict())
         self.__dict__["_resume_rng"] = checkpoint.get("rng_states")
         self._epoch_stats.load_state_dict(checkpoint.get("train_epoch_stats"))
-        # A one-cycle schedule is planned for a fixed number of steps: resuming it with a
-        # different plan would fail deep inside torch, so say what to change instead.
-        for state in checkpoint.get("lr_schedulers", []):
-            planned = state.get("total_steps")
-            if planned is not None and planned != self.planned_steps():
-                raise ConfigError(
-                    f"the checkpoint's one-cycle LR schedule is planned for {planned} steps, "
-                    f"but this run plans {self.planned_steps()}; resume "
-                    "with the run's own trainer.max_epochs and data.batch_size, or start a "
-                    "new run (init from the weights with siamese.load)"
-                )
-
-    def planned_steps(self) -> int:
-        """Optimizer steps this fit will take: Lightning's ``estimated_stepping_batches``,
-        computed from the data module's batch count when it has one. (Lightning's own
-        estimate builds the training iterator and draws its first batch at once, before a
-        resumed run has put the loader back where the checkpoint left it.)"""
-        trainer = self.trainer
-        datamodule = trainer.datamodule
-        count = getattr(datamodule, "train_batches_per_epoch", None)
-        if trainer.max_epochs in (None, -1) or count is None:
-            return int(trainer.estimated_stepping_batches)
-        batches = count()
-        limit = trainer.limit_train_batches
-        if isinstance(limit, int):
-            batches = min(batches, limit)
-        elif limit is not None and float(limit) != 1.0:
-            batches = int(batches * float(limit))
-        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
-        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
+        check_schedule_plan(checkpoint, self.planned_steps)
 
     @property
     def backbone(self) -> torch.nn.Module | None:
@@ -675,109 +486,13 @@ class SiameseModule(pl.LightningModule):
         for a tower without one; Lightning's BackboneFinetuning acts on it."""
         return getattr(self.tower, "backbone", None)
 
+    def planned_steps(self) -> int:
+        """Optimizer steps this fit will take (``siamese.training.planned_steps``)."""
+        return planned_steps(self.trainer)
+
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's parameter groups: for a tower with a backbone, the backbone's (its
-        ``lr_mult`` scales the optimizer's lr) and the rest (named, so a dashboard's
-        ``lr-AdamW/backbone`` and ``lr-AdamW/head`` do not depend on the multiplier); one
-        group otherwise."""
-        backbone = self.backbone
-        if backbone is None:
-            return [{"params": list(self.parameters())}]
-        inside = {id(p) for p in backbone.parameters()}
-        return [
-            {
-                "params": [p for p in self.parameters() if id(p) in inside],
-                "name": "backbone",
-                "lr_mult": self.backbone_lr_mult,
-            },
-            {
-                "params": [p for p in self.parameters() if id(p) not in inside],
-                "name": "head",
-                "lr_mult": 1.0,
-            },
-        ]
+        """The optimizer's parameter groups (``siamese.training.parameter_groups``)."""
+        return parameter_groups(self, self.backbone, self.backbone_lr_mult)
 
-    def configure_optimizers(self):
-        make_optimizer = build(self.hparams.optimizer)
-        groups = self.parameter_groups()
-        lr = getattr(make_optimizer, "keywords", {}).get("lr")
-        if len(groups) == 1:
-            optimizer = make_optimizer(params=groups[0]["params"])
-        else:
-            if lr is None:
-                raise ConfigError(
-                    "model.backbone_lr_mult needs optimizer.lr set (it scales it), e.g. "
-                    "optimizer.lr=0.001"
-                )
-            for group in groups:
-                group["lr"] = float(lr) * group["lr_mult"]
-            optimizer = make_optimizer(params=groups)
-        if not self.hparams.scheduler:
-            return optimizer
-        make = build(self.hparams.scheduler)
-        kwargs = scheduler_kwargs(make, self.planned_steps())
-        peak = getattr(make, "keywords", {}).get("max_lr")
-        if len(groups) > 1 and isinstance(peak, int | float):  # one peak per group
-            kwargs["max_lr"] = [float(peak) * g["lr_mult"] for g in optimizer.param_groups]
-        scheduler = make(optimizer, **kwargs)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
-
-
-def state_difference(saved: dict[str, Any], own: dict[str, Any]) -> str | None:
-    """The first difference between a checkpoint's tensors and a model's, in words (with
-    their count), or None when every key and shape matches."""
-
-    def shape(t: Any) -> str:
-        return "x".join(str(n) for n in getattr(t, "shape", ())) or "scalar"
-
-    not_tensors = [k for k, v in saved.items() if not isinstance(v, Tensor)]
-    if not_tensors:
-        return f"{not_tensors[0]} is {type(saved[not_tensors[0]]).__name__}, not a tensor"
-    resized = [k for k in saved if k in own and tuple(saved[k].shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in saved]
-    extra = [k for k in saved if k not in own]
-    if not (resized or missing or extra):
-        return None
-    if resized:
-        k = resized[0]
-        first = f"{k} is {shape(saved[k])} there and {shape(own[k])} here"
-    elif missing:
-        first = f"{missing[0]} is not in it"
-    else:
-        first = f"it has {extra[0]}, which this model lacks"
-    count = len(resized) + len(missing) + len(extra)
-    return f"{first}; {count} tensor{'s differ' if count > 1 else ' differs'}"
-
-
-def check_same_model(saved: dict[str, Any], own: dict[str, Any]) -> None:
-    """Refuse to resume into a model whose tensors differ from the checkpoint's (another
-    ``model.*``, ``distance`` or loss with parameters): one line naming the first
-    difference, instead of torch's page of size mismatches."""
-    difference = state_difference(saved, own)
-    if difference is None:
-        return
-    raise ConfigError(
-        f"the checkpoint holds another model ({difference}); resume with the run's own model, "
-        "distance and loss settings (ckpt_path=last or auto reuses the run's own, saved in "
-        "the checkpoint), or start a new run"
-    )
-
-
-def scheduler_kwargs(make: Callable[..., Any], steps: int) -> dict[str, Any]:
-    """What a partial scheduler config gets besides the optimizer: ``total_steps`` or
-    ``T_max`` = ``steps`` (the fit's optimizer steps) when it takes one and the config does
-    not set it; and a one-cycle warm-up of exactly one step moved to two (torch divides by
-    ``pct_start * total_steps - 1``: 0.2 x 5 steps in a quick check would crash it)."""
-    keywords = getattr(make, "keywords", {})
-    params = inspect.signature(getattr(make, "func", make)).parameters
-    extra: dict[str, Any] = {
-        name: steps for name in ("total_steps", "T_max") if name in params and name not in keywords
-    }
-    pct = keywords.get("pct_start")
-    total = extra.get("total_steps", keywords.get("total_steps"))
-    if pct is not None and total and float(pct) * total == 1.0 and total > 2:
-        extra["pct_start"] = 2.0 / total
-    return extra
+    def configure_optimizers(self) -> Any:
+        return make_optimizers(self.hparams, self.parameter_groups(), self.planned_steps)

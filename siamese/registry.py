@@ -77,7 +77,7 @@ REGISTRY: dict[str, set[str]] = {
         "siamese.callbacks.BackboneFreeze",
         "siamese.callbacks.DashboardPlots",
         "siamese.callbacks.DivergenceGuard",
-        "siamese.callbacks.LastCheckpoint",
+        "siamese.callbacks.StopSignals",
         "siamese.callbacks.Throughput",
         *(
             f"{_PL}.callbacks.{name}"

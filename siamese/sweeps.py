@@ -215,3 +215,28 @@ def summarize(
     endings = [f"job {r['job']} {r['status']}: {r['error']}" for r in rows if "error" in r]
     runs = f"{len(rows)} runs, the sweep did not finish;" if ended_early else f"{len(rows)} runs,"
     return "\n".join([f"sweep summary ({runs} all columns in {path}):", table, *endings])
+
+
+# The sweep this process is running: (sweep dir, optimized_metric), from SweepSummary's
+# on_multirun_start to its on_multirun_end, for the task wrapper when the sweep stops early.
+_running: tuple[Path, str | None] | None = None
+
+
+def start_sweep(sweep_dir: Path, optimized_metric: str | None) -> None:
+    """Record the sweep this process runs (``unfinished_summary`` reads it)."""
+    global _running
+    _running = (sweep_dir, optimized_metric)
+
+
+def end_sweep() -> None:
+    """The sweep reached its end: nothing is left unfinished."""
+    global _running
+    _running = None
+
+
+def unfinished_summary() -> str | None:
+    """The table of the sweep this process was running when it stopped (an error, Ctrl-C),
+    headed as not finished; None outside a sweep. The sweep is over afterwards."""
+    running = _running
+    end_sweep()
+    return summarize(*running, ended_early=True) if running else None

@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import (
     RichProgressBar,
 )
 
-import siamese.callbacks
+import siamese.callbacks.throughput
 from siamese.callbacks import (
     MAX_TOP_K,
     PICTURES,
@@ -34,7 +34,6 @@ from siamese.callbacks import (
     select_callbacks,
 )
 from siamese.config import build
-from siamese.distances import EuclideanDistance
 from siamese.errors import ConfigError
 from siamese.evaluation.plots import figure_to_rgb, pair_grid_figure, plot_pair_grid
 from siamese.pipelines.train import instantiate_all, run_training
@@ -70,7 +69,7 @@ class FakeModule:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     now = [100.0]
-    monkeypatch.setattr(siamese.callbacks.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(siamese.callbacks.throughput.time, "perf_counter", lambda: now[0])
     return now
 
 
@@ -222,9 +221,10 @@ def test_a_huge_plots_top_k_is_capped_with_a_warning(make_cfg, caplog):
         "row shows legibly (8 rows of up to 100000 thumbnails would take minutes to draw); "
         "set callbacks.plots.top_k=20 or less to silence this"
     ]
-    module = SimpleNamespace(distance=EuclideanDistance(), device=torch.device("cpu"))
-    _, nb, dist = plots._retrieve(module, torch.rand(500, 4))
-    assert nb.shape == dist.shape == (8, MAX_TOP_K)
+    from siamese.evaluation import Evaluator  # the report's neighbours: MAX_TOP_K a query
+
+    nb = Evaluator(pairs=100).evaluate(torch.rand(500, 4), torch.arange(500) % 10).neighbours
+    assert nb.ids.shape == nb.distances.shape == (500, MAX_TOP_K)
     caplog.clear()
     build(make_cfg(f"callbacks.plots.top_k={MAX_TOP_K}", plots=True).callbacks.plots)
     assert not caplog.records  # the cap itself is allowed without a word

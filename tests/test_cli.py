@@ -15,10 +15,13 @@ from hydra.conf import HydraConf
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from siamese.cli import check_group_overrides, with_saved_overrides
+from siamese.cli import hydra_error_line
+from siamese.composition import composed
 from siamese.errors import ConfigError
 from siamese.hydra_callbacks import RunDirGuard
 from siamese.pipelines.train import resolve_ckpt_path, run_training
+from siamese.resume import with_saved_overrides
+from siamese.task import TaskExit
 
 BAD_INPUT = {
     "unknown-option": (
@@ -27,7 +30,7 @@ BAD_INPUT = {
     ),
     "unknown-in-sweep": (
         ["-m", "loss=contrastive,tripplet"],
-        "unknown loss=tripplet; choose one of: bce, ",
+        "unknown loss=tripplet; did you mean loss=triplet? choose one of: bce, ",
     ),
     "bce-euclidean": (
         ["loss=bce"],
@@ -43,186 +46,135 @@ BAD_INPUT = {
 # their messages in-process).
 
 
-def flat_keys(node, prefix=""):
-    """Every dotted key of a composed config (list items by index)."""
-    items = node.items() if isinstance(node, dict) else enumerate(node)
-    for name, value in items:
-        key = f"{prefix}.{name}" if prefix else str(name)
-        yield key
-        if isinstance(value, dict | list):
-            yield from flat_keys(value, key)
-
-
-def flat_items(node, prefix=""):
-    """Every (dotted key, leaf value) of a composed config."""
-    items = node.items() if isinstance(node, dict) else enumerate(node)
-    for name, value in items:
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if isinstance(value, dict) or (isinstance(value, list) and value and not is_text(value)):
-            yield from flat_items(value, key)
-        yield key, value
-
-
-def is_text(value):
-    return isinstance(value, str) or (
-        isinstance(value, list) and any(isinstance(v, str | dict) for v in value)
-    )
-
-
-def as_override(value):
-    """A value as the command line writes it."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "null"
-    if isinstance(value, list):
-        return f"[{','.join(as_override(v) for v in value)}]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{as_override(v)}" for k, v in value.items()) + "}"
-    return str(value)
-
-
-RESNET18_KEYS = (
-    "backbone_lr_mult, channels_last, compile, dropout, embedding_dim, freeze_bn, head_bn, "
-    "image_size, in_channels, input_mean, input_std, pretrained, small_input, stem, weights"
-)
+def refusal(*overrides: str, config: str = "train") -> str:
+    """The one line siamese.cli makes of Hydra's refusal to compose ``overrides``."""
+    with pytest.raises(Exception) as raised:
+        composed(config, overrides)
+    line = hydra_error_line(raised.value, config, list(overrides))
+    assert line is not None and "\n" not in line, raised.value
+    return line
 
 
 @pytest.mark.parametrize(
-    ("arg", "line"),
+    ("args", "fragments"),
     [
         (
             "trainer.max_epoch=3",
-            "error: trainer.max_epoch is not a key of any config; did you mean "
-            "trainer.max_epochs? (+trainer.max_epoch=3 would add it as a new key)",
+            [
+                "trainer.max_epoch is not a key of trainer=default",
+                "did you mean trainer.max_epochs?",
+            ],
         ),
         (
             "model=resnet18 model.hidden_dims=[128]",
-            "error: model.hidden_dims is not a key of model=resnet18; model has: _target_, "
-            f"{RESNET18_KEYS} (+model.hidden_dims=[128] would add it as a new key)",
+            [
+                "model.hidden_dims is not a key of model=resnet18",
+                "embedding_dim, freeze_bn,",
+                "model=convnet or koch has it",
+                "(+model.hidden_dims=[128] would add",
+            ],
         ),
         (
             "model=resnet18 model.layers.0.out_channels=8",
-            "error: model.layers is not a key of model=resnet18; model has: _target_, "
-            f"{RESNET18_KEYS} (+model.layers.0.out_channels=8 would add it as a new key)",
+            [
+                "model.layers is not a key of model=resnet18",
+                "(+model.layers.0.out_channels=8 would",
+            ],
         ),
         (
             "optimizer.learning_rate=0.1",
-            "error: optimizer.learning_rate is not a key of any config; optimizer has: "
-            "_partial_, _target_, lr, momentum, nesterov, weight_decay "
-            "(+optimizer.learning_rate=0.1 would add it as a new key)",
+            [
+                "optimizer.learning_rate is not a key of optimizer=adamw",
+                "optimizer has: _partial_, _target_, lr, weight_decay",
+            ],
         ),
+        ("seed2=1", ["seed2 is not a key of train.yaml", "did you mean seed?", "(+seed2=1 would"]),
+        (
+            "model=transformer",
+            ["unknown model=transformer; choose one of: convnet, koch, resnet18, timm"],
+        ),
+        (
+            "loss=tripplet",
+            ["unknown loss=tripplet; did you mean loss=triplet? choose one of: bce, "],
+        ),
+        ("scheduler=null", ["scheduler=null cannot drop a config group; write ~scheduler"]),
     ],
 )
-def test_a_key_no_config_has_is_one_line_before_hydra(capsys, arg, line):
-    from siamese.cli import check_group_overrides
-
-    with pytest.raises(SystemExit) as stopped:
-        check_group_overrides(["trainer.max_epochs=2", *arg.split(), "seed=1"])
-    assert stopped.value.code == 2
-    assert capsys.readouterr().err.splitlines() == [line]
+def test_a_key_or_option_no_config_has_is_one_line(args, fragments):
+    line = refusal("trainer.max_epochs=2", *args.split(), "seed=1")
+    for fragment in fragments:
+        assert fragment in line, line
 
 
 @pytest.mark.parametrize(
-    ("arg", "line"),
+    ("arg", "fragments"),
     [
-        ("optimizer.lr=abc", "optimizer.lr=abc is not a number; write e.g. optimizer.lr=0.01"),
-        ("seed=abc", "seed=abc is not a number; write e.g. seed=0"),
-        ("trainer.max_epochs=ten", "trainer.max_epochs=ten is not a number; write e.g. "),
-        ("data.image_size='28'", "data.image_size='28' is not a number; write e.g. "),
-        ("test=maybe", "test=maybe is not true or false; write e.g. test=true"),
+        ("optimizer.lr=abc", ["optimizer.lr=abc is not a number", "write e.g. optimizer.lr=0.01"]),
+        ("seed=abc", ["seed=abc is not a whole number", "write e.g. seed=42"]),
+        (
+            "trainer.max_epochs=ten",
+            ["trainer.max_epochs=ten is not a whole number", "e.g. trainer.max_epochs=20"],
+        ),
+        ("trainer.max_epochs=1.5", ["trainer.max_epochs=1.5 is not a whole number"]),
+        ("test=maybe", ["test=maybe is not true or false", "write e.g. test=true"]),
         (
             "model.hidden_dims=128",
-            "model.hidden_dims=128 is not a list of numbers; write e.g. model.hidden_dims=[",
+            [
+                "model.hidden_dims=128 is not a list of whole numbers",
+                "e.g. model.hidden_dims=[256]",
+            ],
         ),
-        ("model.hidden_dims=[128,x]", "model.hidden_dims=[128,x] is not a list of numbers"),
-        ("seed=1,2,x", "seed=x (in seed=1,2,x) is not a number; write e.g. seed=0"),
-        ("eval.oneshot.ways=5", "eval.oneshot.ways=5 is not a list of numbers; write e.g. "),
-        ("data.augment.degrees=[5,10]", "data.augment.degrees=[5,10] is not a number; write e.g."),
+        ("model.hidden_dims=[128,x]", ["model.hidden_dims=[128,x] is not a list of whole numbers"]),
+        ("eval_pairs=[1]", ["eval_pairs=[1] is not a whole number", "e.g. eval_pairs=50000"]),
+        (
+            "data.augment.degrees=[5,10]",
+            ["data.augment.degrees=[5,10] is not a number", "e.g. data.augment.degrees=10.0"],
+        ),
     ],
 )
-def test_a_value_of_the_wrong_kind_is_one_line_before_hydra(capsys, arg, line):
-    from siamese.cli import check_group_overrides
-
-    with pytest.raises(SystemExit) as stopped:
-        check_group_overrides(["trainer.max_epochs=2", arg, "seed=1"])
-    assert stopped.value.code == 2
-    [printed] = capsys.readouterr().err.splitlines()
-    assert printed.startswith(f"error: {line}")
+def test_a_value_of_the_wrong_type_is_one_line(arg, fragments):
+    line = refusal("trainer.max_epochs=2", arg, "seed=1")
+    for fragment in fragments:
+        assert fragment in line, line
 
 
-def test_keys_of_the_chosen_option_pass_and_presets_may_add_keys():
-    from siamese.cli import check_group_overrides
-
-    check_group_overrides(["trainer=cpu", "trainer.max_epochs=3"])  # from trainer/default.yaml
-    check_group_overrides(["logger=many", "logger.wandb.project=x"])
-    # A key added earlier on the line (a resumed run's own +key) may then be changed.
-    check_group_overrides(["+trainer.val_check_interval=1.0", "trainer.val_check_interval=0.5"])
-
-    check_group_overrides(["model=convnet", "model.hidden_dims=[64]"])
-    check_group_overrides(["model=resnet18", "model.small_input=false"])
-    check_group_overrides(["logger=many", "logger.csv.name=x"])  # its files come with it
-    check_group_overrides(["experiment=mnist_triplet", "model=resnet18", "model.hidden_dims=[1]"])
+def test_eval_settings_have_types_too():
+    assert "eval.oneshot.ways=5 is not a list of whole numbers" in refusal(
+        "eval.oneshot.ways=5", config="evaluate"
+    )
+    assert "export.opset=x is not a whole number" in refusal("export.opset=x", config="export")
 
 
-def test_values_of_the_right_kind_pass_the_value_check():
-    from siamese.cli import check_value_overrides
-
-    check_value_overrides(
+def test_keys_of_the_chosen_option_values_of_the_right_type_and_added_keys_compose():
+    for overrides in [
+        ["trainer=cpu", "trainer.max_epochs=3"],  # from trainer/default.yaml
+        ["logger=many", "logger.wandb.project=x", "logger.csv.name=x"],
+        # A key added earlier on the line (a resumed run's own +key) may then be changed.
+        ["+trainer.val_check_interval=1.0", "trainer.val_check_interval=0.5"],
+        ["model=convnet", "model.hidden_dims=[64]"],
+        ["model=resnet18", "model.small_input=false"],
+        ["experiment=mnist_triplet", "model=resnet18"],
+        ["data=image_folder", "data/augment=photo", "data.augment.hue=0.05"],
+        ["experiment=photos_finetune", "data.augment.hue=0.05"],
         [
-            "optimizer.lr=1e-3",  # an int where a float is, null, interpolations, sweeps
+            "optimizer.lr=1e-3",  # an int where a float is, null, interpolations
             "trainer.max_epochs=null",
             "trainer.limit_train_batches=0.25",
             "optimizer.lr=${seed}",
-            "seed=range(1,4)",
-            "optimizer.lr=tag(log,interval(1e-4,1e-1))",
             "model.hidden_dims=[]",
             "trainer.devices=auto",  # 2 or auto: more than one kind, left to Lightning
             "+seed2=abc",
-            "data.source.val_classes=3",
+            "data.source.val_size=3",
             "data.image_size=[28,32]",  # a number, or a list of numbers ([H, W])
             "model.hidden_dims=[${model.embedding_dim},128]",  # interpolated items
-            "model.compile={mode:max-autotune}",  # bools whose owner takes more (NOT_ONLY_BOOL)
-            "logger.log_model=all",
+            "model.compile={mode:max-autotune}",  # bools whose owner takes more
             "trainer.deterministic=warn",
             "callbacks.model_checkpoint.save_last=link",
-        ]
-    )
-
-
-@pytest.mark.slow  # ~8 s: composes every config (default suite under 5 minutes)
-def test_every_key_a_composed_config_has_passes_the_key_check():
-    """No false alarm: every key of the train, evaluate and export configs, with each
-    experiment and preset, is accepted (new keys with +, hydra.* and groups are Hydra's)."""
-    from conftest import CONF
-    from hydra import compose, initialize_config_dir
-
-    from siamese.cli import check_key_overrides, check_value_overrides
-
-    # Every option of every group at least once, in as few compositions as that takes.
-    choices = [("train", []), ("evaluate", ["index=ivf"]), ("evaluate", ["index=hnsw"])]
-    choices += [("export", [])]
-    for group in ("experiment", "debug"):
-        choices += [("train", [f"{group}={p.stem}"]) for p in sorted((CONF / group).glob("*.yaml"))]
-    choices += [
-        ("train", ["model=koch", "loss=contrastive", "distance=cosine", "data=omniglot"]),
-        ("train", ["model=resnet18", "loss=triplet", "data=fashion_mnist", "logger=many"]),
-        ("train", ["loss=bce", "distance=learned", "data=kmnist", "logger=tensorboard"]),
-        ("train", ["data=image_folder", "logger=wandb", "optimizer=sgd", "scheduler=cosine"]),
-        ("train", ["data=mnist", "model=convnet"]),
-        ("train", ["trainer=ddp", "logger=many"]),  # options with defaults
-        ("train", ["trainer=cpu"]),
-        ("train", ["trainer=gpu", "loss=multi_similarity"]),
-    ]
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        for name, overrides in choices:
-            cfg = OmegaConf.to_container(compose(name, overrides=overrides))
-            keys = list(flat_keys(cfg))
-            assert len(keys) > 5, (name, overrides)
-            check_key_overrides([*overrides, *(f"{k}=1" for k in keys)])  # exits on a false alarm
-            values = [f"{k}={as_override(v)}" for k, v in flat_items(cfg) if not is_text(v)]
-            check_value_overrides(values)  # the values the configs hold pass too
-    check_key_overrides(["+trainer.foo=1", "++x.y=2", "~logger", "hydra.run.dir=d", "-m"])
+        ],
+        ["logger=wandb", "logger.log_model=all"],
+    ]:
+        composed("train", tuple(overrides))
+    assert composed("train", ("optimizer.lr=1",)).optimizer.lr == 1.0  # as a float
 
 
 @pytest.mark.slow  # default suite under 5 minutes: CI runs -m slow too
@@ -398,11 +350,11 @@ def test_resume_continues_at_the_saved_epoch_and_auto_picks_the_newest(make_cfg,
 
     guard("auto")
     guard("last")
-    with pytest.raises(SystemExit):
+    with pytest.raises(TaskExit, match="already holds a run"):
         guard(None)
 
 
-def test_a_used_run_directory_is_refused_with_a_hint_for_the_task(tmp_path, capsys):
+def test_a_used_run_directory_is_refused_with_a_hint_for_the_task(tmp_path):
     """evaluate.py and export.py have nothing to resume: their line offers no ckpt_path=last.
     An export's folder (model.json) is a used directory too, unless the checkpoint is in it."""
     (tmp_path / "ev").mkdir()
@@ -415,19 +367,18 @@ def test_a_used_run_directory_is_refused_with_a_hint_for_the_task(tmp_path, caps
         RunDirGuard().on_run_start(OmegaConf.create({**config, "ckpt_path": ckpt_path}))
 
     expected = {
-        ("train", "ev"): f"error: hydra.run.dir={str(tmp_path / 'ev')!r} already holds a run "
+        ("train", "ev"): f"hydra.run.dir={str(tmp_path / 'ev')!r} already holds a run "
         "(metrics.json); choose another hydra.run.dir, or pass ckpt_path=last to resume that "
         "run (nothing in it was changed)",
-        ("evaluate", "ev"): f"error: hydra.run.dir={str(tmp_path / 'ev')!r} already holds a run "
+        ("evaluate", "ev"): f"hydra.run.dir={str(tmp_path / 'ev')!r} already holds a run "
         "(metrics.json); choose another hydra.run.dir (nothing in it was changed)",
-        ("export", "ex"): f"error: hydra.run.dir={str(tmp_path / 'ex')!r} already holds a run "
+        ("export", "ex"): f"hydra.run.dir={str(tmp_path / 'ex')!r} already holds a run "
         "(model.json); choose another hydra.run.dir (nothing in it was changed)",
     }
     for (task, folder), line in expected.items():
-        with pytest.raises(SystemExit) as stopped:
+        with pytest.raises(TaskExit) as refused:  # Hydra would swallow an Exception
             guard(task, tmp_path / folder)
-        assert stopped.value.code == 2
-        assert capsys.readouterr().err.splitlines() == [line]
+        assert refused.value.line == f"error: {line}"
     guard("export", tmp_path / "ex", str(tmp_path / "ex" / "checkpoints" / "best.ckpt"))
     assert (tmp_path / "ex" / "model.json").read_text() == "{}"
 
@@ -441,40 +392,69 @@ def test_resume_with_another_schedule_length_is_refused(make_cfg):
 
 def test_ctrl_c_outside_training_is_one_line_and_exit_130(capsys):
     """evaluate.py, export.py, or train.py before fitting: no traceback wall."""
-    from siamese.cli import report_errors
+    from siamese.task import run, task_wrapper
 
+    @task_wrapper
     def job() -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(SystemExit) as stopped:
-        report_errors(job)()
+        run(job, "train", [])
     assert stopped.value.code == 130
     assert capsys.readouterr().err.splitlines() == [
         "stopped: Ctrl-C (SIGINT) before the run finished; run it again to start over"
     ]
 
 
+def test_the_task_wrapper_makes_user_errors_and_hydra_refusals_one_line(capsys):
+    from siamese.task import run, task_wrapper
+
+    @task_wrapper
+    def job() -> None:
+        raise ConfigError("seed=-1 is not a seed; use an integer from 0 to 4294967295")
+
+    def main() -> None:  # as hydra.main: the composition refuses the command line first
+        composed("train", ("optimizer.lr=abc",))
+
+    for fn, argv, line in [
+        (job, [], "error: seed=-1 is not a seed; use an integer from 0 to 4294967295"),
+        (main, ["optimizer.lr=abc"], "error: optimizer.lr=abc is not a number"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            run(fn, "train", argv)
+        assert stopped.value.code == 2
+        [printed] = capsys.readouterr().err.splitlines()
+        assert printed.startswith(line)
+
+    def bug() -> None:
+        raise RuntimeError("a bug keeps its traceback")
+
+    with pytest.raises(RuntimeError):
+        run(bug, "train", [])
+
+
 @pytest.mark.parametrize(
-    ("argv", "line"),
+    ("argv", "fragments"),
     [
         (
             ["data.augment.brightness=0.3"],  # the default data's augment is the affine one
-            "data.augment.brightness is not a key of data/augment=affine_digits (data.augment "
-            "has: _target_, degrees, elastic_alpha, elastic_sigma, hflip, p, padding_mode, "
-            "scale, shear, translate); data/augment=photo has it",
+            [
+                "data.augment.brightness is not a key of data/augment=affine_digits",
+                "data.augment has: _target_, degrees, elastic_alpha, elastic_sigma, hflip, p,",
+                "; data/augment=photo has it",
+            ],
         ),
         (
             ["data=image_folder", "data/augment=photo", "data.augment.degrees=3"],
-            "data.augment.degrees is not a key of data/augment=photo (data.augment has: "
-            "_target_, brightness, contrast, hflip, hue, p_jitter, ratio, saturation, scale, "
-            "size); data/augment=affine_digits or affine_omniglot or affine_photos has it",
+            [
+                "data.augment.degrees is not a key of data/augment=photo",
+                "data.augment has: _target_, brightness, contrast, hflip, hue, p_jitter, ratio,",
+                "data/augment=affine_digits or affine_omniglot or affine_photos has it",
+            ],
         ),
     ],
 )
-def test_a_key_of_another_option_of_a_nested_group_is_one_line(argv, line, capsys):
-    with pytest.raises(SystemExit):
-        check_group_overrides(argv)
-    assert capsys.readouterr().err.strip() == f"error: {line}"
-    # The keys of the chosen option pass (the check leaves values to the next checks).
-    check_group_overrides(["data=image_folder", "data/augment=photo", "data.augment.hue=0.05"])
-    check_group_overrides(["experiment=photos_finetune", "data.augment.hue=0.05"])
+def test_a_key_of_another_option_of_a_nested_group_is_one_line(argv, fragments):
+    line = refusal(*argv)
+    for fragment in fragments:
+        assert fragment in line, line

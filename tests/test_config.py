@@ -7,7 +7,7 @@ from conftest import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from siamese.cli import group_options
+from siamese.composition import group_options
 from siamese.errors import ConfigError
 from siamese.pipelines.train import check_config, split_model_config
 
@@ -149,22 +149,23 @@ def test_optimizer_and_schedulers_instantiate(make_cfg):
     [
         (
             ["optimizer.lr=-1"],
-            "torch.optim.AdamW refused its settings (Invalid learning rate: -1); fix one of: "
-            "optimizer.lr=-1, optimizer.weight_decay=0.0001",
+            "torch.optim.AdamW refused its settings (Invalid learning rate: -1.0); fix one of: "
+            "optimizer.lr=-1.0, optimizer.weight_decay=0.0001",
         ),
         (
             ["optimizer=sgd", "optimizer.momentum=0"],
             "torch.optim.SGD refused its settings (Nesterov momentum requires a momentum and "
-            "zero dampening); fix one of: optimizer.lr=0.05, optimizer.momentum=0, "
+            "zero dampening); fix one of: optimizer.lr=0.05, optimizer.momentum=0.0, "
             "optimizer.nesterov=True, optimizer.weight_decay=0.0005",
         ),
         (
             ["scheduler.pct_start=2"],
             "torch.optim.lr_scheduler.OneCycleLR refused its settings (Expected float between 0 "
-            "and 1 pct_start, but got 2); fix one of: scheduler.max_lr=0.01, scheduler.pct_start=2",
+            "and 1 pct_start, but got 2.0); fix one of: scheduler.max_lr=0.01, "
+            "scheduler.pct_start=2.0",
         ),
         (
-            ["~scheduler._partial_"],
+            ["scheduler._partial_=false"],  # (a schema's key cannot be deleted)
             "scheduler needs scheduler._partial_=true: it is built later, given the optimizer",
         ),
         (
@@ -175,6 +176,7 @@ def test_optimizer_and_schedulers_instantiate(make_cfg):
     ],
 )
 def test_optimizer_and_scheduler_values_torch_refuses_fail_at_start(make_cfg, overrides, message):
+    # Float keys hold floats (Hydra's schema): -1 reads back as -1.0.
     with pytest.raises(ConfigError) as refused:
         check_config(make_cfg(*overrides))
     assert str(refused.value) == message

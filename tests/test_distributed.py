@@ -29,6 +29,7 @@ from siamese.data.samplers import ClassBalancedBatchSampler, EvalBatchSampler
 from siamese.distributed import (
     SyncBatchNormPlugin,
     convert_cpu_sync_batchnorm,
+    gather_split,
     gather_uneven,
     gather_with_grad,
 )
@@ -511,3 +512,18 @@ def test_sigterm_while_testing_under_ddp_stops_every_process_without_a_hang(tmp_
     assert len(stopped) == 1, stderr[-3000:]
     assert stopped[0].startswith("stopped: SIGTERM while testing (training had finished)")
     assert not (run / "metrics.json").exists()
+
+
+def test_an_evaluated_split_comes_back_in_item_order_in_one_process():
+    emb = torch.arange(12, dtype=torch.float32).view(6, 2)
+    labels = torch.tensor([5, 4, 3, 2, 1, 0])
+    items = torch.tensor([5, 4, 3, 2, 1, 0])
+    batches = [(emb[:4], labels[:4], items[:4]), (emb[4:], labels[4:], items[4:])]
+    got_emb, got_labels, got_items = gather_split(batches, 2, torch.device("cpu"))
+    assert got_items.tolist() == [0, 1, 2, 3, 4, 5]
+    assert got_labels.tolist() == [0, 1, 2, 3, 4, 5]
+    assert got_emb[:, 0].tolist() == [10.0, 8.0, 6.0, 4.0, 2.0, 0.0]
+    # Without item indices the rows stay as the loader gave them; nothing embedded: None.
+    plain = gather_split([(emb, labels, None)], 2, torch.device("cpu"))
+    assert plain[2] is None and torch.equal(plain[0], emb)
+    assert gather_split([], 2, torch.device("cpu")) is None

@@ -11,10 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from siamese import callbacks
-from siamese.callbacks import DivergenceError, DivergenceGuard, embedding_spread
-from siamese.cli import report_errors
+from siamese.callbacks import DivergenceError, DivergenceGuard, divergence, embedding_spread
 from siamese.pipelines.train import run_training
+from siamese.task import TaskExit, task_wrapper
 
 POISON = "+callbacks.poison._target_=fault_callbacks.PoisonAtStep"
 RUN = [
@@ -30,16 +29,14 @@ def finite_weights(path: Path) -> tuple[int, bool]:
     return ckpt["global_step"], all(bool(torch.isfinite(v).all()) for v in tensors)
 
 
-def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(make_cfg, capsys):
-    # A NaN weight before step 10 (epoch 1): the loss is NaN. Through the command line's
-    # error handler, as train.py runs it.
+def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(make_cfg):
+    # A NaN weight before step 10 (epoch 1): the loss is NaN. Through the entry points'
+    # task wrapper, as train.py runs it: one line, printed by siamese.task.run with exit 2.
     cfg = make_cfg(*RUN, POISON, "+callbacks.poison.step=10")
-    with pytest.raises(SystemExit) as exited:
-        report_errors(run_training)(cfg)
-    assert exited.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    line = lines[0]
+    with pytest.raises(TaskExit) as exited:
+        task_wrapper(run_training)(cfg)
+    line = exited.value.line
+    assert "\n" not in line and line.startswith("error: "), line
     assert "training diverged at optimizer step 10 (epoch 1): the loss is nan" in line
     assert "lower optimizer.lr (e.g. optimizer.lr=" in line and "gradient_clip_val" in line
     run_dir = Path(cfg.paths.output_dir)
@@ -81,7 +78,7 @@ def one_parameter(size: int, lr: float):
 
 
 def test_on_a_gpu_the_check_is_read_back_later_but_names_the_exact_step(monkeypatch):
-    monkeypatch.setattr(callbacks, "reads_are_free", lambda device: False)
+    monkeypatch.setattr(divergence, "reads_are_free", lambda device: False)
     guard = DivergenceGuard(check_every_n_steps=50)
     module, param, optimizer = one_parameter(3, 0.5)
     losses = [1.0, 0.9, math.inf, math.nan, 0.7]
@@ -98,7 +95,7 @@ def test_on_a_gpu_the_check_is_read_back_later_but_names_the_exact_step(monkeypa
 
 
 def test_the_check_is_read_every_n_steps_and_gradients_alone_count(monkeypatch):
-    monkeypatch.setattr(callbacks, "reads_are_free", lambda device: False)
+    monkeypatch.setattr(divergence, "reads_are_free", lambda device: False)
     guard = DivergenceGuard(check_every_n_steps=2)
     module, param, optimizer = one_parameter(2, 0.1)
     trainer = fake_trainer(0)

@@ -139,3 +139,76 @@ def test_weight_sharing_gradient_is_the_sum_of_both_branches():
     for g, g1, g2 in zip(shared, *branch, strict=True):
         assert torch.allclose(g, g1 + g2, atol=1e-6)
         assert g1.abs().sum() > 0 and g2.abs().sum() > 0
+
+
+def test_the_module_scores_with_its_own_distance_through_the_evaluator():
+    import numpy as np
+
+    from siamese.module import SiameseModule
+
+    torch.manual_seed(0)
+    tower = {
+        "_target_": "siamese.models.ConvTower",
+        "layers": [],
+        "embedding_dim": 4,
+        "in_channels": 1,
+        "image_size": [2, 2],
+    }
+    module = SiameseModule(
+        tower=tower,
+        distance={"_target_": "siamese.distances.CosineSimilarity"},
+        loss={"_target_": "siamese.losses.ContrastiveLoss"},
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+        eval_pairs=40,
+        eval_seed=7,
+    )
+    a = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]], dtype=np.float32)
+    b = np.array([[1.0, 1.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0]], dtype=np.float32)
+    # Cosine distance 1 - cos: 1 - 1/sqrt(2), and 2 for opposite directions.
+    np.testing.assert_allclose(module.pair_distance(a, b), [1 - 2**-0.5, 2.0], rtol=1e-6)
+    evaluator = module.evaluator(oneshot=True)
+    assert evaluator.metric == "ip" and evaluator.pair_distance == module.pair_distance
+    assert (evaluator.pairs, evaluator.pairs_seed, evaluator.oneshot_seed) == (40, 7, 7)
+    assert evaluator.oneshot_ways == (5, 20) and module.evaluator().oneshot_ways == ()
+    assert module.evaluator(pairs=10).pairs == 10
+    # Validation: the steps' embeddings scored by that evaluator; the report is kept.
+    emb = torch.nn.functional.normalize(torch.randn(30, 4), dim=1)
+    labels = torch.arange(30) % 3
+    module._outputs.append((emb, labels, torch.arange(30)))
+    logged = module._epoch_metrics("val")
+    report = module.last_eval.report
+    assert logged == report.logged() and "oneshot_5way_1shot" not in logged
+    want = module.evaluator().evaluate(emb.numpy(), labels.numpy())
+    assert report.metrics == want.metrics
+    assert module.last_eval.stage == "val" and torch.equal(module.last_eval.embeddings, emb)
+
+
+def test_training_steps_log_where_lightning_writes_logs():
+    """log_every_n_steps=2: the steps after 1, 3, 5 optimizer steps, and a stopping run's."""
+    from types import SimpleNamespace
+
+    from siamese.module import SiameseModule
+
+    module = SiameseModule(
+        tower={
+            "_target_": "siamese.models.ConvTower",
+            "layers": [],
+            "embedding_dim": 2,
+            "in_channels": 1,
+            "image_size": [2, 2],
+        },
+        distance={"_target_": "siamese.distances.EuclideanDistance"},
+        loss={"_target_": "siamese.losses.ContrastiveLoss"},
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+    )
+    trainer = SimpleNamespace(fast_dev_run=False, log_every_n_steps=2, should_stop=False)
+    module._trainer = trainer
+    logged = []
+    for step in range(6):
+        trainer.global_step = step
+        logged.append(module._logs_this_step())
+    assert logged == [False, True, False, True, False, True]
+    trainer.should_stop = True
+    assert module._logs_this_step()
+    trainer.log_every_n_steps = 0  # logging off
+    assert not module._logs_this_step()

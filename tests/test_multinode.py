@@ -26,6 +26,7 @@ from omegaconf import DictConfig, open_dict
 
 from siamese import run_dirs
 from siamese.hydra_callbacks import RunDirGuard
+from siamese.task import report_errors
 
 # As tests/test_distributed.py's DDP_CPU_FAST, with 3 training batches. The default
 # data.batch_size=160 per process makes global batches of 320 = 10 classes x 32 images.
@@ -228,7 +229,7 @@ def test_every_rank_refuses_a_folder_that_holds_another_run(tmp_path, monkeypatc
     run.mkdir()
     (run / "metrics.json").write_text("{}")
     with pytest.raises(SystemExit) as stop:
-        RunDirGuard().on_run_start(_hydra_config(str(run)))
+        report_errors(RunDirGuard().on_run_start)(_hydra_config(str(run)))
     assert stop.value.code == 2
     assert "already holds a run (metrics.json)" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["metrics.json"]
@@ -241,7 +242,7 @@ def test_torchrun_with_a_run_folder_from_the_start_time_stops_every_rank(
     _launched_by_torchrun(monkeypatch, rank)
     cfg = _hydra_config(None)  # the default: outputs/train/runs/<start time>
     with pytest.raises(SystemExit) as stop:
-        RunDirGuard().on_run_start(cfg)
+        report_errors(RunDirGuard().on_run_start)(cfg)
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: torchrun started 2 processes, and hydra.run.dir=")

@@ -197,3 +197,27 @@ def test_bad_retrieval_inputs(tmp_path):
         plot_retrieval_grid(images, labels[:3], images, labels, nb, out)
     with pytest.raises(ConfigError, match="max_queries"):
         plot_retrieval_grid(images, labels, images, labels, nb, out, max_queries=0)
+
+
+def test_retrieval_grid_content_and_the_png_writer(tmp_path):
+    from siamese.evaluation.plots import retrieval_grid_figure, save_png
+
+    rng = np.random.default_rng(1)
+    images = rng.random((6, 1, 8, 8))
+    neighbours = np.array([[1, 2], [0, 3], [4, 5]])
+    fig = retrieval_grid_figure(
+        images[:3], [0, 1, 2], images, [0, 0, 1, 1, 2, 2], neighbours, wrong=[True, False, False]
+    )
+    assert len(fig.axes) == 3 * 3  # three rows: the query and its two neighbours
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0] == "query 0\nwrong top-1" and titles[3] == "query 1"
+    assert titles[1:3] == ["1: 0", "2: 1"]  # rank: label
+    assert fig.axes[0].spines["left"].get_edgecolor() == pytest.approx(
+        (214 / 255, 39 / 255, 40 / 255, 1), abs=1e-3
+    )
+    assert fig.get_suptitle() == "3 queries across the classes; the first 1: top-1 of another class"
+    with pytest.raises(DataError, match="pass one bool per query"):
+        retrieval_grid_figure(images[:3], [0, 1, 2], images, [0] * 6, neighbours, wrong=[True])
+    # save_png: the pixels it returns are the file's.
+    rgb = save_png(fig, tmp_path / "grid.png")
+    np.testing.assert_array_equal((imread(tmp_path / "grid.png")[..., :3] * 255).round(), rgb)

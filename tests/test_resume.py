@@ -14,15 +14,21 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, run_script, run_scripts
+from conftest import ROOT, compose_train, run_script, run_scripts
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from siamese.callbacks import LastCheckpoint, parse_signal
+from siamese.callbacks.signals import (
+    StopSignals,
+    exit_on_stop_signal,
+    parse_signal,
+    resume_hint,
+    sigterm_stops_outside_fit,
+)
 from siamese.checkpointing import AtomicCheckpointIO, CheckpointWriteError
+from siamese.config import build
 from siamese.data.samplers import ClassBalancedBatchSampler
 from siamese.errors import ConfigError
-from siamese.pipelines.train import exit_on_stop_signal, sigterm_stops_outside_fit
 
 RUN = [
     "trainer.accelerator=cpu",
@@ -36,6 +42,14 @@ RUN = [
     "~callbacks.plots",
     "eval_pairs=500",
 ]
+
+
+def last_ckpt(run_dir: Path, every: int | None = None) -> list[Callback]:
+    """conf/callbacks/default.yaml's last.ckpt callbacks (the periodic saves at epoch ends and
+    every ``every`` steps, and the signal saves), writing ``run_dir/checkpoints/last.ckpt``."""
+    cfg = compose_train([f"checkpoints.every_n_train_steps={every or 'null'}"], run_dir)
+    names = ("last_checkpoint", "last_checkpoint_steps", "stop_signals")
+    return [build(cfg.callbacks[name]) for name in names]
 
 
 def train(run_dir: Path, *extra: str):
@@ -291,9 +305,9 @@ class _SignalWhen(Callback):
 def test_a_requeue_signal_writes_last_ckpt_before_its_handler_runs(
     tmp_path: Path, hook: str, step: int, saved_at: int
 ):
-    """submitit's handler requeues and exits at once; LastCheckpoint holds the signal until
+    """submitit's handler requeues and exits at once; StopSignals holds the signal until
     the running batch (or the epoch, during validation) ends and last.ckpt is written."""
-    last = tmp_path / "last.ckpt"
+    last = tmp_path / "checkpoints" / "last.ckpt"
     seen: list[tuple[int, int, int]] = []
 
     def requeue_and_exit(signum, frame):  # what submitit's handler does on rank 0
@@ -303,12 +317,11 @@ def test_a_requeue_signal_writes_last_ckpt_before_its_handler_runs(
 
     before = signal.signal(signal.SIGUSR2, requeue_and_exit)
     try:
-        callback = LastCheckpoint(str(tmp_path))  # every_n_train_steps=None: epoch ends only
         trainer = pl.Trainer(
             max_epochs=3,
             limit_train_batches=5,
             limit_val_batches=1,
-            callbacks=[callback, _SignalWhen(hook, step)],
+            callbacks=[*last_ckpt(tmp_path), _SignalWhen(hook, step)],
             default_root_dir=tmp_path,
             logger=False,
             enable_progress_bar=False,
@@ -336,7 +349,7 @@ def test_a_signal_with_no_handler_is_left_alone(tmp_path: Path):
         trainer = pl.Trainer(
             max_epochs=1,
             limit_train_batches=2,
-            callbacks=[LastCheckpoint(str(tmp_path)), Look()],
+            callbacks=[*last_ckpt(tmp_path), Look()],
             default_root_dir=tmp_path,
             logger=False,
             enable_progress_bar=False,
@@ -346,7 +359,71 @@ def test_a_signal_with_no_handler_is_left_alone(tmp_path: Path):
     finally:
         signal.signal(signal.SIGUSR2, before)
     assert during == [signal.SIG_DFL, signal.SIG_DFL]
-    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+class _Validated(_Tiny):
+    """_Tiny that counts its validations (the sanity check left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validated = 0
+
+    def on_validation_epoch_end(self) -> None:
+        self.validated += not self.trainer.sanity_checking
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["validated"] = self.validated
+
+
+def test_last_ckpt_is_written_every_n_steps_and_after_each_epochs_validation(tmp_path: Path):
+    """Every 2 steps of 4-step epochs: a step save falls on each epoch's last batch, before
+    its validation, and the epoch's end still writes last.ckpt after it (one
+    ModelCheckpoint would skip a second save at the same step); one file, no last-v1.ckpt."""
+    saves: list[tuple[int, int]] = []
+
+    class Saves(Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            saves.append((trainer.global_step, pl_module.validated))
+
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        callbacks=[*last_ckpt(tmp_path, every=2), Saves()],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+    )
+    data = DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=4)
+    trainer.fit(_Validated(), data, data)
+    assert saves == [(2, 0), (4, 0), (4, 1), (6, 1), (8, 1), (8, 2)]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["global_step"], last["epoch"], last["validated"]) == (8, 1, 2)
+
+
+def test_stop_signals_without_a_last_checkpoint_is_refused_before_training(tmp_path: Path):
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        callbacks=[StopSignals()],
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = _Tiny()
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(ConfigError) as err:
+        trainer.fit(module, DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=4))
+    message = str(err.value)
+    assert "ModelCheckpoint with monitor: null" in message
+    assert message.endswith("keep callbacks.last_checkpoint (or remove callbacks.stop_signals too)")
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(
@@ -359,7 +436,7 @@ def test_requeue_signal_names(name, want):
 
 def test_an_unknown_requeue_signal_is_one_line():
     with pytest.raises(ConfigError, match=r"requeue_signal='SIGNOPE' is not a signal; use SIGUSR2"):
-        LastCheckpoint("x", requeue_signal="SIGNOPE")
+        StopSignals(requeue_signal="SIGNOPE")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -383,10 +460,7 @@ def test_a_stop_signal_writes_last_ckpt_as_a_step_save_would_then_exits_128_plus
         trainer = pl.Trainer(
             max_epochs=2,
             limit_train_batches=5,
-            callbacks=[
-                LastCheckpoint(str(tmp_path / folder / "checkpoints"), every_n_train_steps=every),
-                *callbacks,
-            ],
+            callbacks=[*last_ckpt(tmp_path / folder, every), *callbacks],
             default_root_dir=tmp_path,
             logger=False,
             enable_progress_bar=False,
@@ -468,7 +542,7 @@ def test_ctrl_c_during_validation_or_twice(
             max_epochs=3,
             limit_train_batches=5,
             limit_val_batches=1,
-            callbacks=[LastCheckpoint(str(tmp_path / "checkpoints")), _PressTwice(hook, step)],
+            callbacks=[*last_ckpt(tmp_path), _PressTwice(hook, step)],
             default_root_dir=tmp_path,
             logger=False,
             enable_progress_bar=False,
@@ -545,7 +619,7 @@ TESTING_STOPPED = "stopped: SIGTERM while testing (training had finished), at ep
         ("test_epoch_end", False, False),
         ("test_end", False, True),
         ("fit_end", False, False),
-        # A job runner's own SIGTERM handler stays (submitit's, say): LastCheckpoint stops
+        # A job runner's own SIGTERM handler stays (submitit's, say): StopSignals stops
         # the test at the last batch's end, where Lightning would go on to score the split;
         # a signal Lightning only noted while scoring stops the run as the test returns.
         ("last_test_batch", True, False),
@@ -579,7 +653,7 @@ def test_sigterm_after_training_stops_at_once_with_exit_143(
         limit_train_batches=2,
         limit_val_batches=1,
         limit_test_batches=2,
-        callbacks=[LastCheckpoint(str(tmp_path / "checkpoints")), _TermAt(hook)],
+        callbacks=[*last_ckpt(tmp_path), _TermAt(hook)],
         default_root_dir=tmp_path,
         logger=False,
         enable_progress_bar=False,
@@ -656,12 +730,11 @@ def test_sigterm_while_testing_or_after_fit_in_train_py_exits_143_with_one_line(
 
 
 def test_a_stop_before_any_last_ckpt_names_a_command_that_is_let_in(tmp_path):
-    from siamese.pipelines.train import _resume_hint
     from siamese.run_dirs import refusal
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "best.ckpt").write_bytes(b"x")  # a run, but no last.ckpt
-    hint = _resume_hint(tmp_path)
+    hint = resume_hint(tmp_path)
     assert hint.endswith(
         f"start over with the same command and ckpt_path=auto hydra.run.dir={tmp_path}"
     )

@@ -23,6 +23,7 @@ from siamese import run_dirs
 from siamese.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 from siamese.hydra_callbacks import RunDirGuard
 from siamese.pipelines.train import resolve_ckpt_path, run_training
+from siamese.task import report_errors
 
 # Holds a run folder's lock as a running job would, until killed.
 HOLD = (
@@ -59,7 +60,7 @@ def refused(capsys, run_dir: Path | str, task: str, ckpt_path: str | None = None
     """The one line and exit 2 of a refused run folder."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
-        guard(run_dir, task, ckpt_path)
+        report_errors(guard)(run_dir, task, ckpt_path)  # as train.py's task wrapper
     assert stopped.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines

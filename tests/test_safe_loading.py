@@ -17,13 +17,13 @@ from conftest import CONF, FAST, compose_config, compose_train, one_line_error, 
 from hydra._internal.utils import _locate
 
 import siamese
-from siamese.cli import TRUST_KEY, replayable, with_saved_overrides
 from siamese.config import build
 from siamese.errors import ConfigError
 from siamese.pipelines.evaluate import run_evaluation
 from siamese.pipelines.export import run_export
 from siamese.pipelines.train import run_training
 from siamese.registry import REGISTRY, register, registered
+from siamese.resume import TRUST_KEY, replayable, with_saved_overrides
 
 # The run behind every checkpoint here: a resume replays these and finds its plan.
 TRAINED = [*FAST, "trainer.limit_train_batches=2", "test=false"]

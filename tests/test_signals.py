@@ -1,6 +1,6 @@
-"""siamese.signals: SIGTERM unwinds a job's writes; a second SIGTERM long after the first
-(the unwinding hangs) ends the process at once, one right after it (the same stop delivered
-twice) does not."""
+"""stop_on_sigterm (siamese.callbacks.signals): SIGTERM unwinds a job's writes; a second
+SIGTERM long after the first (the unwinding hangs) ends the process at once, one right
+after it (the same stop delivered twice) does not."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ HANGING_UNWIND = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
-from siamese import signals
+from siamese.callbacks import signals
 signals.INSIST_AFTER_S = 0.5
 with signals.stop_on_sigterm(Path("."), "writing", "job.py"):
     try:

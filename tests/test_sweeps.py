@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import FAST, ROOT, one_line_error, run_scripts
+from hydra.core.utils import JobReturn, JobStatus
 
 from siamese.errors import ConfigError
 from siamese.metric_names import available_metrics
@@ -80,30 +81,15 @@ def test_summary_has_one_row_per_job_with_overrides_and_metrics(tmp_path):
     assert lines[4].split() == ["1", "done", "triplet", "0.001", "0.4000", "0.5000"]
 
 
-class FakeAtexit:
-    """``atexit`` for the callback under test: handlers are kept here, run by the test."""
-
-    def __init__(self):
-        self.handlers = []
-
-    def register(self, fn):
-        self.handlers.append(fn)
-
-    def unregister(self, fn):
-        self.handlers = [h for h in self.handlers if h != fn]
-
-
 @pytest.fixture
 def sweep_callback(monkeypatch):
-    """A SweepSummary as Hydra drives it in a local sweep, with its exit handler held."""
-    from siamese import hydra_callbacks
+    """A SweepSummary as Hydra drives it in a local sweep."""
+    from siamese import hydra_callbacks, sweeps
 
-    exits = FakeAtexit()
-    monkeypatch.setattr(hydra_callbacks, "atexit", exits)
-    monkeypatch.setattr(hydra_callbacks.cli, "last_error", None)  # another test's line
     monkeypatch.setattr(hydra_callbacks, "_multirun", lambda: True)
     monkeypatch.setenv(hydra_callbacks.SWEEP_DIR_ENV, "")  # restored after the test
-    return hydra_callbacks.SweepSummary(), exits
+    monkeypatch.setattr(sweeps, "_running", None)
+    return hydra_callbacks.SweepSummary()
 
 
 def job_config(sweep, name):
@@ -131,7 +117,7 @@ def run_job(callback, sweep, name, error=None):
 def test_a_job_that_raised_is_a_failed_row_with_its_error_line(tmp_path, sweep_callback):
     from hydra.errors import InstantiationException
 
-    callback, _ = sweep_callback
+    callback = sweep_callback
     write_job(tmp_path, "0", ["seed=1"], {"test/precision_at_1": 0.75})
     write_job(tmp_path, "1", ["seed=2"])
     # Metrics written, then a failure: the row must not say done.
@@ -166,67 +152,57 @@ def test_a_job_that_raised_is_a_failed_row_with_its_error_line(tmp_path, sweep_c
     ]
 
 
-def test_a_job_whose_process_exits_is_stopped_and_the_table_printed_at_exit(
+def test_a_job_stopped_by_ctrl_c_is_a_stopped_row_and_the_table_is_printed(
     tmp_path, sweep_callback, capsys, monkeypatch
 ):
-    """A user error (its one line, then exit 2) leaves Hydra's run_job as a SystemExit: no
-    on_job_end, and the local sweep ends there. The process's exit writes the row."""
-    from hydra.core.utils import JobReturn, JobStatus
+    """Ctrl-C inside a job leaves Hydra's run_job (a BaseException): no on_job_end. The task
+    wrapper marks the job stopped, and prints the table as the sweep's end would have."""
+    from siamese import task
 
-    callback, exits = sweep_callback
+    callback = sweep_callback
     sweep = job_config(tmp_path, "0")
     callback.on_multirun_start(config=sweep)
-    assert len(exits.handlers) == 1
     write_job(tmp_path, "0", ["seed=1"], {"test/precision_at_1": 0.75})
     # An earlier attempt of job 0 (requeued) stopped; this one finishes.
     (tmp_path / "0" / "job_status.json").write_text('{"status": "stopped", "error": "x"}')
     run_job(callback, tmp_path, "0")
     write_job(tmp_path, "1", ["seed=2"])
     callback.on_job_start(config=job_config(tmp_path, "1"))
-    assert len(exits.handlers) == 1  # one handler per process
+    monkeypatch.setattr(task, "_sweep_job_dir", lambda: tmp_path / "1")
+
+    @task.task_wrapper
+    def job() -> None:
+        raise KeyboardInterrupt
+
     capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        task.run(job, "train", [])
+    assert stopped.value.code == 130
 
-    exits.handlers[0]()  # the interpreter exits (sys.exit(2) inside job 1)
-
-    assert exits.handlers == []
-    stopped = (
-        "the process exited during this job: a one-line error (printed on stderr), Ctrl-C, or "
-        "a pre-emption that requeues it"
-    )
     with (tmp_path / "sweep_summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["job"], r["status"], r["error"]) for r in rows] == [
         ("0", "done", ""),
-        ("1", "stopped", stopped),
+        ("1", "stopped", "Ctrl-C (SIGINT)"),
     ]
     printed = capsys.readouterr().out.splitlines()
     path = tmp_path / "sweep_summary.csv"
     assert printed[0] == f"sweep summary (2 runs, the sweep did not finish; all columns in {path}):"
     assert printed[3].split() == ["0", "done", "1", "0.7500"]
     assert printed[4].split() == ["1", "stopped", "2"]
-    assert printed[5:] == [f"job 1 stopped: {stopped}"]
+    assert printed[5:] == ["job 1 stopped: Ctrl-C (SIGINT)"]
 
-    # A sweep that reaches its end leaves no handler behind, and its exit adds nothing.
+    # A sweep that reaches its end leaves nothing unfinished behind.
     callback.on_multirun_start(config=sweep)
     callback.on_job_start(config=job_config(tmp_path, "1"))
     ret = JobReturn(status=JobStatus.COMPLETED)
     ret.return_value = 1.0
     callback.on_job_end(config=job_config(tmp_path, "1"), job_return=ret)
     callback.on_multirun_end(config=sweep)
-    assert exits.handlers == []
     assert not (tmp_path / "1" / "job_status.json").exists()  # cleared when it started again
+    from siamese.sweeps import unfinished_summary
 
-    # A user error's own line, when fail() printed one, is the stopped job's reason.
-    from siamese import cli
-
-    callback.on_multirun_start(config=sweep)
-    callback.on_job_start(config=job_config(tmp_path, "1"))
-    with pytest.raises(SystemExit):
-        cli.fail("data.root='/nope' does not exist")
-    exits.handlers[0]()
-    with (tmp_path / "sweep_summary.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert rows[1]["error"] == "error: data.root='/nope' does not exist"
+    assert unfinished_summary() is None
 
 
 def test_summary_rows_order_metrics_as_asked(tmp_path):

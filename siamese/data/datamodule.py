@@ -19,7 +19,7 @@ from typing import Protocol
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from siamese.data.datasets import (
@@ -378,6 +378,8 @@ class SiameseDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment is None or self.trainer is None or not self.trainer.training:
+            return batch
+        if isinstance(batch, Tensor):  # the model summary's example input, not a batch
             return batch
         if len(batch) == 3:  # (x1, x2, same)
             x1, x2, same = batch

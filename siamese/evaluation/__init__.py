@@ -1,6 +1,8 @@
 """Evaluation on plain arrays: retrieval, verification and one-shot metrics, no model or
-Lightning. Plots live in ``siamese.evaluation.plots`` (imported on demand: matplotlib)."""
+Lightning; ``Evaluator`` scores a split into one report that every caller shares. Plots live
+in ``siamese.evaluation.plots`` and ``grids`` (matplotlib)."""
 
+from siamese.evaluation.evaluator import EvalReport, Evaluator, Neighbours
 from siamese.evaluation.index import build_index
 from siamese.evaluation.oneshot import (
     Episodes,
@@ -14,6 +16,9 @@ from siamese.evaluation.verification import threshold_at_far, verification_metri
 
 __all__ = [
     "Episodes",
+    "EvalReport",
+    "Evaluator",
+    "Neighbours",
     "build_index",
     "class_groups",
     "normalize",

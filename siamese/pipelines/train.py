@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import math
 import os
-import pickle
-import signal
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +16,10 @@ from hydra.errors import InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from siamese.callbacks import StopSignalled, is_positive_int, select_callbacks
+from siamese.callbacks import is_positive_int, select_callbacks
+from siamese.callbacks.signals import after_training_hint as _test_again_hint
+from siamese.callbacks.signals import exit_on_stop_signal, sigterm_stops_outside_fit
 from siamese.checkpointing import AtomicCheckpointIO, RunRelativePaths
 from siamese.cli import resumable_checkpoint
 from siamese.config import build
@@ -42,7 +37,6 @@ from siamese.models.towers import check_tower_settings
 from siamese.module import TRAIN_EPOCH_LOGS, SiameseModule, scheduler_kwargs
 from siamese.pipelines.report import print_table, write_metrics
 from siamese.registry import tower_class
-from siamese.signals import end_at_once_if_insisted, owns_default_sigterm
 from siamese.sweeps import check_optimized_metric
 
 log = logging.getLogger(__name__)
@@ -496,6 +490,9 @@ def build_module(cfg: DictConfig, datamodule: Any, resuming: bool = False) -> Si
         backbone_lr_mult=options.get("backbone_lr_mult", 1.0),
     )
     module.oneshot_groups = groups
+    if not options.get("compile"):
+        # The model summary shows each layer's sizes and the FLOPs (not "Total FLOPs: 0").
+        module.example_input_array = torch.zeros(2, channels, height, width)
     if HydraConfig.initialized():  # train.py, not a config composed in code
         module.run_overrides = list(HydraConfig.get().overrides.task)
     return module
@@ -583,6 +580,10 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
                     for k, v in scalar_metrics(trainer.callback_metrics).items()
                     if k.startswith("test/")
                 }
+                # The evaluator's report as computed (float64), not the logger's float32 copy.
+                if module.last_eval is not None and module.last_eval.stage == "test":
+                    logged = module.last_eval.report.logged()
+                    tested.update({f"test/{k}": v for k, v in logged.items()})
                 metrics.update(tested)
                 report = {
                     "protocol": "leave-one-out over the test split",
@@ -598,109 +599,6 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             if report and trainer.is_global_zero:
                 write_metrics(output_dir / "metrics.json", report)
     return metrics
-
-
-@contextlib.contextmanager
-def exit_on_stop_signal(
-    trainer: pl.Trainer, output_dir: Path, doing: str, hint: str | None = None
-) -> Iterator[None]:
-    """Say where a stage stopped for a signal and what ``last.ckpt`` holds (or ``hint``), and
-    exit 128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C).
-
-    Lightning ends a stage it got SIGTERM in with ``SIGTERMException``, a SystemExit that
-    would exit 0, as if the run had finished; ``LastCheckpoint`` stops the same way for
-    SIGTERM under DDP and for a Ctrl-C, after writing ``last.ckpt`` at the end of that
-    batch, and ``sigterm_stops_outside_fit`` outside fit. A second Ctrl-C is Lightning's own
-    stop (``sys.exit(1)`` after its "graceful shutdown"), reported here too."""
-    try:
-        yield
-        # Lightning notes a SIGTERM that comes after its last check (in on_train_end, the
-        # last test batch, the scoring of the split) and returns as if nothing came.
-        if trainer.received_sigterm:
-            raise StopSignalled(signal.SIGTERM)
-    except SIGTERMException as stop:
-        signum = getattr(stop, "signum", signal.SIGTERM)  # Lightning's own: SIGTERM
-        _say_stopped(trainer, output_dir, doing, signum, hint)
-        raise SystemExit(128 + signum) from None
-    except SystemExit as stop:
-        if stop.code != 1 or not trainer.interrupted:
-            raise
-        # Lightning's KeyboardInterrupt
-        _say_stopped(trainer, output_dir, doing, signal.SIGINT, hint)
-        raise SystemExit(128 + signal.SIGINT) from None
-
-
-@contextlib.contextmanager
-def sigterm_stops_outside_fit(trainer: pl.Trainer) -> Iterator[None]:
-    """SIGTERM raises ``StopSignalled`` at once wherever a stop loses nothing, as a Ctrl-C
-    does: between and after Lightning's stages (it gives its handlers back at each stage's
-    end, before ``on_fit_end``, where Python's default would end the process without a
-    word) and, with one process, while testing (Lightning only notes the signal there, and
-    scores the whole split when it came in the last batch). While fitting the stop waits for
-    the training batch's end, where last.ckpt is written (Lightning and ``LastCheckpoint``);
-    under DDP a test stops at an agreed test batch's end (``LastCheckpoint``).
-
-    Only Python's default SIGTERM action is replaced (not a handler a job runner installed).
-    Inside a stage Lightning's handler calls this one after its own."""
-    if not owns_default_sigterm():
-        yield
-        return
-    fired: list[float] = []  # when this handler stopped the run
-
-    def stop(signum: int, frame: Any) -> None:
-        between = signal.getsignal(signal.SIGTERM) is stop  # no stage's handler in place
-        if fired:
-            end_at_once_if_insisted(fired[0])
-        elif between or (trainer.testing and trainer.world_size == 1):
-            fired.append(time.monotonic())
-            raise StopSignalled(signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _say_stopped(
-    trainer: pl.Trainer, output_dir: Path, doing: str, signum: int, hint: str | None = None
-) -> None:
-    if trainer.is_global_zero:
-        name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(
-            f"stopped: {name} while {doing}, at epoch {trainer.current_epoch}, step "
-            f"{trainer.global_step}; {hint or _resume_hint(output_dir)}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def _test_again_hint(output_dir: Path, best: str | None) -> str:
-    """After training: the checkpoints are complete; how to get the test it did not finish."""
-    if not best:
-        return _resume_hint(output_dir)
-    return (
-        f"its checkpoints are complete: test with python evaluate.py ckpt_path={best} (or "
-        f"rerun with ckpt_path=last hydra.run.dir={output_dir})"
-    )
-
-
-def _resume_hint(output_dir: Path) -> str:
-    last = last_checkpoint(output_dir)
-    try:  # mmap: only the two numbers are read
-        saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-        where = f"epoch {saved['epoch']}, step {saved['global_step']}"
-    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError):
-        # A plain re-run into this folder is refused (it holds a run): auto lets it in and,
-        # finding no last.ckpt, starts over there.
-        return (
-            f"no readable {last} was written: start over with the same command and "
-            f"ckpt_path=auto hydra.run.dir={output_dir}"
-        )
-    return (
-        f"checkpoints/last.ckpt holds {where}: resume with ckpt_path=last "
-        f"hydra.run.dir={output_dir}"
-    )
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
