@@ -31,9 +31,6 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from siamese.exports import WriteError, atomic_write
 
-# The checkpoint key of a run's command-line overrides (``ckpt_path=last`` composes them again).
-RUN_OVERRIDES_KEY = "run_overrides"
-
 
 class CheckpointWriteError(WriteError):
     """A checkpoint could not be written (disk full, no permission): the old one is kept."""

@@ -12,13 +12,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import ListConfig, OmegaConf
 
 from siamese.composition import choices, composed, config_keys, group_options
-from siamese.resume import (  # noqa: F401  (their import path before siamese.resume)
-    RESUME_MODES,
-    RUN_OVERRIDES_KEY,
-    _override_parser,
-    resumable_checkpoint,
-)
-from siamese.task import report_errors  # noqa: F401  (its import path before siamese.task)
+from siamese.resume import _override_parser
+from siamese.task import report_errors  # noqa: F401  (tests import it from here)
 
 _WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 _PLURALS = {int: "whole numbers", float: "numbers", bool: "true or false values", str: "strings"}
@@ -162,6 +157,3 @@ def _quoting_hint(key: str, value: str) -> str:
     except Exception:  # Hydra cannot read the key either: quoting the value is no fix
         return ""
     return f"quote it: {shown}, typed in a shell as {shlex.quote(received)}"
-
-
-__all__ = ["RESUME_MODES", "RUN_OVERRIDES_KEY", "group_options", "hydra_error_line"]

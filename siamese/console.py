@@ -77,11 +77,34 @@ def quiet_console() -> None:
                 handler.addFilter(LibraryChatter())
 
 
+def shown_path(path: Path | str) -> str:
+    """``path`` as a person would type it here: relative to the working directory when it
+    lies inside it, else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def next_steps(run_dir: Path | str, command: Sequence[str] | None = None, note: str = "") -> str:
     """The closing lines of a command: its run folder and the natural next command."""
-    lines = [f"run folder: {run_dir}"]
+    lines = [f"run folder: {shown_path(run_dir)}"]
     if command:
         lines.append("next: " + shlex.join(command))
     if note:
         lines.append(note)
     return "\n".join(lines)
+
+
+def in_sweep() -> bool:
+    """Whether this process runs a job of a Hydra sweep (``-m``): its summary closes it."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def say(text: str) -> None:
+    """Lines for the person at the terminal (stdout, at once)."""
+    print(text, flush=True)

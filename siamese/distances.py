@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from siamese.checks import check_int_setting
 from siamese.errors import ConfigError
 
 _EPS = 1e-12
@@ -103,10 +104,7 @@ class LearnedDistance(Distance):
 
     def __init__(self, embedding_dim: int, normalize_embeddings: bool = False) -> None:
         super().__init__(normalize_embeddings)
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ConfigError(
-                f"distance.embedding_dim must be a positive integer, got {embedding_dim!r}"
-            )
+        check_int_setting("distance.embedding_dim", embedding_dim)
         self.head = nn.Linear(embedding_dim, 1)
 
     def pairwise(self, a: Tensor, b: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import BackboneFinetuning
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
+from siamese.checks import is_int
 from siamese.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,7 @@ class BackboneFreeze(BackboneFinetuning):
     """
 
     def __init__(self, unfreeze_at_epoch: int = 0, train_bn: bool = True, verbose: bool = True):
-        if (
-            isinstance(unfreeze_at_epoch, bool)
-            or not isinstance(unfreeze_at_epoch, int)
-            or unfreeze_at_epoch < 0
-        ):
+        if not is_int(unfreeze_at_epoch) or unfreeze_at_epoch < 0:
             raise ConfigError(
                 f"callbacks.backbone_freeze.unfreeze_at_epoch={unfreeze_at_epoch!r} must be an "
                 "integer >= 0 (the first epoch the backbone trains in; 0: never frozen)"

@@ -21,7 +21,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from siamese.checkpointing import RUN_OVERRIDES_KEY, restore_rng_states, rng_states
+from siamese.checkpointing import restore_rng_states, rng_states
+from siamese.checks import check_int_setting
 from siamese.config import build
 from siamese.distances import LearnedDistance
 from siamese.distributed import gather_split, gather_with_grad, is_distributed, seed_per_rank
@@ -31,6 +32,7 @@ from siamese.inputs import IMAGE_RANGE, check_images
 from siamese.losses import LossOutput
 from siamese.metric_names import ONESHOT_WAYS
 from siamese.models.backbones import check_lr_mult
+from siamese.resume import RUN_OVERRIDES_KEY
 from siamese.training import (
     TRAIN_EPOCH_LOGS,
     EpochStats,
@@ -222,8 +224,7 @@ class SiameseModule(pl.LightningModule):
         return self._embed_checked(self.check_images(images), batch_size)
 
     def _embed_checked(self, images: Tensor, batch_size: int = 1024) -> Tensor:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_int_setting("batch_size", batch_size)
         was_training = self.training
         self.eval()
         try:

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from siamese.cli import RESUME_MODES
 from siamese.errors import ConfigError
 from siamese.exports import atomic_write
+from siamese.resume import RESUME_MODES
 
 RECORD = "run.json"  # the job that made the folder: task, created, command
 LOCK = ".run.lock"  # flock'ed for the whole job; holds the running job's pid/host/command

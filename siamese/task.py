@@ -49,6 +49,9 @@ def task_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from siamese.console import quiet_console
+
+        quiet_console()  # Hydra has set up logging: library chatter to the log file only
         try:
             return fn(*args, **kwargs)
         except Exception as exc:

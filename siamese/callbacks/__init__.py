@@ -24,7 +24,7 @@ from siamese.callbacks.divergence import (
     reads_are_free,
 )
 from siamese.callbacks.plots import MAX_TOP_K, PICTURES, DashboardPlots
-from siamese.callbacks.selection import is_positive_int, select_callbacks
+from siamese.callbacks.selection import select_callbacks
 from siamese.callbacks.signals import StopSignalled, StopSignals, parse_signal
 from siamese.callbacks.throughput import Throughput, batch_images
 from siamese.finetuning import BackboneFreeze
@@ -44,7 +44,6 @@ __all__ = [
     "divergence_message",
     "embedding_spread",
     "grad_total",
-    "is_positive_int",
     "parse_signal",
     "reads_are_free",
     "select_callbacks",

@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from siamese.callbacks.selection import is_positive_int
+from siamese.checks import is_positive_int
 from siamese.errors import ConfigError, SiameseError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
-from siamese.callbacks.selection import is_positive_int
+from siamese.checks import is_positive_int
 from siamese.data.pairs import sample_pairs
 from siamese.errors import ConfigError
 from siamese.evaluation import EvalReport, Evaluator

@@ -1,9 +1,8 @@
-"""Which callbacks a run keeps, and the config value check they share."""
+"""Which callbacks a run keeps: those the trainer's progress-bar and summary flags allow."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from numbers import Integral
 from typing import Any
 
 from pytorch_lightning.callbacks import Callback, ModelSummary, ProgressBar
@@ -26,8 +25,3 @@ def select_callbacks(
         if not (isinstance(c, ProgressBar) and not bar)
         and not (isinstance(c, ModelSummary) and not summary)
     ]
-
-
-def is_positive_int(value: Any) -> bool:
-    """An int (not a bool) of at least 1: a count or an interval from a config."""
-    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1

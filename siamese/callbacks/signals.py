@@ -321,7 +321,7 @@ def exit_on_stop_signal(
     would exit 0, as if the run had finished; ``StopSignals`` stops the same way for SIGTERM
     under DDP and for a Ctrl-C, after writing ``last.ckpt`` at the end of that batch, and
     ``sigterm_stops_outside_fit`` outside fit. A second Ctrl-C is Lightning's own stop
-    (``sys.exit(1)`` after its "graceful shutdown"), reported here too."""
+    (exit status 1 after its "graceful shutdown"), reported here too."""
     try:
         yield
         # Lightning notes a SIGTERM that comes after its last check (in on_train_end, the

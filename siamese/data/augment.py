@@ -17,11 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from siamese.checks import image_size, is_image_size, is_number
 from siamese.errors import ConfigError
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_range(
@@ -29,7 +26,7 @@ def _check_range(
 ) -> None:
     """Refuse ``data.augment.<name>`` outside [low, high] (None: no upper bound)."""
     top = math.inf if high is None else high
-    inside = _is_real(value) and low <= value and (value < top if open_high else value <= top)
+    inside = is_number(value) and low <= value and (value < top if open_high else value <= top)
     if not inside:
         bounds = f">= {low}" if high is None else f"in [{low}, {high}{')' if open_high else ']'}"
         raise ConfigError(f"data.augment.{name}={value!r} must be {bounds} ({hint})")
@@ -76,7 +73,7 @@ class BatchRandomAffine(nn.Module):
             isinstance(scale, str)
             or not isinstance(scale, Sequence)
             or len(scale) != 2
-            or not all(_is_real(s) for s in scale)
+            or not all(is_number(s) for s in scale)
             or not 0 < scale[0] <= scale[1]
         ):
             raise ConfigError(
@@ -88,7 +85,7 @@ class BatchRandomAffine(nn.Module):
                 f"data.augment.padding_mode={padding_mode!r}; expected zeros, border or reflection"
             )
         _check_range("elastic_alpha", elastic_alpha, 0, None, "pixels, e.g. 2.0; 0 turns it off")
-        if not _is_real(elastic_sigma) or not elastic_sigma > 0:
+        if not is_number(elastic_sigma) or not elastic_sigma > 0:
             raise ConfigError(
                 f"data.augment.elastic_sigma={elastic_sigma!r} must be a positive number of "
                 "pixels, e.g. 4.0"
@@ -164,7 +161,7 @@ def _check_pair(name: str, value: object, low: float, high: float | None, exampl
         not isinstance(value, str)
         and isinstance(value, Sequence)
         and len(value) == 2
-        and all(_is_real(v) for v in value)
+        and all(is_number(v) for v in value)
         and low < value[0] <= value[1]
         and (high is None or value[1] <= high)
     )
@@ -251,13 +248,7 @@ class BatchPhotoAugment(nn.Module):
         _check_range("saturation", saturation, 0, None, "factors 1 +- saturation, e.g. 0.4")
         _check_range("hue", hue, 0, 0.5, "a shift in turns of the colour wheel, e.g. 0.1")
         _check_range("p_jitter", p_jitter, 0, 1, "a probability, e.g. 0.8; 0 turns jitter off")
-        sizes = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
-        if size is not None and not (
-            isinstance(sizes, Sequence)
-            and not isinstance(sizes, str)
-            and len(sizes) == 2
-            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)
-        ):
+        if size is not None and not is_image_size(size):
             raise ConfigError(
                 f"data.augment.size={size!r} must be a positive int or [height, width], or "
                 "null for the input's size; e.g. data.augment.size=64"
@@ -266,7 +257,7 @@ class BatchPhotoAugment(nn.Module):
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.hflip = float(hflip)
         self.p_jitter = float(p_jitter)
-        self.size = None if sizes is None else (int(sizes[0]), int(sizes[1]))
+        self.size = None if size is None else image_size("data.augment.size", size)
         # v2.ColorJitter's ranges; None where an op can only leave images as they are.
         factors = {BRIGHTNESS: brightness, CONTRAST: contrast, SATURATION: saturation}
         self.ranges: dict[int, tuple[float, float] | None] = {

@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from siamese.checks import image_size
 from siamese.data.datasets import (
     BadFiles,
     DataSplits,
@@ -411,12 +412,7 @@ def image_size_pair(
     value: int | Sequence[int] | None, key: str = "data.image_size"
 ) -> tuple[int, int] | None:
     """``32`` or ``[H, W]`` as (H, W) (None stays None), or one line for anything else."""
-    if value is None:
-        return None
-    size = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(size) != 2 or min(size) < 1:
-        raise ConfigError(f"{key} must be a positive int or [H, W], got {value!r}")
-    return size
+    return None if value is None else image_size(key, value)
 
 
 def check_classes(splits: DataSplits, root: str | None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -48,43 +47,3 @@ def as_embeddings(x: Any, name: str, dtype: type = np.float32) -> np.ndarray:
             "check the model output (a diverged loss?) before evaluating"
         )
     return out
-
-
-def label_kind(labels: np.ndarray, name: str) -> str:
-    """What the 1-D array ``labels`` holds, "number" or "string", refusing NaN and a mix.
-
-    Checked because np.unique would merge every NaN into one class (all-NaN labels would
-    score 1.0), sort a mix of numbers and strings with a TypeError, and np.concatenate
-    would turn int query labels into strings that equal the gallery's "1".
-    """
-    fix = "pass class labels of one kind: all integers or all strings, none missing"
-    if labels.dtype.kind in "biuf":
-        missing = np.flatnonzero(np.isnan(labels)) if labels.dtype.kind == "f" else []
-        if len(missing):
-            raise DataError(
-                f"{name} has {len(missing)} NaN value(s) of {len(labels)} (first at row "
-                f"{missing[0]}), and NaN is no class; {fix}"
-            )
-        return "number"
-    if labels.dtype.kind in "US":
-        return "string"
-    if labels.dtype.kind != "O":
-        raise DataError(f"{name} has dtype {labels.dtype}, which is no class label; {fix}")
-    first: dict[str, int] = {}
-    for row, label in enumerate(labels.tolist()):
-        if isinstance(label, str | bytes):
-            kind = "string"
-        elif isinstance(label, Real) and not isinstance(label, bool):
-            if label != label:  # NaN
-                raise DataError(f"{name} has NaN at row {row}, and NaN is no class; {fix}")
-            kind = "number"
-        else:
-            raise DataError(f"{name} has {label!r} at row {row}, which is no class label; {fix}")
-        first.setdefault(kind, row)
-        if len(first) > 1:
-            raise DataError(
-                f"{name} mixes numbers and strings ({labels[first['number']]!r} at row "
-                f"{first['number']}, {labels[first['string']]!r} at row {first['string']}); "
-                f"{fix}"
-            )
-    return next(iter(first), "number")

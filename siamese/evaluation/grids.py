@@ -8,7 +8,6 @@ dashboard callback from the same figure are the same file.
 from __future__ import annotations
 
 import os
-from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imsave
 
+from siamese.checks import check_int, check_labels, is_number
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation.arrays import to_numpy
 from siamese.exports import atomic_write
@@ -96,8 +96,7 @@ def retrieval_grid_figure(
         distances: optional (Q, k) distances of the neighbours, shown under their labels.
         wrong: optional (Q,) bool, the queries the model gets wrong.
     """
-    if isinstance(max_queries, bool) or not isinstance(max_queries, Integral) or max_queries < 1:
-        raise ConfigError(f"max_queries {max_queries!r} must be a positive integer, e.g. 8")
+    check_int("max_queries", max_queries, 1, ", e.g. 8")
     n_queries = _check_image_shape(query_images, "query_images")
     n_gallery = _check_image_shape(gallery_images, "gallery_images")
     q_lab = _check_image_labels(query_labels, n_queries, "query")
@@ -198,8 +197,7 @@ def pair_grid_figure(
         max_pairs: pairs drawn, the first ones.
         title: a line above the grid.
     """
-    if isinstance(max_pairs, bool) or not isinstance(max_pairs, Integral) or max_pairs < 1:
-        raise ConfigError(f"max_pairs {max_pairs!r} must be a positive integer, e.g. 16")
+    check_int("max_pairs", max_pairs, 1, ", e.g. 16")
     threshold = _check_threshold(threshold)
     n = _check_image_shape(first, "first")
     n_second = _check_image_shape(second, "second")
@@ -286,18 +284,13 @@ def _pixels(images: Any, idx: np.ndarray, name: str) -> np.ndarray:
 
 
 def _check_image_labels(labels: Any, n: int, name: str) -> np.ndarray:
-    y = to_numpy(labels)
-    if y.ndim != 1 or len(y) != n:
-        raise DataError(
-            f"{name}_labels has shape {tuple(y.shape)} but {name}_images has {n} images; "
-            "pass one label per image as a 1-D array"
-        )
-    return y
+    of = f"{name}_images"
+    return check_labels(to_numpy(labels), n, f"{name}_labels", of=of, per="image", rows="images")
 
 
 def _check_threshold(threshold: float | None) -> float | None:
     if threshold is None:
         return None
-    if isinstance(threshold, bool) or not isinstance(threshold, Real) or not np.isfinite(threshold):
+    if not is_number(threshold):
         raise ConfigError(f"threshold {threshold!r} must be a finite distance")
     return float(threshold)

@@ -10,13 +10,12 @@ where ``faiss.contrib.torch_utils`` has replaced it.
 from __future__ import annotations
 
 import math
-from numbers import Integral
-from typing import Any
 
 import faiss
 import numpy as np
 import torch
 
+from siamese.checks import check_int
 from siamese.errors import ConfigError
 from siamese.evaluation.arrays import as_embeddings
 from siamese.evaluation.exact_search import Gallery, rank
@@ -91,13 +90,12 @@ def build_index(
     faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     for name, value in (("nlist", nlist), ("nprobe", nprobe)):
         if value is not None:
-            _check_positive_int(name, value, "or null for the default")
-    _check_positive_int("hnsw_m", hnsw_m, "e.g. 32")
+            check_int(name, value, 1, " (or null for the default)")
+    check_int("hnsw_m", hnsw_m, 1, " (e.g. 32)")
     for name, value in (("ef_construction", ef_construction), ("ef_search", ef_search)):
         if value is not None:
-            _check_positive_int(name, value, "or null for the default")
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ConfigError(f"seed {seed!r} must be a non-negative integer, e.g. 0")
+            check_int(name, value, 1, " (or null for the default)")
+    check_int("seed", seed, 0, ", e.g. 0")
     if kind != "ivf" and (nlist is not None or nprobe is not None):
         raise ConfigError(
             f"nlist and nprobe apply to kind='ivf' only, not kind={kind!r}; drop them "
@@ -189,11 +187,6 @@ def _ivf(
     index.train(np.ascontiguousarray(x[rows]))
     index.nprobe = nprobe
     return index
-
-
-def _check_positive_int(name: str, value: Any, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ConfigError(f"{name} {value!r} must be a positive integer ({hint})")
 
 
 class IndexSearch:

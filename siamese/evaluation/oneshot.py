@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from numbers import Integral
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from siamese.checks import check_int, check_labels, is_int, label_kind
 from siamese.errors import ConfigError, DataError
-from siamese.evaluation.arrays import as_embeddings, label_kind, to_numpy
+from siamese.evaluation.arrays import as_embeddings, to_numpy
 
 METRICS = ("l2", "ip")
 # What an episode's classes share: nothing (any classes of the split), or the alphabet (the
@@ -121,7 +121,7 @@ def oneshot_metrics(
         N that fits, in the order of ``ways``, and nothing else.
     """
     values = tuple(ways) if isinstance(ways, Sequence) else ()
-    if not values or any(_not_int(n) or n < 2 for n in values):
+    if not values or any(not is_int(n) or n < 2 for n in values):
         raise ConfigError(
             f"ways {ways!r} must be a non-empty sequence of integers >= 2, e.g. (5, 20)"
         )
@@ -369,26 +369,18 @@ def _summary(counts: tuple[int, int], n_way: int, k_shot: int) -> dict[str, floa
     }
 
 
-def _not_int(value: Any) -> bool:
-    return isinstance(value, bool) or not isinstance(value, Integral)
-
-
 def check_counts(n_way: int, k_shot: int, episodes: int, seed: int) -> None:
     """Refuse episode settings that cannot be drawn (or would take forever), in one line."""
-    if _not_int(n_way) or n_way < 2:
-        raise ConfigError(f"n_way {n_way!r} must be an integer >= 2, e.g. 5")
-    if _not_int(k_shot) or k_shot < 1:
-        raise ConfigError(f"k_shot {k_shot!r} must be an integer >= 1, e.g. 1")
-    if _not_int(episodes) or episodes < 1:
-        raise ConfigError(f"episodes {episodes!r} must be an integer >= 1, e.g. 1000")
+    check_int("n_way", n_way, 2, ", e.g. 5")
+    check_int("k_shot", k_shot, 1, ", e.g. 1", expected="an integer >= 1")
+    check_int("episodes", episodes, 1, ", e.g. 1000", expected="an integer >= 1")
     if episodes > MAX_EPISODES:
         raise ConfigError(
             f"episodes={episodes} is more than {MAX_EPISODES:,}, which already pins the "
             "accuracy's 95% interval within +-0.0003 and more only costs time; use fewer, "
             "e.g. 10000"
         )
-    if _not_int(seed) or seed < 0:
-        raise ConfigError(f"seed {seed!r} must be a non-negative integer, e.g. 0")
+    check_int("seed", seed, 0, ", e.g. 0")
 
 
 def _check_metric(metric: str) -> str:
@@ -401,12 +393,6 @@ def _check_metric(metric: str) -> str:
 
 
 def _check_labels(labels: Any, n: int | None) -> np.ndarray:
-    y = to_numpy(labels)
-    if y.ndim != 1 or (n is not None and len(y) != n) or len(y) == 0:
-        rows = "" if n is None else f" but embeddings has {n} rows"
-        raise DataError(
-            f"labels has shape {tuple(y.shape)}{rows}; "
-            "pass one label per embedding as a non-empty 1-D array"
-        )
+    y = check_labels(to_numpy(labels), n)
     label_kind(y, "labels")  # NaN would be one class, a mix of kinds a TypeError
     return y

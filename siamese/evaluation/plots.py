@@ -10,7 +10,6 @@ live in ``siamese.evaluation.grids`` and are importable from here too.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from siamese.checks import check_int, check_labels
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation.arrays import as_embeddings, to_numpy
 from siamese.evaluation.grids import (
@@ -203,15 +203,9 @@ def embeddings_2d_figure(
     """
     if method not in PROJECTIONS:
         raise ConfigError(f"method {method!r} is not supported; expected one of {PROJECTIONS}")
-    if isinstance(max_points, bool) or not isinstance(max_points, Integral) or max_points < 1:
-        raise ConfigError(f"max_points {max_points!r} must be a positive integer, e.g. 5000")
+    check_int("max_points", max_points, 1, ", e.g. 5000")
     x = as_embeddings(embeddings, "embeddings", np.float64)
-    y = to_numpy(labels)
-    if y.ndim != 1 or len(y) != len(x):
-        raise DataError(
-            f"labels has shape {tuple(y.shape)} but embeddings has {len(x)} rows; "
-            "pass one label per embedding as a 1-D array"
-        )
+    y = check_labels(to_numpy(labels), len(x))
     total = len(x)
     if total > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(len(x), int(max_points), replace=False))

@@ -29,15 +29,15 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Any
 
 import faiss
 import numpy as np
 import torch
 
+from siamese.checks import check_int, check_k, check_ks, check_labels, label_kind
 from siamese.errors import ConfigError, DataError
-from siamese.evaluation.arrays import as_embeddings, label_kind, to_numpy
+from siamese.evaluation.arrays import as_embeddings, to_numpy
 from siamese.evaluation.exact_search import ExactSearch, Gallery, check_range
 from siamese.evaluation.index import KINDS, METRICS, IndexSearch, build_index, index_kind
 
@@ -110,12 +110,8 @@ def retrieval_metrics(
             f"metric {metric!r} is not supported; expected one of {METRICS} "
             "(normalise the embeddings and use 'ip' for cosine)"
         )
-    if isinstance(block_size, bool) or not isinstance(block_size, Integral) or block_size < 1:
-        raise ConfigError(f"block_size {block_size!r} must be a positive integer, e.g. 4096")
-    if isinstance(recall_sample, bool) or not isinstance(recall_sample, Integral):
-        raise ConfigError(f"recall_sample {recall_sample!r} must be a positive integer")
-    if recall_sample < 1:
-        raise ConfigError(f"recall_sample {recall_sample!r} must be a positive integer")
+    check_int("block_size", block_size, 1, ", e.g. 4096")
+    check_int("recall_sample", recall_sample, 1, ", e.g. 1000")
     ks, q32, g32, q_codes, g_codes, num_relevant = _split(
         query, query_labels, gallery, gallery_labels, ks
     )
@@ -372,7 +368,7 @@ def _split(
 ) -> tuple[tuple[int, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Checked ks, float32 query and gallery, their class codes, and R (relevant gallery
     items) per query: the query's own entry excluded when ``gallery`` is None."""
-    ks = _check_ks(ks)
+    ks = check_ks(ks)
     if (gallery is None) != (gallery_labels is None):
         raise ConfigError(
             "gallery and gallery_labels must be given together: pass both for a separate "
@@ -400,12 +396,9 @@ def _split(
             )
 
     retrievable = len(g32) - leave_one_out
-    if max(ks) > retrievable:
-        where = "the other queries (leave-one-out)" if leave_one_out else "the gallery"
-        raise ConfigError(
-            f"k={max(ks)} is larger than the {retrievable} items a query can retrieve from "
-            f"{where}; lower ks or evaluate on more data"
-        )
+    where = "the other queries (leave-one-out)" if leave_one_out else "the gallery"
+    where = f"a query can retrieve from {where}"
+    check_k(max(ks), retrievable, where=where, fix="lower ks or evaluate on more data")
 
     # Relevant items per query (R): same-class gallery items, the query itself excluded.
     _, codes = np.unique(np.concatenate([q_labels, g_labels]), return_inverse=True)
@@ -421,19 +414,5 @@ def _split(
 
 def _labels(labels: ArrayLike, n: int, name: str) -> tuple[np.ndarray, str]:
     """``labels`` as a 1-D array of ``n`` class labels, and their kind (``label_kind``)."""
-    arr = to_numpy(labels)
-    if arr.ndim != 1 or len(arr) != n:
-        raise DataError(
-            f"{name}_labels has shape {tuple(arr.shape)} but {name} has {n} rows; "
-            "pass one label per embedding as a 1-D array"
-        )
+    arr = check_labels(to_numpy(labels), n, f"{name}_labels", of=name)
     return arr, label_kind(arr, f"{name}_labels")
-
-
-def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
-    values = tuple(ks) if isinstance(ks, Sequence) else ()
-    if not values or any(
-        isinstance(k, bool) or not isinstance(k, Integral) or k < 1 for k in values
-    ):
-        raise ConfigError(f"ks {ks!r} must be a non-empty sequence of positive integers")
-    return tuple(sorted({int(k) for k in values}))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 import numpy as np
 
+from siamese.checks import is_number
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation.arrays import to_numpy
 
@@ -48,11 +48,7 @@ def verification_metrics(
     out["num_pairs"] = float(roc.num_pairs)
     out["num_same"] = float(roc.num_same)
     if threshold is not None:
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, Real)
-            or not np.isfinite(threshold)
-        ):
+        if not is_number(threshold):
             raise ConfigError(f"threshold {threshold!r} must be a finite distance")
         d, s = _check_pairs(distances, same)
         out["accuracy_at_threshold"] = float(np.mean((d <= threshold) == s))
@@ -219,6 +215,6 @@ def _check_pairs(distances: Any, same: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_far(far: float) -> float:
-    if isinstance(far, bool) or not isinstance(far, Real) or not 0.0 <= far <= 1.0:
+    if not is_number(far) or not 0.0 <= far <= 1.0:
         raise ConfigError(f"false accept rate {far!r} must be a number in [0, 1], e.g. 1e-3")
     return float(far)

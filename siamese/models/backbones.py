@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from siamese.checks import is_number
 from siamese.errors import ConfigError
 from siamese.models.layers import check_dropout
 from siamese.models.preprocessing import check_forward, checkpoint_input, stats_for
@@ -52,12 +52,7 @@ def _flag(value: Any, key: str) -> bool:
 
 def check_lr_mult(value: Any) -> float:
     """``model.backbone_lr_mult`` as a float, or one line: it must be a positive number."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
+    if not is_number(value) or value <= 0:
         raise ConfigError(
             f"model.backbone_lr_mult={value!r} must be a positive number (the backbone's "
             "learning rate relative to the head's), e.g. 0.1; to keep the backbone fixed for "

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from siamese.checks import is_number
 from siamese.errors import ConfigError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -43,7 +44,7 @@ def check_dropout(p: Any, key: str) -> float:
 
     1 is refused although torch takes it: it zeroes every feature, so nothing trains.
     """
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+    if not is_number(p) or not 0.0 <= p < 1.0:
         raise ConfigError(f"{key} must be in [0, 1), got {p!r}; e.g. {key}=0.3 (0 turns it off)")
     return float(p)
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from siamese.checks import check_int_setting
 from siamese.errors import ConfigError
 from siamese.models.layers import ACTIVATIONS, check_dropout, layer_from_spec
 
@@ -54,10 +55,7 @@ class Tower(nn.Module):
         input_std: float | Sequence[float] | None,
     ) -> None:
         super().__init__()
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ConfigError(
-                f"model.embedding_dim must be a positive integer, got {embedding_dim!r}"
-            )
+        check_int_setting("model.embedding_dim", embedding_dim)
         if in_channels is None or int(in_channels) < 1:
             raise ConfigError(
                 f"model.in_channels must be >= 1, got {in_channels!r}; it comes from the data"

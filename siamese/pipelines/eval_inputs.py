@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from siamese.checks import check_k
 from siamese.config import build
 from siamese.data.datamodule import ordered_loader
 from siamese.data.datasets import ConcatImages, LabelledImages
@@ -159,7 +160,7 @@ def embedded_inputs(cfg: DictConfig, model: SiameseModule, out_dir: Path) -> Emb
         check_eval_split(gallery_split, "train", data_name)
         check_shared_classes(query_split, gallery_split, ev.split, data_name)
     retrievable = len(gallery_split) if gallery_split is not None else len(query_split) - 1
-    check_k(ev.k, retrievable)  # before the embedding, which takes the time
+    check_k(ev.k, retrievable, "eval.k")  # before the embedding, which takes the time
 
     workers = int(getattr(datamodule, "num_workers", 0))
     query, query_labels, kept = embed_split(model, query_split, ev.batch_size, ev.split, workers)
@@ -239,15 +240,6 @@ def _previous_report(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return report if isinstance(report, dict) else {}
-
-
-def check_k(k: int, retrievable: int) -> None:
-    """Refuse ``eval.k`` beyond the ``retrievable`` items each query can retrieve."""
-    if k > retrievable:
-        raise ConfigError(
-            f"eval.k={k} is larger than the {retrievable} items each query can retrieve; "
-            f"use eval.k={min(10, retrievable)} or a larger gallery"
-        )
 
 
 def _data_name(data_cfg: dict[str, Any]) -> str:

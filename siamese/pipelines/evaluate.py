@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from siamese.checks import check_int_setting, check_k, is_number
+from siamese.console import next_steps, say, shown_path
 from siamese.data.datasets import LabelledImages
 from siamese.distances import LearnedDistance
 from siamese.errors import ConfigError
@@ -29,7 +31,6 @@ from siamese.inference import load
 from siamese.module import SiameseModule
 from siamese.pipelines.eval_inputs import (
     Embedded,
-    check_k,
     embedded_inputs,
     saved_inputs,
     saved_run,
@@ -79,13 +80,7 @@ def check_eval_config(ev: DictConfig) -> None:
             f"eval.split={ev.split}; use eval.split=test or val, or eval.gallery=test"
         )
     for key in ("k", "batch_size", "pairs", "grid_queries", "projection_points"):
-        value = ev.get(key)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < (2 if key == "pairs" else 1)
-        ):
-            raise ConfigError(f"eval.{key} must be a positive integer, got {value!r}")
+        check_int_setting(f"eval.{key}", ev.get(key), 2 if key == "pairs" else 1)
     if ev.get("rank_by", "index") not in RANK_BY:
         raise ConfigError(
             f"eval.rank_by={ev.get('rank_by')!r} is unknown; expected index (the faiss index) "
@@ -102,9 +97,7 @@ def check_eval_config(ev: DictConfig) -> None:
     if ev.projection not in PROJECTIONS:
         raise ConfigError(f"eval.projection={ev.projection!r} is unknown; expected pca or tsne")
     far = ev.get("target_far")
-    if far is not None and (
-        isinstance(far, bool) or not isinstance(far, float | int) or not 0 < far < 1
-    ):
+    if far is not None and (not is_number(far) or not 0 < far < 1):
         raise ConfigError(f"eval.target_far must be a rate in (0, 1) such as 1e-3, got {far!r}")
 
 
@@ -224,7 +217,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     gallery, gallery_labels = inputs.gallery, inputs.gallery_labels
     leave_one_out = inputs.leave_one_out
     retrievable = len(gallery) - 1 if leave_one_out else len(gallery)
-    check_k(ev.k, retrievable)
+    check_k(ev.k, retrievable, "eval.k")
 
     index = inputs.index
     if index is None:
@@ -278,6 +271,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     if inputs.datamodule is not None:  # sorts bad_files.txt and says how many were skipped
         inputs.datamodule.teardown("test")
     log.info("evaluation written to %s", out_dir)
+    model_ckpt = shown_path(out_dir / "model.ckpt")
+    say(next_steps(out_dir, ["python", "export.py", f"ckpt_path={model_ckpt}", "format=onnx"]))
     return report
 
 

@@ -26,6 +26,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from siamese.checks import check_int_setting
+from siamese.console import next_steps, say, shown_path
 from siamese.distances import LearnedDistance
 from siamese.errors import ConfigError
 from siamese.exports import atomic_write, pending_path, written_together
@@ -70,13 +72,8 @@ def check_export_config(cfg: DictConfig) -> None:
         )
     ex = cfg.export
     opset = ex.get("opset")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
-        raise ConfigError(
-            f"export.opset must be an integer >= 18 (the dynamo exporter), got {opset!r}"
-        )
-    batch = ex.get("check_batch")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 2:
-        raise ConfigError(f"export.check_batch must be an integer >= 2, got {batch!r}")
+    check_int_setting("export.opset", opset, 18, " (the dynamo exporter)")
+    check_int_setting("export.check_batch", ex.get("check_batch"), 2)
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
         raise ConfigError(
             "ckpt_path is required: python export.py "
@@ -267,4 +264,5 @@ def _export(cfg: DictConfig) -> dict[str, Any]:
         with atomic_write(out_dir / "model.json") as f:
             f.write((json.dumps(info, indent=2) + "\n").encode())
     log.info("exported %s and model.json to %s", path.name, out_dir)
+    say(next_steps(out_dir, note=f"next: load {shown_path(path)} as docs/export.md shows"))
     return info

@@ -6,36 +6,25 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 
+from siamese.checks import check_int_setting, image_size, is_int
 from siamese.errors import ConfigError, DataError
 
 
 def check_count(key: str, value: int) -> int:
     """``value`` as a count (a whole number >= 0); a ConfigError names ``data.source.<key>``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"data.source.{key} must be a whole number >= 0, got {value!r}")
-    return value
+    return check_int_setting(f"data.source.{key}", value, 0, expected="a whole number >= 0")
 
 
 def check_seed(value: int) -> int:
     """``value`` as a split seed (an int, not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise ConfigError(f"data.source.seed must be an integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_image_size(key: str, value: int | Sequence[int]) -> tuple[int, int]:
     """An int side or a (height, width) pair (a list from YAML) as a tuple."""
-    try:
-        pair = (value, value) if isinstance(value, int) else tuple(value)
-    except TypeError:
-        pair = ()
-    if len(pair) != 2 or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair
-    ):
-        raise ConfigError(
-            f"data.source.{key} must be a positive int or [height, width], got {value!r}"
-        )
-    return int(pair[0]), int(pair[1])
+    return image_size(f"data.source.{key}", value)
 
 
 @contextlib.contextmanager

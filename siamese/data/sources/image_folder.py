@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
+from siamese.checks import is_number
 from siamese.data.datasets import DataSplits, FileImages
 from siamese.data.sources.base import check_image_size, check_seed
 from siamese.data.sources.folders import (
@@ -70,7 +71,7 @@ class ImageFolder:
             )
         self.channels = int(channels)
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ConfigError(f"data.source.{key} must be a fraction in [0, 1), got {value!r}")
         if val_fraction + test_fraction >= 1:
             raise ConfigError(

@@ -10,6 +10,7 @@ from urllib.error import URLError
 
 import numpy as np
 
+from siamese.checks import is_number
 from siamese.data.datasets import DataSplits, FileImages
 from siamese.data.sources.base import (
     check_image_size,
@@ -48,7 +49,7 @@ class Omniglot:
     ) -> None:
         self.download = bool(download)
         self.image_size = check_image_size("image_size", image_size)
-        if isinstance(val_classes, bool) or not isinstance(val_classes, int | float):
+        if not is_number(val_classes):
             raise ConfigError(
                 f"data.source.val_classes must be a fraction or a count, got {val_classes!r}"
             )
