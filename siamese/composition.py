@@ -83,3 +83,20 @@ def choices(cfg: DictConfig) -> dict[str, str]:
         for g, o in picked.items()
         if o is not None and not g.startswith(("hydra/", "schema/"))
     }
+
+
+def group_set_as_value(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> str | None:
+    """The line for ``data.augment=photo``: a nested group's option written as a key's value
+    would set that key to the text 'photo' (and fail later, at instantiation); the option is
+    chosen with ``data/augment=photo``. None when no override does that."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or key.startswith(("+", "~")) or "." not in key:
+            continue
+        group = key.replace(".", "/")
+        if (conf_dir / group / f"{value}.yaml").is_file():
+            return (
+                f"{key}={value} would set the key to the text {value!r}; choose the option "
+                f"with {group}={value}"
+            )
+    return None

@@ -102,6 +102,11 @@ def run(main: Callable[[], Any], config_name: str, argv: Sequence[str] | None = 
     parsed = get_args_parser().parse_known_args(argv)[0]
     overrides, name = list(parsed.overrides or []), parsed.config_name or config_name
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises: the formatter words its errors
+    from siamese.composition import group_set_as_value
+
+    line = group_set_as_value(overrides)
+    if line is not None:
+        _exit(f"error: {line}", EXIT_USER_ERROR)
     try:
         return main()
     except TaskExit as stop:
