@@ -24,7 +24,12 @@ def hydra_error_line(exc: BaseException, config_name: str, overrides: Sequence[s
     what was expected, how to fix it), or None when ``exc`` is no composition error."""
     text = str(exc).strip()
     if isinstance(exc, OverrideParseException):
-        return _grammar_line(exc.override or "", text)
+        arg = exc.override or ""
+        if arg and "=" not in arg and not arg.startswith("~") and arg in overrides:
+            before = overrides[overrides.index(arg) - 1] if overrides.index(arg) else ""
+            joined = f"; if it belongs to {before}, quote both: {shlex.quote(f'{before} {arg}')}"
+            return f"{arg}: not key=value{joined if '=' in before else ''}"
+        return _grammar_line(arg, text)
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, option = exc.missing_cfg_file.rpartition("/")
         options = exc.options or group_options(group) or []
@@ -42,6 +47,14 @@ def hydra_error_line(exc: BaseException, config_name: str, overrides: Sequence[s
     if text.startswith("Could not override") and quoted:
         arg = text.rsplit("use +", 1)[-1]
         return _key_line(quoted.group(1), arg, config_name, overrides)
+    if "does not support deletion" in str(exc.__cause__ or text):
+        key = next((o[1:].split("=")[0] for o in overrides if o.startswith("~")), "the key")
+        group = key.replace(".", "/")
+        instead = f"~{group} drops the group; " if group_options(group) is not None else ""
+        return (
+            f"~{key}: a key of a typed config cannot be removed; {instead}set it to a value "
+            f"instead ({key}=...)"
+        )
     if text.startswith("Error merging override "):
         arg = text[len("Error merging override ") :]
         return _value_line(arg, str(exc.__cause__ or ""), config_name, overrides)
@@ -71,7 +84,7 @@ def _key_line(key: str, arg: str, config_name: str, overrides: Sequence[str]) ->
         picked = choices(composed(config_name))
     group = parent.replace(".", "/")
     where = f"{group}={picked[group]}" if group in picked else parent or f"{config_name}.yaml"
-    here = sorted(k[len(parent) + 1 :] for k in keys if k.rpartition(".")[0] == parent)
+    here = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent)
     has = [
         o
         for o in (group_options(group) or [] if group in picked else [])
@@ -113,6 +126,8 @@ def _as_override(value: Any) -> str:
         return "null" if value is None else str(value).lower()
     if isinstance(value, list):
         return f"[{','.join(_as_override(v) for v in value)}]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_as_override(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 

@@ -78,6 +78,10 @@ REGISTRY: dict[str, set[str]] = {
         "siamese.callbacks.DashboardPlots",
         "siamese.callbacks.DivergenceGuard",
         "siamese.callbacks.StopSignals",
+        # Named by the configs of checkpoints written before last.ckpt became two
+        # ModelCheckpoint entries; no checkpoint's callbacks are ever built, so the name only
+        # lets those checkpoints load (evaluate.py, export.py, siamese.load).
+        "siamese.callbacks.LastCheckpoint",
         "siamese.callbacks.Throughput",
         *(
             f"{_PL}.callbacks.{name}"

@@ -192,12 +192,10 @@ def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
 PRINTED_METRICS = ("test/precision_at_1", "test/map_at_r", "test/roc_auc", "test/eer")
 
 
-def summarize(
-    sweep_dir: Path, optimized_metric: str | None = None, ended_early: bool = False
-) -> str | None:
+def summarize(sweep_dir: Path, optimized_metric: str | None = None, ended: str = "") -> str | None:
     """Write ``sweep_summary.csv`` and return it as a printable table (None: no jobs yet),
-    with a line for each job that did not finish; ``ended_early``: the sweep stopped before
-    its end, as its header then says."""
+    with a line for each job that did not finish; ``ended``: how a sweep that did not reach
+    its end ended (``a job failed``, ``stopped``), for its header."""
     order = [f"test/{n}" for n in (*EVAL_METRICS, *TEST_ONLY_METRICS)]
     rows = summary_rows(sweep_dir, order)
     if not rows:
@@ -213,7 +211,7 @@ def summarize(
     metrics = [m for m in dict.fromkeys(metrics) if any(m in r for r in rows)]
     table = format_table(rows, ["job", "status", *varying, *metrics])
     endings = [f"job {r['job']} {r['status']}: {r['error']}" for r in rows if "error" in r]
-    runs = f"{len(rows)} runs, the sweep did not finish;" if ended_early else f"{len(rows)} runs,"
+    runs = f"{len(rows)} runs, {ended};" if ended else f"{len(rows)} runs,"
     return "\n".join([f"sweep summary ({runs} all columns in {path}):", table, *endings])
 
 
@@ -234,9 +232,10 @@ def end_sweep() -> None:
     _running = None
 
 
-def unfinished_summary() -> str | None:
-    """The table of the sweep this process was running when it stopped (an error, Ctrl-C),
-    headed as not finished; None outside a sweep. The sweep is over afterwards."""
+def unfinished_summary(ended: str) -> str | None:
+    """The table of the sweep this process was running when it ended with an error or a stop
+    (``ended`` says which, in its header); None outside a sweep. The sweep is over
+    afterwards. A failed job ends a local sweep only after the jobs of its batch ran."""
     running = _running
     end_sweep()
-    return summarize(*running, ended_early=True) if running else None
+    return summarize(*running, ended=ended) if running else None

@@ -72,11 +72,11 @@ def task_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _print_unfinished_sweep() -> None:
+def _print_unfinished_sweep(ended: str) -> None:
     """The summary table of a sweep that ended with an error or a stop, as its end would."""
     from siamese.sweeps import unfinished_summary
 
-    table = unfinished_summary()
+    table = unfinished_summary(ended)
     if table:
         print(table, flush=True)
 
@@ -112,13 +112,13 @@ def run(main: Callable[[], Any], config_name: str, argv: Sequence[str] | None = 
     except TaskExit as stop:
         _exit(stop.line, EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        _print_unfinished_sweep()
+        _print_unfinished_sweep("stopped by Ctrl-C")
         _exit(CTRL_C_LINE, EXIT_SIGINT)
     except SystemExit:
-        _print_unfinished_sweep()
+        _print_unfinished_sweep("stopped")
         raise
     except Exception as exc:
-        _print_unfinished_sweep()
+        _print_unfinished_sweep("ended by a failed job")
         cause = user_error_in(exc)
         if cause is not None:
             _exit(f"error: {cause}", EXIT_USER_ERROR)
