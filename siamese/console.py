@@ -68,9 +68,18 @@ def quiet_console() -> None:
     Call it once logging is configured (inside a Hydra task function). Warnings go through
     logging (``py.warnings``), so the log file keeps every one and the console drops only
     the known-harmless ones. Lightning adds a handler of its own when it is imported before
-    logging is set up; that one is filtered too."""
+    logging is set up; its lines then go through the root's handlers instead."""
     logging.captureWarnings(True)
-    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    root = logging.getLogger()
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        if root.handlers and not library.propagate:
+            # Imported before logging was set up, Lightning printed on a handler of its own
+            # and kept its lines from the log file: hand them to the root's handlers.
+            for handler in _console_handlers(library):
+                library.removeHandler(handler)
+            library.propagate = True
+    loggers = [root] + [logging.getLogger(name) for name in LIBRARY_LOGGERS]
     for logger in loggers:
         for handler in _console_handlers(logger):
             if not any(isinstance(f, LibraryChatter) for f in handler.filters):

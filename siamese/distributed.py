@@ -6,7 +6,7 @@ losses and triplet mining must see the **global** batch, so embeddings are gathe
 pass sums each process's gradient of the gathered tensor before keeping its own slice.
 DDP averages parameter gradients over the W processes, which turns that W-fold sum back
 into the gradient of the global loss: 2 devices with batch B each train exactly like
-1 device with batch 2B (``tests/test_distributed.py`` checks it to 1e-5).
+1 device with batch 2B (``tests/unit/test_distributed.py`` checks it to 1e-5).
 
 Everything here is the identity in a single process.
 """

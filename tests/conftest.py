@@ -1,24 +1,18 @@
-"""Shared fixtures: composing the Hydra config the way train.py does, pointed at tmp_path."""
+"""Fixtures and session set-up: offline caches, a config factory, and the shared trained runs."""
 
 from __future__ import annotations
 
 import atexit
+import copy
 import os
 import shutil
-import struct
-import subprocess
-import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
-
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
+import torch
+from omegaconf import DictConfig
 
 os.environ.setdefault("WANDB_MODE", "offline")
 # No test downloads weights: siamese and huggingface_hub read HF_HUB_OFFLINE, and the
@@ -30,40 +24,23 @@ os.environ["HF_HOME"] = str(_CACHES / "huggingface")
 os.environ["TORCH_HOME"] = str(_CACHES / "torch")
 os.environ.pop("HF_HUB_CACHE", None)
 
-# A few batches of everything: enough to exercise every stage in seconds.
-FAST_WITH_PLOTS = [
-    "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "trainer.devices=1",
-    "trainer.limit_train_batches=3",
-    "trainer.enable_model_summary=false",
-    "trainer.enable_progress_bar=false",
-    "eval_pairs=500",
-]
-# Dashboard pictures cost ~3 s a run; tests/test_callbacks.py checks them with FAST_WITH_PLOTS.
-FAST = [*FAST_WITH_PLOTS, "~callbacks.plots"]
+# After the environment above: these import siamese and the libraries that read it.
+from helpers import (  # noqa: E402
+    FAST,
+    FAST_WITH_PLOTS,
+    PLOTS_LIKE_EVAL,
+    TRAINED,
+    Payload,
+    compose_train,
+)
 
-
-def compose_config(name: str, overrides: Sequence[str], output_dir: Path) -> DictConfig:
-    """``conf/<name>.yaml`` with overrides, its run directory pointed at ``output_dir``."""
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(name, overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir)
-    return cfg
-
-
-def compose_train(overrides: Sequence[str], output_dir: Path) -> DictConfig:
-    return compose_config("train", overrides, output_dir)
-
-
-def compose_eval(overrides: Sequence[str], output_dir: Path) -> DictConfig:
-    return compose_config("evaluate", overrides, output_dir)
+from siamese.pipelines.train import run_training  # noqa: E402
 
 
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make(*overrides)``: the train config, FAST (or with plots) unless ``fast=False``."""
+
     def make(*overrides: str, fast: bool = True, plots: bool = False) -> DictConfig:
         quick = (FAST_WITH_PLOTS if plots else FAST) if fast else []
         return compose_train([*quick, *overrides], tmp_path / "run")
@@ -71,72 +48,53 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return make
 
 
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """The single ``error: ...`` line of a run that failed as bad input (exit 2, no traceback)."""
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
+# -- trained runs that several test modules read (each trained once a session) -----------
+@pytest.fixture(scope="session")
+def evaluate_trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch run with the dashboard drawn as evaluate.py draws (evaluate's tests)."""
+    out = tmp_path_factory.mktemp("train")
+    fit = ["trainer.max_epochs=2", "trainer.limit_train_batches=10", *PLOTS_LIKE_EVAL]
+    run_training(compose_train([*FAST_WITH_PLOTS, *fit], out))
+    return out
 
 
-def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 300):
-    """Run an entry point as a user would; returns the CompletedProcess."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@pytest.fixture(scope="session")
+def fast_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A FAST default run, read only: its folder and the metrics run_training returned."""
+    out = tmp_path_factory.mktemp("train")
+    return out, run_training(compose_train(FAST, out))
 
 
-def run_scripts(
-    runs: Sequence[tuple[str, Sequence[str]]], cwd: Path = ROOT, timeout: int = 300
-) -> list[subprocess.CompletedProcess]:
-    """Run independent entry-point commands at the same time (each as ``run_script``);
-    start-up dominates short runs, so two cores finish them in about half the time."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / script), *args],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for script, args in runs
-    ]
-    done = []
-    for (script, args), proc in zip(runs, procs, strict=True):
-        out, err = proc.communicate(timeout=timeout)
-        done.append(subprocess.CompletedProcess([script, *args], proc.returncode, out, err))
-    return done
+@pytest.fixture(scope="session")
+def export_ckpt(fast_run: tuple[Path, dict]) -> Path:
+    """best.ckpt of the FAST default run (export's tests)."""
+    return fast_run[0] / "checkpoints" / "best.ckpt"
 
 
-def wandb_records(path: Path) -> list[Any]:
-    """The protobuf records of a ``run-<id>.wandb`` file (a LevelDB-style log).
+@pytest.fixture(scope="session")
+def real_ckpt(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A TRAINED run's best.ckpt: its path and its contents (safe-loading tests)."""
+    out = tmp_path_factory.mktemp("train")
+    cfg = compose_train(TRAINED, out)
+    run_training(cfg)
+    path = out / "checkpoints" / "best.ckpt"
+    return {"path": path, "ckpt": torch.load(path, weights_only=True)}
 
-    A 7-byte header (``:W&B``, magic, version), then 32 KiB blocks of chunks, each with a
-    7-byte header (crc32c, little-endian length, type: 1 full, 2 first, 3 middle, 4 last).
-    """
-    from wandb.proto import wandb_internal_pb2
 
-    data, block = path.read_bytes(), 32 * 1024
-    assert data[:4] == b":W&B", data[:7]
-    records, pos, pending = [], 7, b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        assert pos + 7 + length <= len(data), f"{path} ends inside a record"
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            records.append(wandb_internal_pb2.Record.FromString(pending))
-            pending = b""
-    return records
+@pytest.fixture
+def attack(tmp_path, real_ckpt):
+    """``make(edit)``: a copy of the real checkpoint changed by ``edit(ckpt, payload)``,
+    saved in tmp_path; ``marker`` is the file the payload would create."""
+    marker = tmp_path / "PWNED"
+    payload = tmp_path / "payload.pt"
+    torch.save({"x": Payload(marker)}, payload)
+
+    def make(edit) -> Path:
+        ckpt = copy.deepcopy(real_ckpt["ckpt"])
+        edit(ckpt, {"_target_": "torch.load", "f": str(payload), "weights_only": False})
+        path = tmp_path / "evil.ckpt"
+        torch.save(ckpt, path)
+        return path
+
+    make.marker = marker
+    return make

@@ -1,4 +1,5 @@
-"""Callbacks that break a run on purpose (used by tests/test_resume.py via Hydra overrides)."""
+"""Callbacks that break a run on purpose, named by Hydra overrides (``+callbacks.x._target_=
+fault_callbacks.X``) in tests/runs/ and tests/unit/callbacks/test_divergence.py."""
 
 from __future__ import annotations
 
