@@ -14,6 +14,9 @@ from siamese.console import LIBRARY_LOGGERS, LibraryChatter, next_steps, quiet_c
 @pytest.fixture
 def handlers(tmp_path):
     """A console and a file handler on the root logger, as Hydra's job logging sets them."""
+    # An earlier test's quiet_console may have left warnings captured while pytest restored
+    # warnings.showwarning: start from the state a fresh process has.
+    logging.captureWarnings(False)
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     libraries = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
