@@ -3,8 +3,8 @@
 The libraries' INFO chatter (Lightning's "GPU available", its advertising tip, "Trainer
 already configured with model summary callbacks") and warnings known to be harmless here go
 to the command's log file only (``<run>/train.log``, Hydra's job logging), not the console.
-Every other warning still shows. Each command ends with its run folder and the natural next
-command.
+Every other warning, and which process of a DDP job this is, still shows. Each command ends
+with its run folder and the natural next command.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ HARMLESS_WARNINGS = (
 )
 
 
+# Library INFO lines a person does want to see: which process of a DDP job this is.
+SHOWN_INFO = ("Initializing distributed:",)
+
+
 def is_library_chatter(record: logging.LogRecord) -> bool:
     """Whether a log record is a library's INFO line or a known-harmless warning."""
     if record.name == "py.warnings":
@@ -43,7 +47,9 @@ def is_library_chatter(record: logging.LogRecord) -> bool:
     if record.levelno > logging.INFO:
         return False
     root = record.name.split(".", 1)[0]
-    return root in LIBRARY_LOGGERS
+    if root not in LIBRARY_LOGGERS:
+        return False
+    return not record.getMessage().startswith(SHOWN_INFO)
 
 
 class LibraryChatter(logging.Filter):

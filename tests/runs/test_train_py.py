@@ -246,5 +246,6 @@ def test_bad_backbone_input_is_one_line_and_a_non_zero_exit(tmp_path):
     assert "is not a weights file torch reads as plain tensors" in lines[2]
     assert "model.pretrained=true: timm's test_resnet weights (model.safetensors of " in lines[3]
     assert "model.weights=PATH" in lines[3]
-    assert lines[4].startswith("error: model.backbone_lr_mult=0 must be a positive number")
+    assert lines[4].startswith("error: model.backbone_lr_mult=0")  # 0.0: a float key
+    assert "must be a positive number" in lines[4]
     assert len(state)  # the weights the good runs would use exist

@@ -334,6 +334,7 @@ import os, signal, sys
 from pathlib import Path
 
 import faiss
+from helpers import compose_eval
 from siamese.cli import report_errors
 from siamese.pipelines.evaluate import run_evaluation
 

@@ -82,9 +82,10 @@ def test_export_replaces_only_its_own_export_and_new_folders_record_their_job(tm
 
 
 def checkpoint_state(path: Path) -> dict:
-    """The ModelCheckpoint (best.ckpt) state saved in a checkpoint."""
+    """The monitored ModelCheckpoint's (best.ckpt) state saved in a checkpoint (the two that
+    write last.ckpt are unmonitored)."""
     states = torch.load(path, weights_only=True)["callbacks"]
-    (state,) = [s for k, s in states.items() if k.startswith("ModelCheckpoint")]
+    (state,) = [s for k, s in states.items() if k.startswith("ModelCheckpoint{'monitor': 'val/")]
     return state
 
 

@@ -268,7 +268,8 @@ def weights_changed(before: dict, after: dict, dims: int = 2) -> list[str]:
 def test_fine_tuning_a_cached_backbone_then_loading_and_exporting_from_the_checkpoint_alone(
     tmp_path, caches, monkeypatch
 ):
-    probe_target = "test_backbones.BackboneProbe"  # in the stored config: loads once registered
+    # In the stored config: loads once registered (the module's name as pytest imported it).
+    probe_target = f"{BackboneProbe.__module__}.BackboneProbe"
     monkeypatch.setitem(REGISTRY, "callback", REGISTRY["callback"] | {probe_target})
     state = timm_state(seed=5)
     put_in_hf_cache(caches["hf"], HUB_ID, "model.safetensors", state)
