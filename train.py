@@ -12,16 +12,13 @@ from siamese.task import run, task_wrapper
 @task_wrapper
 def main(cfg: DictConfig) -> float | None:
     # Imported here so that a typo in the command line is reported before torch loads.
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
+    from siamese.console import in_sweep
     from siamese.pipelines.train import run_training
     from siamese.sweeps import optimized_value
 
     metrics = run_training(cfg)
     # A sweeper (Optuna) maximises or minimises this value; a single run only reports it.
-    sweeping = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    return optimized_value(cfg.get("optimized_metric"), metrics, sweeping=sweeping)
+    return optimized_value(cfg.get("optimized_metric"), metrics, sweeping=in_sweep())
 
 
 if __name__ == "__main__":

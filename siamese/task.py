@@ -34,11 +34,10 @@ class TaskExit(BaseException):
 def _sweep_job_dir() -> Path | None:
     """The directory of the sweep job this process runs; None in a single run."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return Path(HydraConfig.get().runtime.output_dir)
-    return None
+    from siamese.console import in_sweep
+
+    return Path(HydraConfig.get().runtime.output_dir) if in_sweep() else None
 
 
 def task_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
