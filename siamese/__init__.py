@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from siamese.exports import Embeddings
+    from siamese.gallery import Gallery
     from siamese.module import SiameseModule
 
 __version__ = "0.1.0"
@@ -59,9 +60,19 @@ def load_embeddings(
     return _load_embeddings(folder, index=index)
 
 
+def __getattr__(name: str) -> object:
+    """``siamese.Gallery`` (a saved, searchable index of images), imported when first used."""
+    if name == "Gallery":
+        from siamese.gallery import Gallery
+
+        return Gallery
+    raise AttributeError(f"module 'siamese' has no attribute {name!r}")
+
+
 __all__ = [
     "ConfigError",
     "DataError",
+    "Gallery",
     "SiameseError",
     "__version__",
     "load",

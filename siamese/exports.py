@@ -216,8 +216,11 @@ def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
         faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
 
 
-def load_index(path: str | os.PathLike) -> faiss.Index:
-    """The faiss index in ``path`` (evaluate.py's ``index.faiss``); one line if it is damaged."""
+def load_index(
+    path: str | os.PathLike, fix: str = "run evaluate.py again to rewrite it"
+) -> faiss.Index:
+    """The faiss index in ``path`` (evaluate.py's ``index.faiss``); one line if it is damaged,
+    ending in ``fix``."""
     import faiss
 
     file = Path(path).expanduser()
@@ -228,15 +231,13 @@ def load_index(path: str | os.PathLike) -> faiss.Index:
         )
     if file.stat().st_size == 0:
         raise DataError(
-            f"{str(file)!r} is not a readable faiss index (the file is empty); "
-            "run evaluate.py again to rewrite it"
+            f"{str(file)!r} is not a readable faiss index (the file is empty); {fix}"
         )
     try:
         return faiss.read_index(str(file))
     except (RuntimeError, MemoryError) as exc:
         raise DataError(
-            f"{str(file)!r} is not a readable faiss index ({_faiss_reason(exc, file)}); "
-            "run evaluate.py again to rewrite it"
+            f"{str(file)!r} is not a readable faiss index ({_faiss_reason(exc, file)}); {fix}"
         ) from None
 
 
@@ -373,14 +374,16 @@ def _labels(path: Path, rows: int, emb_path: Path) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def read_npy(path: Path) -> np.ndarray:
-    """A plain-number ``.npy`` array; a damaged file or pickled objects are one line (none run)."""
+def read_npy(path: Path, fix: str | None = None) -> np.ndarray:
+    """A plain-number ``.npy`` array; a damaged file or pickled objects are one line (none run),
+    ending in ``fix`` (default: evaluate.py's)."""
     if not path.is_file():
         raise DataError(
-            f"{str(path)!r} is missing; evaluate.py writes it with eval.save_embeddings=true"
+            f"{str(path)!r} is missing; "
+            + (fix or "evaluate.py writes it with eval.save_embeddings=true")
         )
     damaged = f"{str(path)!r} is not a readable .npy array"
-    fix = "run evaluate.py again to rewrite it"
+    fix = fix or "run evaluate.py again to rewrite it"
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

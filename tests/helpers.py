@@ -510,6 +510,24 @@ def tiny_model() -> SiameseModule:
     ).eval()
 
 
+def tiny_checkpoint(path: Path, threshold: float | None = 0.5, **tower: Any) -> Path:
+    """``tiny_model()`` (``tower`` keys replace its tower's) saved as a checkpoint that
+    ``siamese.load`` accepts, with ``threshold`` as its calibrated threshold (None: none)."""
+    model = tiny_model()
+    if tower:
+        torch.manual_seed(0)
+        model = SiameseModule(**{**model.hparams, "tower": {**model.hparams.tower, **tower}})
+    model.threshold.fill_(math.nan if threshold is None else threshold)
+    ckpt = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": "2.6.6",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
 # -- A small model's parts and in-memory splits -------------------------------------------
 LOSSES = {
     "multi_similarity": {"_target_": "siamese.losses.MultiSimilarityLoss"},
