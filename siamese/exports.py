@@ -230,9 +230,7 @@ def load_index(
             "run (written with eval.save_index=true)"
         )
     if file.stat().st_size == 0:
-        raise DataError(
-            f"{str(file)!r} is not a readable faiss index (the file is empty); {fix}"
-        )
+        raise DataError(f"{str(file)!r} is not a readable faiss index (the file is empty); {fix}")
     try:
         return faiss.read_index(str(file))
     except (RuntimeError, MemoryError) as exc:
@@ -374,6 +372,9 @@ def _labels(path: Path, rows: int, emb_path: Path) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+_REWRITE = "run evaluate.py again to rewrite it"
+
+
 def read_npy(path: Path, fix: str | None = None) -> np.ndarray:
     """A plain-number ``.npy`` array; a damaged file or pickled objects are one line (none run),
     ending in ``fix`` (default: evaluate.py's)."""
@@ -383,7 +384,7 @@ def read_npy(path: Path, fix: str | None = None) -> np.ndarray:
             + (fix or "evaluate.py writes it with eval.save_embeddings=true")
         )
     damaged = f"{str(path)!r} is not a readable .npy array"
-    fix = fix or "run evaluate.py again to rewrite it"
+    fix = fix or _REWRITE
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -408,8 +409,8 @@ def read_npy(path: Path, fix: str | None = None) -> np.ndarray:
         # np.load(allow_pickle=False) refuses these too; saying so here names the reason.
         raise DataError(
             f"{str(path)!r} holds pickled Python objects (dtype {dtype}) that would run code "
-            "when loaded; refused, nothing was run: pass the plain-number .npy files "
-            "evaluate.py writes"
+            "when loaded; refused, nothing was run: "
+            + (fix if fix != _REWRITE else "pass the plain-number .npy files evaluate.py writes")
         )
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if data_bytes < expected:
