@@ -10,6 +10,7 @@ scores a previous run's saved embeddings again without reading any image.
 from __future__ import annotations
 
 import logging
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         inputs.datamodule.teardown("test")
     log.info("evaluation written to %s", out_dir)
     model_ckpt = shown_path(out_dir / "model.ckpt")
-    say(next_steps(out_dir, ["python", "export.py", f"ckpt_path={model_ckpt}", "format=onnx"]))
+    export = shlex.join(["python", "export.py", f"ckpt_path={model_ckpt}", "format=onnx"])
+    index = ["python", "index.py", f"ckpt_path={model_ckpt}", "gallery=PATH/TO/IMAGES"]
+    say(next_steps(out_dir, index, note=f"  or: {export}"))
     return report
 
 

@@ -77,9 +77,10 @@ def test_evaluate_and_export_end_with_their_folder_and_next_step(tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     for line in CHATTER:
         assert line not in ev.stdout + ev.stderr, line
-    assert [line for line in ev.stdout.splitlines() if line.strip()][-2:] == [
+    assert [line for line in ev.stdout.splitlines() if line.strip()][-3:] == [
         f"run folder: {eval_dir}",
-        f"next: python export.py ckpt_path={eval_dir}/model.ckpt format=onnx",
+        f"next: python index.py ckpt_path={eval_dir}/model.ckpt gallery=PATH/TO/IMAGES",
+        f"  or: python export.py ckpt_path={eval_dir}/model.ckpt format=onnx",
     ]
     ex = _run("export.py", f"ckpt_path={eval_dir}/model.ckpt", f"hydra.run.dir={export_dir}")
     assert ex.returncode == 0, ex.stderr[-3000:]
