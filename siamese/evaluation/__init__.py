@@ -1,8 +1,9 @@
-"""Evaluation on plain arrays: retrieval, verification and one-shot metrics, no model or
-Lightning; ``Evaluator`` scores a split into one report that every caller shares. Plots live
-in ``siamese.evaluation.plots`` and ``grids`` (matplotlib)."""
+"""Evaluation on plain arrays: retrieval, verification, one-shot and open-set identification
+metrics, no model or Lightning; ``Evaluator`` scores a split into one report that every caller
+shares. Plots live in ``siamese.evaluation.plots``, ``grids`` and ``search_plots`` (matplotlib)."""
 
 from siamese.evaluation.evaluator import EvalReport, Evaluator, Neighbours
+from siamese.evaluation.identification import open_set_metrics
 from siamese.evaluation.index import build_index
 from siamese.evaluation.oneshot import (
     Episodes,
@@ -24,6 +25,7 @@ __all__ = [
     "normalize",
     "oneshot_accuracy",
     "oneshot_metrics",
+    "open_set_metrics",
     "retrieval_metrics",
     "sample_episodes",
     "scored_retrieval_metrics",
