@@ -34,10 +34,14 @@ SCRIPTS = {
     "debug": "train.py",
     "evaluate": "evaluate.py",
     "export": "export.py",
+    "index": "index.py",
+    "search": "search.py",
+    "serve": "serve.py",
 }
 
 # What a finished (or part-finished) job leaves: train.py's checkpoints and report,
-# evaluate.py's report, thresholded model, index and embeddings, export.py's model files.
+# evaluate.py's report, thresholded model, index and embeddings, export.py's model files,
+# index.py's gallery, search.py's results.
 RESULTS = (
     "checkpoints",
     "metrics.json",
@@ -48,6 +52,8 @@ RESULTS = (
     "model.onnx",
     "model.ts",
     "model.pt2",
+    "gallery.json",
+    "results.csv",
 )
 
 # A held lock is tried this many times, this far apart, before the folder counts as in use.
@@ -200,7 +206,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _unwritable(run_dir: Path, exc: OSError) -> ConfigError:
+def _unwritable(run_dir: Path, exc: OSError, key: str = "hydra.run.dir") -> ConfigError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     if exc.errno == errno.ENOTDIR:
         why = "a part of that path is a file, not a folder"
@@ -208,14 +214,13 @@ def _unwritable(run_dir: Path, exc: OSError) -> ConfigError:
         why = f"{reason}: make the folder writable"
     else:
         why = f"{reason}: check the path and the disk"
-    return ConfigError(
-        f"cannot write into hydra.run.dir={str(run_dir)!r} ({why}), or choose another hydra.run.dir"
-    )
+    return ConfigError(f"cannot write into {key}={str(run_dir)!r} ({why}), or choose another {key}")
 
 
-def lock(run_dir: Path) -> None:
+def lock(run_dir: Path, setting: str = "hydra.run.dir") -> None:
     """Create ``run_dir`` and hold its lock until this process ends; ConfigError when
-    another process holds it (naming that one) or the folder cannot be written."""
+    another process holds it (naming that one) or the folder cannot be written. ``setting``:
+    the setting that named the folder, for those errors (index.py's ``gallery_dir``)."""
     key = run_dir.resolve()
     if key in _held:
         return
@@ -223,7 +228,7 @@ def lock(run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise _unwritable(run_dir, exc) from None
+        raise _unwritable(run_dir, exc, setting) from None
     for attempt in range(LOCK_ATTEMPTS):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -232,7 +237,7 @@ def lock(run_dir: Path) -> None:
             # Another command's probe (holder) holds it for an instant: try again briefly.
             if attempt + 1 == LOCK_ATTEMPTS:
                 os.close(fd)
-                raise in_use(run_dir, _describe(run_dir / LOCK)) from None
+                raise in_use(run_dir, _describe(run_dir / LOCK), setting) from None
             time.sleep(LOCK_RETRY_S)
     _held[key] = fd
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
@@ -241,7 +246,7 @@ def lock(run_dir: Path) -> None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
     except OSError as exc:
-        raise _unwritable(run_dir, exc) from None
+        raise _unwritable(run_dir, exc, setting) from None
 
 
 def unlock(run_dir: Path) -> None:
@@ -251,10 +256,10 @@ def unlock(run_dir: Path) -> None:
         os.close(fd)
 
 
-def in_use(run_dir: Path, who: str) -> ConfigError:
+def in_use(run_dir: Path, who: str, key: str = "hydra.run.dir") -> ConfigError:
     return ConfigError(
-        f"hydra.run.dir={str(run_dir)!r} is in use by a running job ({who}); wait for it to "
-        "end, or choose another hydra.run.dir (nothing in it was changed)"
+        f"{key}={str(run_dir)!r} is in use by a running job ({who}); wait for it to "
+        f"end, or choose another {key} (nothing in it was changed)"
     )
 
 

@@ -351,6 +351,84 @@ class ExportConf:
     paths: Any = None
 
 
+@dataclass
+class IndexJobConf:
+    task_name: str = "index"
+    ckpt_path: Optional[str] = None
+    gallery: Optional[str] = None
+    mode: str = "build"
+    gallery_dir: Optional[str] = None
+    batch_size: int = 256
+    num_workers: int = 2
+    device: str = "auto"
+    index: Any = None
+    paths: Any = None
+
+
+@dataclass
+class IdentifyConf:
+    enabled: bool = False  # identify=true on the command line (search.py rewrites it)
+    by: str = "nearest"
+    k: int = 5
+
+
+@dataclass
+class SearchJobConf:
+    task_name: str = "search"
+    gallery_dir: Optional[str] = None
+    query: Optional[str] = None
+    k: int = 5
+    ckpt_path: Optional[str] = None
+    threshold: Optional[float] = None
+    identify: IdentifyConf = field(default_factory=IdentifyConf)
+    batch_size: int = 256
+    num_workers: int = 0
+    device: str = "auto"
+    printed_queries: int = 10
+    plot_queries: int = 16
+    paths: Any = None
+
+
+@dataclass
+class ServeIdentifyConf:
+    by: str = "nearest"
+    k: int = 5
+
+
+@dataclass
+class ServeBatchConf:
+    max_size: int = 32
+    max_wait_ms: float = 1.0
+
+
+@dataclass
+class ServeSettingsConf:
+    api_key: Optional[str] = None
+    max_upload_mb: float = 10.0
+    max_image_pixels: int = 40_000_000
+    k: int = 5
+    max_k: int = 100
+    batch: ServeBatchConf = field(default_factory=ServeBatchConf)
+    thumbnail_size: int = 128
+    thumbnail_cache: int = 1024
+    log_level: str = "info"
+    access_log: bool = True
+
+
+@dataclass
+class ServeJobConf:
+    task_name: str = "serve"
+    gallery_dir: Optional[str] = None
+    ckpt_path: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    threshold: Optional[float] = None
+    identify: ServeIdentifyConf = field(default_factory=ServeIdentifyConf)
+    serve: ServeSettingsConf = field(default_factory=ServeSettingsConf)
+    paths: Any = None
+
+
 # group -> {name: schema}; a file of conf/<group>/ names /schema/<group>/<name>@_here_.
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "trainer": {"trainer": TrainerConf},
@@ -370,7 +448,14 @@ GROUP_SCHEMAS: dict[str, dict[str, type]] = {
     "index": {"flat": FlatIndexConf, "ivf": IVFIndexConf, "hnsw": HNSWIndexConf},
 }
 # The main configs: conf/<name>.yaml names <name>_schema first in its defaults list.
-MAIN_SCHEMAS: dict[str, type] = {"train": TrainConf, "evaluate": EvaluateConf, "export": ExportConf}
+MAIN_SCHEMAS: dict[str, type] = {
+    "train": TrainConf,
+    "evaluate": EvaluateConf,
+    "export": ExportConf,
+    "index": IndexJobConf,
+    "search": SearchJobConf,
+    "serve": ServeJobConf,
+}
 
 
 def register(store: ConfigStore | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import io
 import json
 import math
 import os
@@ -226,6 +227,13 @@ def make_omniglot_set(
                 os.rmdir(Path(dirpath) / d)
         os.rmdir(base / name)
     return sorted(names)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A uint8 array (H, W) or (H, W, 3) as the bytes of a PNG file (an upload)."""
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
 
 
 def save_image(path: Path, mode: str, size: tuple[int, int], seed: int = 0) -> None:

@@ -13,7 +13,8 @@ left out in evaluation (``read``: fewer rows, with the item indices of those kep
 
 - ``base``: LabelledImages (the interface), WithIndices, DataSplits, identity_collate
 - ``tensors``: TensorImages; ``files``: FileImages; ``concat``: ConcatImages
-- ``decode``: decode_image and its helpers; ``bad_files``: BadFiles, ImageReadError
+- ``decode``: decode_image (a file), decode_image_bytes (an upload) and their helpers
+- ``bad_files``: BadFiles, ImageReadError
 """
 
 from siamese.data.datasets.bad_files import BadFiles, ImageReadError, finalize_bad_files
@@ -22,6 +23,8 @@ from siamese.data.datasets.concat import ConcatImages
 from siamese.data.datasets.decode import (
     UndecodableImage,
     decode_image,
+    decode_image_bytes,
+    open_regular,
     special_file_type,
     to_mode,
 )
@@ -39,8 +42,10 @@ __all__ = [
     "UndecodableImage",
     "WithIndices",
     "decode_image",
+    "decode_image_bytes",
     "finalize_bad_files",
     "identity_collate",
+    "open_regular",
     "special_file_type",
     "to_mode",
 ]

@@ -1,7 +1,9 @@
-"""Decoding one image file: regular files only, EXIF-upright, any mode to 'L' or 'RGB'."""
+"""Decoding one image (a file, or an upload's bytes): regular files only, EXIF-upright, any
+mode to 'L' or 'RGB'."""
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -33,29 +35,61 @@ def decode_image(path: str, image_size: tuple[int, int], channels: int) -> Tenso
     reader forever), for any file PIL cannot decode, and for images over PIL's
     decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` pixels).
     """
+    try:
+        with open_regular(path) as f:
+            return _decode(f, image_size, channels, None)
+    except UndecodableImage:
+        raise
+    except Exception as exc:  # a damaged file can make a decoder raise almost anything
+        raise UndecodableImage(_reason(exc, path, _is_empty_file(path))) from None
+
+
+def decode_image_bytes(
+    data: bytes, image_size: tuple[int, int], channels: int, max_pixels: int | None = None
+) -> Tensor:
+    """An image file's bytes (an upload) decoded as ``decode_image`` decodes a file.
+
+    ``max_pixels``: images of more pixels (width x height, read from the header before any
+    pixel is decoded) are refused, a decompression-bomb limit below PIL's global one, which
+    applies as well and is left as it is."""
+    if not data:
+        raise UndecodableImage("empty (0 bytes)")
+    try:
+        return _decode(io.BytesIO(data), image_size, channels, max_pixels)
+    except UndecodableImage:
+        raise
+    except Exception as exc:  # a damaged file can make a decoder raise almost anything
+        raise UndecodableImage(_reason(exc)) from None
+
+
+def _decode(
+    f: BinaryIO, image_size: tuple[int, int], channels: int, max_pixels: int | None
+) -> Tensor:
+    """The shared body of ``decode_image`` and ``decode_image_bytes`` (errors: the callers')."""
     from PIL import Image, ImageOps
     from torchvision.transforms.functional import pil_to_tensor
 
     mode = "L" if channels == 1 else "RGB"
     h, w = image_size
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse those as well.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _open_regular(path) as f, Image.open(f) as img:
-                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-                # Draft sizes apply to the stored pixels, which a 90-degree tag turns.
-                img.draft(mode, (h, w) if orientation in (5, 6, 7, 8) else (w, h))  # JPEG only
-                img.load()
-                if orientation != 1:
-                    img = ImageOps.exif_transpose(img)
-                img = to_mode(img, mode)
-                if img.size != (w, h):
-                    img = img.resize((w, h), Image.BILINEAR)
-    except UndecodableImage:
-        raise
-    except Exception as exc:  # a damaged file can make a decoder raise almost anything
-        raise UndecodableImage(_reason(path, exc)) from None
+    with warnings.catch_warnings():
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse those as well.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(f) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise UndecodableImage(
+                    f"too large to decode safely: {width} x {height} = {width * height} "
+                    f"pixels, over the limit of {max_pixels}"
+                )
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+            # Draft sizes apply to the stored pixels, which a 90-degree tag turns.
+            img.draft(mode, (h, w) if orientation in (5, 6, 7, 8) else (w, h))  # JPEG only
+            img.load()
+            if orientation != 1:
+                img = ImageOps.exif_transpose(img)
+            img = to_mode(img, mode)
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.BILINEAR)
     return pil_to_tensor(img).to(torch.float32).div_(255.0)
 
 
@@ -63,7 +97,7 @@ def decode_image(path: str, image_size: tuple[int, int], channels: int) -> Tenso
 _EXIF_ORIENTATION = 0x0112
 
 
-def _open_regular(path: str) -> BinaryIO:
+def open_regular(path: str | os.PathLike) -> BinaryIO:
     """``path`` opened for binary reading, refused (UndecodableImage) unless it is a regular
     file. Opened non-blocking and checked on the open descriptor: a plain open of a FIFO
     waits for a writer forever, and checking the path first would leave a race."""
@@ -92,23 +126,30 @@ def special_file_type(mode: int) -> str:
     return "a special file"
 
 
-def _reason(path: str, exc: Exception) -> str:
-    """Why ``path`` could not be decoded, in a few words on one line."""
+def _is_empty_file(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
+
+
+def _reason(exc: Exception, path: str = "", empty: bool = False) -> str:
+    """Why an image (the file at ``path``, or bytes) could not be decoded, in a few words on
+    one line; ``empty``: the file holds 0 bytes."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return f"too large to decode safely: {str(exc).rstrip('.')}"
-    try:
-        empty = os.path.getsize(path) == 0
-    except OSError:
-        empty = False
     if empty:
         return "empty file (0 bytes)"
     if isinstance(exc, UnidentifiedImageError):
         return "not an image format PIL recognises, or a damaged header"
     if isinstance(exc, OSError) and exc.strerror:  # missing file, permission denied, ...
         return exc.strerror
-    text = " ".join(str(exc).replace(repr(path), "").replace(path, "").split())[:200]
+    text = str(exc)
+    if path:
+        text = text.replace(repr(path), "").replace(path, "")
+    text = " ".join(text.split())[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -118,7 +118,7 @@ def folders(tmp_path_factory):
 
 
 def test_build_from_a_folder_labels_skips_and_round_trips(folders, tmp_path):
-    base, ckpt, first, _ = folders
+    _, ckpt, first, _ = folders
     bad_root = tmp_path / "imgs"
     shutil.copytree(first, bad_root)
     (bad_root / "dog" / "broken.png").write_bytes(b"not a png")
@@ -151,7 +151,7 @@ def test_build_from_a_folder_labels_skips_and_round_trips(folders, tmp_path):
 
 
 def test_add_embeds_only_new_files_and_equals_one_build_over_the_union(folders):
-    base, ckpt, first, second = folders
+    _, ckpt, first, second = folders
     model = siamese.load(ckpt)
     grown = Gallery.build(model, first, ckpt_path=ckpt)
     assert grown.add(second) == 4
@@ -172,7 +172,7 @@ def test_add_embeds_only_new_files_and_equals_one_build_over_the_union(folders):
 
 
 def test_load_refuses_another_checkpoint_by_its_hash(folders, tmp_path):
-    base, ckpt, first, _ = folders
+    _, ckpt, first, _ = folders
     Gallery.build(siamese.load(ckpt), first, ckpt_path=ckpt).save(tmp_path / "gal")
     other = tiny_checkpoint(tmp_path / "other.ckpt", 0.5, image_size=[8, 8], embedding_dim=3)
     with pytest.raises(ConfigError, match=r"is not the checkpoint .* built with \(sha256"):
