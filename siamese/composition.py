@@ -100,3 +100,9 @@ def group_set_as_value(overrides: Sequence[str], conf_dir: Path = CONF_DIR) -> s
                 f"with {group}={value}"
             )
     return None
+
+
+def given(cfg: DictConfig, key: str) -> str | None:
+    """A path setting as given on the command line: None when missing or empty."""
+    value = None if OmegaConf.is_missing(cfg, key) else cfg.get(key)
+    return None if value is None or not str(value).strip() else str(value)

@@ -131,3 +131,15 @@ def check_embedding_dim(distance: Distance, embedding_dim: int) -> None:
             "L2-normalises the embeddings, leaves two possible embeddings (+1 and -1), so "
             "every image collapses onto one of them; use model.embedding_dim >= 2"
         )
+
+
+def config_name(distance: Distance) -> str:
+    """euclidean, cosine or learned: a distance as conf/distance/ names it (else its class)."""
+    for cls, name in (
+        (LearnedDistance, "learned"),
+        (CosineSimilarity, "cosine"),
+        (EuclideanDistance, "euclidean"),
+    ):
+        if isinstance(distance, cls):
+            return name
+    return type(distance).__name__

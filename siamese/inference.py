@@ -107,6 +107,20 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str) -> SiameseModule:
     return model
 
 
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """``auto`` (cuda when available, else cpu) or a torch device name, checked; ``key`` is
+    the setting named in the one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}={name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name} but torch sees no CUDA device; use {key}=cpu or auto")
+    return device
+
+
 def not_a_checkpoint_file(path: Path, hint: str, key: str = "ckpt_path") -> ConfigError:
     """The error for a ``path`` that is no file: missing (``hint`` says what to pass), or
     a folder (a run directory, say), naming a checkpoint inside it when there is one; or

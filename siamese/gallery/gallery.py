@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 
 from siamese.checks import check_int, is_number
-from siamese.distances import CosineSimilarity, EuclideanDistance, LearnedDistance
+from siamese.distances import config_name
 from siamese.errors import ConfigError, DataError
 from siamese.evaluation.index import build_index, index_kind, search
 from siamese.gallery.identify import Identity, class_centroids, vote
 from siamese.gallery.items import IN_MEMORY, Item, list_source
 from siamese.gallery.reading import embed_files, embed_tensor
-from siamese.gallery.store import FORMAT, file_sha256, read_folder, write_folder
+from siamese.gallery.store import FORMAT, checked_model, file_sha256, read_folder, write_folder
 from siamese.module import SiameseModule
 
 IDENTIFY_BY = ("nearest", "vote", "centroid")
@@ -58,18 +58,6 @@ class Neighbour:
             "distance": self.distance,
             "same": self.same,
         }
-
-
-def distance_name(model: SiameseModule) -> str:
-    """euclidean, cosine or learned: the model's distance as configs name it."""
-    for cls, name in (
-        (LearnedDistance, "learned"),
-        (CosineSimilarity, "cosine"),
-        (EuclideanDistance, "euclidean"),
-    ):
-        if isinstance(model.distance, cls):
-            return name
-    return type(model.distance).__name__
 
 
 def _index_settings(index: str | dict[str, Any] | None) -> dict[str, Any]:
@@ -174,7 +162,7 @@ class Gallery:
             "format": FORMAT,
             "checkpoint": str(ckpt) if ckpt else None,
             "checkpoint_sha256": file_sha256(ckpt) if ckpt else None,
-            "distance": distance_name(model),
+            "distance": config_name(model.distance),
             "metric": model.distance.faiss_metric,
             "embedding_dim": dim,
             "threshold": None if math.isnan(threshold) else threshold,
@@ -468,7 +456,7 @@ class Gallery:
         stored = read_folder(where)
         info = stored.info
         if model is None:
-            model = _checked_model(info, where, ckpt_path, map_location)
+            model = checked_model(info, where, ckpt_path, map_location)
         if model.tower.embedding_dim != info["embedding_dim"]:
             raise ConfigError(
                 f"the model embeds into {model.tower.embedding_dim} dimensions but the gallery "
@@ -483,34 +471,6 @@ class Gallery:
             info,
             stored.bad_files,
         )
-
-
-def _checked_model(
-    info: dict[str, Any], folder: Path, ckpt_path: Any, map_location: str | torch.device
-) -> SiameseModule:
-    from siamese.inference import load
-
-    stored = info["checkpoint"]
-    path = Path(ckpt_path).expanduser() if ckpt_path else (Path(stored) if stored else None)
-    if path is None:
-        raise ConfigError(
-            f"the gallery in {str(folder)!r} records no checkpoint (built from a model in "
-            "memory); pass ckpt_path=<the checkpoint it was built with>"
-        )
-    if not path.is_file():
-        named = "ckpt_path" if ckpt_path else f"{folder / 'gallery.json'} names the checkpoint"
-        raise ConfigError(
-            f"{named} {str(path)!r}, which is not a file; pass ckpt_path=<where that "
-            "checkpoint is now> (its sha256 is checked)"
-        )
-    expected = info["checkpoint_sha256"]
-    if expected is not None and file_sha256(path) != expected:
-        raise ConfigError(
-            f"ckpt_path={str(path)!r} is not the checkpoint the gallery in {str(folder)!r} was "
-            f"built with (sha256 {file_sha256(path)[:12]}... vs {expected[:12]}... in "
-            f"gallery.json); pass that checkpoint ({stored}), or index again with this one"
-        )
-    return load(path, map_location=map_location)
 
 
 def _labels(labels: Sequence[str] | None, n: int) -> list[str]:

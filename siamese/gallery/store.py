@@ -16,15 +16,19 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
+import torch
 
 from siamese.checks import is_int
-from siamese.errors import DataError
+from siamese.errors import ConfigError, DataError
 from siamese.exports import atomic_write, load_index, read_npy, save_index, written_together
 from siamese.gallery.items import IN_MEMORY, Item, safe_relative
+
+if TYPE_CHECKING:
+    from siamese.module import SiameseModule
 
 INDEX = "index.faiss"
 EMBEDDINGS = "embeddings.npy"
@@ -233,3 +237,33 @@ def read_bad_files(path: Path) -> list[tuple[str, str]]:
         return []
     pairs = (line.split("\t", 1) for line in text.splitlines() if line.strip())
     return [(p[0], p[1] if len(p) > 1 else "") for p in pairs]
+
+
+def checked_model(
+    info: dict[str, Any], folder: Path, ckpt_path: Any, map_location: str | torch.device
+) -> SiameseModule:
+    """The model of the checkpoint at ``ckpt_path`` or the one gallery.json names, refused
+    unless its sha256 is the one recorded there."""
+    from siamese.inference import load
+
+    stored = info["checkpoint"]
+    path = Path(ckpt_path).expanduser() if ckpt_path else (Path(stored) if stored else None)
+    if path is None:
+        raise ConfigError(
+            f"the gallery in {str(folder)!r} records no checkpoint (built from a model in "
+            "memory); pass ckpt_path=<the checkpoint it was built with>"
+        )
+    if not path.is_file():
+        named = "ckpt_path" if ckpt_path else f"{folder / 'gallery.json'} names the checkpoint"
+        raise ConfigError(
+            f"{named} {str(path)!r}, which is not a file; pass ckpt_path=<where that "
+            "checkpoint is now> (its sha256 is checked)"
+        )
+    expected = info["checkpoint_sha256"]
+    if expected is not None and file_sha256(path) != expected:
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} is not the checkpoint the gallery in {str(folder)!r} was "
+            f"built with (sha256 {file_sha256(path)[:12]}... vs {expected[:12]}... in "
+            f"gallery.json); pass that checkpoint ({stored}), or index again with this one"
+        )
+    return load(path, map_location=map_location)

@@ -28,7 +28,7 @@ from siamese.evaluation import EvalReport, Evaluator, build_index, class_groups
 from siamese.evaluation.grids import save_png
 from siamese.evaluation.oneshot import check_counts
 from siamese.exports import atomic_write, save_embeddings, save_index, written_together
-from siamese.inference import load
+from siamese.inference import load, resolve_device
 from siamese.module import SiameseModule
 from siamese.pipelines.eval_inputs import (
     Embedded,
@@ -100,22 +100,6 @@ def check_eval_config(ev: DictConfig) -> None:
     far = ev.get("target_far")
     if far is not None and (not is_number(far) or not 0 < far < 1):
         raise ConfigError(f"eval.target_far must be a rate in (0, 1) such as 1e-3, got {far!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(
-            f"eval.device={name!r} is not a device; use auto, cpu or cuda[:N]"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"eval.device={name} but torch sees no CUDA device; use eval.device=cpu or auto"
-        )
-    return device
 
 
 def recall_ks(k: int) -> tuple[int, ...]:
@@ -198,7 +182,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_eval_config(ev)
     index_params = OmegaConf.to_container(cfg.index, resolve=True)
     kind = index_params.pop("kind", "flat")
-    device = resolve_device(str(ev.device))
+    device = resolve_device(str(ev.device), "eval.device")
     from_run = saved_run(ev.get("from_run"))
     model, ckpt_path = load_model(cfg, device, from_run)
     metric = model.distance.faiss_metric

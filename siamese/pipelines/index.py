@@ -20,34 +20,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from siamese import run_dirs
 from siamese.checks import check_int_setting
+from siamese.composition import given
 from siamese.console import next_steps, say, shown_path
 from siamese.errors import ConfigError, DataError
 from siamese.gallery import Gallery
 from siamese.gallery.items import list_source
 from siamese.gallery.store import BAD_FILES
-from siamese.inference import load
+from siamese.inference import load, resolve_device
 from siamese.signals import stop_on_sigterm
 
 MODES = ("build", "add")
-
-
-def resolve_device(name: str, key: str = "device") -> torch.device:
-    """``auto`` (cuda when available, else cpu) or a torch device name, checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"{key}={name!r} is not a device; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key}={name} but torch sees no CUDA device; use {key}=cpu or auto")
-    return device
-
-
-def _given(cfg: DictConfig, key: str) -> str | None:
-    """A path setting as given on the command line: None when missing or empty."""
-    value = None if OmegaConf.is_missing(cfg, key) else cfg.get(key)
-    return None if value is None or not str(value).strip() else str(value)
 
 
 def check_index_config(cfg: DictConfig) -> None:
@@ -60,17 +42,17 @@ def check_index_config(cfg: DictConfig) -> None:
         )
     check_int_setting("batch_size", cfg.get("batch_size"))
     check_int_setting("num_workers", cfg.get("num_workers"), 0)
-    if mode == "build" and _given(cfg, "ckpt_path") is None:
+    if mode == "build" and given(cfg, "ckpt_path") is None:
         raise ConfigError(
             "ckpt_path is required: python index.py "
             "ckpt_path=outputs/evaluate/runs/<time>/model.ckpt gallery=<folder of images>"
         )
-    if mode == "add" and _given(cfg, "gallery_dir") is None:
+    if mode == "add" and given(cfg, "gallery_dir") is None:
         raise ConfigError(
             "mode=add needs gallery_dir: python index.py mode=add "
             "gallery_dir=outputs/index/runs/<time> gallery=<folder of new images>"
         )
-    if _given(cfg, "gallery") is None:
+    if given(cfg, "gallery") is None:
         example = "mode=add gallery_dir=<a gallery folder> " if mode == "add" else "ckpt_path=... "
         raise ConfigError(
             f"gallery is required: python index.py {example}gallery=<folder of images> "
@@ -153,7 +135,7 @@ def _add(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 def _add_locked(
     cfg: DictConfig, out_dir: Path, folder: Path, device: torch.device
 ) -> dict[str, Any]:
-    gallery = Gallery.load(folder, ckpt_path=_given(cfg, "ckpt_path"), map_location=device)
+    gallery = Gallery.load(folder, ckpt_path=given(cfg, "ckpt_path"), map_location=device)
     listing = list_source(str(cfg.gallery))
     files = {os.path.join(listing.root, p) for p in listing.paths}
     added = gallery.add(

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from siamese import run_dirs
 from siamese.checks import check_int_setting, is_number
+from siamese.composition import given
 from siamese.console import next_steps, say, shown_path
 from siamese.data.datasets import UndecodableImage, decode_image
 from siamese.errors import ConfigError, DataError
@@ -33,7 +34,7 @@ from siamese.exports import atomic_write, written_together
 from siamese.gallery import IDENTIFY_BY, Gallery, Identity, Neighbour
 from siamese.gallery.items import list_source
 from siamese.gallery.reading import embed_files
-from siamese.pipelines.index import resolve_device
+from siamese.inference import resolve_device
 from siamese.pipelines.report import print_table, write_metrics
 from siamese.signals import stop_on_sigterm
 
@@ -64,19 +65,14 @@ class Queries:
     bad: list[tuple[str, str]]  # (file, reason) skipped
 
 
-def _given(cfg: DictConfig, key: str) -> str | None:
-    value = None if OmegaConf.is_missing(cfg, key) else cfg.get(key)
-    return None if value is None or not str(value).strip() else str(value)
-
-
 def check_search_config(cfg: DictConfig) -> None:
     """Fail at start, in one line, on settings that cannot work (nothing is read yet)."""
-    if _given(cfg, "gallery_dir") is None:
+    if given(cfg, "gallery_dir") is None:
         raise ConfigError(
             "gallery_dir is required: python search.py gallery_dir=outputs/index/runs/<time> "
             "query=<an image or a folder>"
         )
-    query = _given(cfg, "query")
+    query = given(cfg, "query")
     if query is None:
         raise ConfigError(
             f"query is required: python search.py gallery_dir={cfg.gallery_dir} "
@@ -110,7 +106,7 @@ def load_gallery(cfg: DictConfig) -> Gallery:
             "search it once that ends"
         )
     device = resolve_device(str(cfg.device))
-    return Gallery.load(folder, ckpt_path=_given(cfg, "ckpt_path"), map_location=device)
+    return Gallery.load(folder, ckpt_path=given(cfg, "ckpt_path"), map_location=device)
 
 
 def read_queries(gallery: Gallery, query: str, batch_size: int, num_workers: int) -> Queries:

@@ -18,9 +18,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from siamese.checks import check_int_setting
+from siamese.composition import given
 from siamese.console import say, shown_path
 from siamese.errors import ConfigError
 from siamese.service import ServiceSettings, create_app
@@ -45,11 +46,6 @@ class RedactKey(logging.Filter):
         return True
 
 
-def _given(cfg: DictConfig, key: str) -> str | None:
-    value = None if OmegaConf.is_missing(cfg, key) else cfg.get(key)
-    return None if value is None or not str(value).strip() else str(value)
-
-
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address or ``localhost``) is reachable from this machine only."""
     if host.lower() == "localhost":
@@ -63,12 +59,12 @@ def is_loopback(host: str) -> bool:
 def check_serve_config(cfg: DictConfig) -> ServiceSettings:
     """Fail at start, in one line, on settings that cannot work (nothing is read yet);
     returns the service's settings."""
-    if _given(cfg, "gallery_dir") is None:
+    if given(cfg, "gallery_dir") is None:
         raise ConfigError(
             "gallery_dir is required: python serve.py gallery_dir=outputs/index/runs/<time> "
             "(a gallery folder of index.py)"
         )
-    host = _given(cfg, "host")
+    host = given(cfg, "host")
     if host is None:
         raise ConfigError("host is empty; use host=127.0.0.1 (this machine only) or host=0.0.0.0")
     check_int_setting("port", cfg.get("port"), 0, " from 0 (any free port) to 65535")
