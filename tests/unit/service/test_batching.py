@@ -1,10 +1,11 @@
 """Concurrent requests: the same answers as one by one, gathered into one forward pass.
 
-The first forward pass is held until the others have queued behind it, so that which
-requests share a batch is certain, not a matter of timing."""
+The first request's forward pass is held inside the model until the others have queued
+behind it, so that which requests share a batch is certain, not a matter of timing."""
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,28 +18,39 @@ from siamese.service import ServiceSettings, create_app
 
 
 class HeldForwardPasses:
-    """Wraps ``gallery.embed``: records each pass's batch size; the first waits until
-    ``waiting`` jobs are queued behind it (or 10 s)."""
+    """Wraps ``gallery.embed`` and records each pass's batch size. Once armed, the next pass
+    waits inside the model until ``release`` is set, so the requests sent meanwhile queue
+    behind it."""
 
-    def __init__(self, gallery: Gallery, app, waiting: int) -> None:
+    def __init__(self, gallery: Gallery) -> None:
         self.embed = gallery.embed
-        self.batcher = app.state.batcher
-        self.waiting = waiting
         self.sizes: list[int] = []
+        self.armed = True
+        self.entered = threading.Event()
+        self.release = threading.Event()
 
     def __call__(self, images):
-        if not self.sizes:
-            deadline = time.monotonic() + 10
-            while self.batcher.pending() < self.waiting and time.monotonic() < deadline:
-                time.sleep(0.005)
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(30)
         self.sizes.append(len(images))
         return self.embed(images)
 
 
-def post_all(client, requests: list[tuple[str, dict]]) -> list:
-    """Send the requests from as many threads at once; the answers in order."""
+def post_all(client, app, held: HeldForwardPasses, requests: list[tuple[str, dict]]) -> list:
+    """Send the first request; once its forward pass is held, the others from as many
+    threads at once; release the pass when all of them are queued. The answers in order."""
     with ThreadPoolExecutor(len(requests)) as pool:
-        futures = [pool.submit(client.post, path, files=files) for path, files in requests]
+        path, files = requests[0]
+        futures = [pool.submit(client.post, path, files=files)]
+        assert held.entered.wait(30), "the first request never reached the model"
+        futures += [pool.submit(client.post, path, files=files) for path, files in requests[1:]]
+        deadline = time.monotonic() + 30
+        while app.state.batcher.pending() < len(requests) - 1:
+            assert time.monotonic() < deadline, "the other requests never queued"
+            time.sleep(0.005)
+        held.release.set()
         return [f.result(timeout=30) for f in futures]
 
 
@@ -65,9 +77,9 @@ def test_concurrent_searches_share_one_forward_pass_and_answer_as_one_by_one(gal
     requests = [(f"/search?k={3 + i % 2}", image(gallery, i)) for i in range(8)]
     with TestClient(app) as client:
         alone = [client.post(path, files=files).json() for path, files in requests]
-        held = HeldForwardPasses(gallery, app, waiting=7)
+        held = HeldForwardPasses(gallery)
         monkeypatch.setattr(gallery, "embed", held)
-        together = [answer.json() for answer in post_all(client, requests)]
+        together = [answer.json() for answer in post_all(client, app, held, requests)]
     assert_same_answers(together, alone)
     assert held.sizes == [1, 7]  # the first alone, the 7 that queued meanwhile in one pass
     assert [len(a["neighbours"]) for a in together] == [3, 4] * 4
@@ -75,10 +87,10 @@ def test_concurrent_searches_share_one_forward_pass_and_answer_as_one_by_one(gal
 
 def test_a_batch_holds_at_most_max_size_requests(gallery, monkeypatch):
     app = create_app(gallery, ServiceSettings(batch_max_size=3, batch_max_wait_ms=0))
-    held = HeldForwardPasses(gallery, app, waiting=6)
+    held = HeldForwardPasses(gallery)
     monkeypatch.setattr(gallery, "embed", held)
     with TestClient(app) as client:
-        answers = post_all(client, [("/embed", image(gallery, i)) for i in range(7)])
+        answers = post_all(client, app, held, [("/embed", image(gallery, i)) for i in range(7)])
     assert [a.status_code for a in answers] == [200] * 7
     assert held.sizes == [1, 3, 3]
     assert app.state.batcher.largest == 3
@@ -113,13 +125,13 @@ def test_a_mixed_batch_answers_each_kind_and_a_failing_kind_fails_alone(gallery_
     ]
     with TestClient(app) as client:
         alone = [client.post(path, files=files) for path, files in requests]
-        held = HeldForwardPasses(no_threshold, app, waiting=4)
+        held = HeldForwardPasses(no_threshold)
         monkeypatch.setattr(no_threshold, "embed", held)
-        together = post_all(client, requests)
+        together = post_all(client, app, held, requests)
         after = client.post("/search?k=2", files=image(no_threshold, 0))
-    # Two passes for the five (verify sends 2 images): the first alone, the rest together;
-    # then the one of the request after them.
-    assert len(held.sizes) == 3 and sum(held.sizes[:2]) == 6 and held.sizes[2] == 1
+    # Two passes for the five: the first alone, the other four together (verify sends 2
+    # images, so 5 rows); then the one of the request after them.
+    assert held.sizes == [1, 5, 1]
     assert [a.status_code for a in together] == [200, 409, 200, 200, 200]
     assert_same_answers([a.json() for a in together], [a.json() for a in alone])
     assert "no calibrated threshold" in together[1].json()["detail"]
