@@ -36,6 +36,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # train.py in a subprocess, ~20 s; default suite under 5 minutes
 def test_a_default_run_shows_no_library_chatter_and_ends_with_the_next_command(tmp_path):
     run_dir = tmp_path / "run"
     proc = _run(

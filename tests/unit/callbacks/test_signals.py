@@ -12,6 +12,9 @@ import time
 import pytest
 from helpers import ROOT
 
+# Two processes that import Lightning (~8 s each); default suite under 5 minutes.
+pytestmark = pytest.mark.slow
+
 # The unwinding of the first SIGTERM hangs (a finally that never returns).
 HANGING_UNWIND = f"""
 import sys, time
