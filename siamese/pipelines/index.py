@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from siamese import run_dirs
 from siamese.checks import check_int_setting
-from siamese.composition import given
+from siamese.composition import composed, given
 from siamese.console import next_steps, say, shown_path
 from siamese.errors import ConfigError, DataError
 from siamese.gallery import Gallery
@@ -136,6 +136,9 @@ def _add_locked(
     cfg: DictConfig, out_dir: Path, folder: Path, device: torch.device
 ) -> dict[str, Any]:
     gallery = Gallery.load(folder, ckpt_path=given(cfg, "ckpt_path"), map_location=device)
+    kept = _kept_index(cfg, gallery)
+    if kept:
+        say(kept)
     listing = list_source(str(cfg.gallery))
     files = {os.path.join(listing.root, p) for p in listing.paths}
     added = gallery.add(
@@ -153,6 +156,22 @@ def _add_locked(
     )
     say(_closing(out_dir, folder, gallery))
     return {"items": len(gallery), "added": added, "already": already, "skipped": skipped}
+
+
+def _kept_index(cfg: DictConfig, gallery: Gallery) -> str | None:
+    """A line when ``index=`` asks for other index settings than the gallery was built with:
+    an add grows the gallery's own index (a different one needs a new build)."""
+    asked = {
+        k: v for k, v in OmegaConf.to_container(cfg.index, resolve=True).items() if v is not None
+    }
+    default = OmegaConf.to_container(composed("index").index, resolve=True)
+    own = gallery.info["index"]
+    if asked == own or asked == {k: v for k, v in default.items() if v is not None}:
+        return None
+    return (
+        f"mode=add keeps the gallery's own index ({own['kind']}) and adds to it; "
+        f"index={asked['kind']} applies to a new gallery (mode=build)"
+    )
 
 
 def _skipped(count: int, folder: Path) -> str:

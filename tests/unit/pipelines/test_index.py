@@ -130,8 +130,17 @@ def test_add_equals_one_build_over_the_union(base, tmp_path, capsys):
         assert [n.path for n in got] == [n.path for n in want]
         np.testing.assert_allclose([n.distance for n in got], [n.distance for n in want], 1e-5)
 
+    capsys.readouterr()
     again = index(tmp_path / "add2", "mode=add", f"gallery_dir={out}", f"gallery={grown}")
     assert again == {"items": 11, "added": 0, "already": 11, "skipped": 1}
+    assert "keeps the gallery's own index" not in capsys.readouterr().out
+    # Other index settings than the gallery's: the add grows its own index and says so.
+    index(tmp_path / "add3", "mode=add", f"gallery_dir={out}", f"gallery={grown}", "index=hnsw")
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "mode=add keeps the gallery's own index (flat) and adds to it; index=hnsw applies to "
+        "a new gallery (mode=build)"
+    )
+    assert Gallery.load(out).info["index"] == {"kind": "flat"}
 
 
 def test_refusals_are_one_line(base, built, tmp_path):
