@@ -413,6 +413,7 @@ class ServeSettingsConf:
     thumbnail_cache: int = 1024
     log_level: str = "info"
     access_log: bool = True
+    max_connections: Optional[int] = 100
 
 
 @dataclass

@@ -77,6 +77,10 @@ def check_serve_config(cfg: DictConfig) -> ServiceSettings:
             f"serve.log_level={serve.get('log_level')!r} is unknown; choose one of "
             f"{', '.join(LOG_LEVELS)}"
         )
+    if serve.get("max_connections") is not None:
+        check_int_setting(
+            "serve.max_connections", serve.max_connections, 1, " (null: no limit), e.g. 100"
+        )
     threshold = cfg.get("threshold")
     return ServiceSettings(
         api_key=serve.get("api_key"),
@@ -136,6 +140,23 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def uvicorn_config(app: Any, cfg: DictConfig) -> Any:
+    """uvicorn's settings for ``app``: Hydra's logging, the access log, no server header, and
+    ``serve.max_connections`` (uvicorn's limit_concurrency: 503 beyond it)."""
+    import uvicorn
+
+    limit = cfg.serve.get("max_connections")
+    return uvicorn.Config(
+        app,
+        log_config=None,  # Hydra's logging: the console and <run folder>/serve.log
+        log_level=str(cfg.serve.log_level).lower(),
+        access_log=bool(cfg.serve.access_log),
+        server_header=False,
+        timeout_graceful_shutdown=10,
+        limit_concurrency=None if limit is None else int(limit),
+    )
+
+
 class _Stopped(BaseException):
     """SIGTERM, raised once uvicorn has shut down gracefully and hands the signal back."""
 
@@ -160,14 +181,7 @@ def run_serve(cfg: DictConfig) -> None:
             "SIAMESE_API_KEY (or serve.api_key) to require one",
             cfg.host,
         )
-    config = uvicorn.Config(
-        app,
-        log_config=None,  # Hydra's logging: the console and <run folder>/serve.log
-        log_level=str(cfg.serve.log_level).lower(),
-        access_log=bool(cfg.serve.access_log),
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
+    config = uvicorn_config(app, cfg)
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactKey) for f in access.filters):
         access.addFilter(RedactKey())

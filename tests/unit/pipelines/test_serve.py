@@ -3,8 +3,12 @@ listening socket, and a damaged gallery stopping it at start."""
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import logging
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,7 @@ from siamese.pipelines.serve import (
     is_loopback,
     run_serve,
     url_of,
+    uvicorn_config,
 )
 
 
@@ -83,6 +88,71 @@ def test_settings_that_cannot_work_are_refused_in_one_line(tmp_path, overrides, 
         check_serve_config(serve_config(tmp_path, *overrides))
     assert_fragments(str(refused.value), *fragments)
     assert "has space" not in str(refused.value)  # a key is never shown
+
+
+@pytest.mark.parametrize(
+    ("overrides", "limit"),
+    [([], 100), (["serve.max_connections=7"], 7), (["serve.max_connections=null"], None)],
+)
+def test_max_connections_is_uvicorns_concurrency_limit(tmp_path, overrides, limit):
+    cfg = serve_config(tmp_path, *overrides)
+    check_serve_config(cfg)
+    config = uvicorn_config(object(), cfg)
+    assert config.limit_concurrency == limit
+    assert (config.server_header, config.log_config) == (False, None)
+
+
+def test_max_connections_0_is_one_line(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        check_serve_config(serve_config(tmp_path, "serve.max_connections=0"))
+    assert_fragments(
+        str(refused.value), "serve.max_connections must be", "(null: no limit)", "got 0"
+    )
+
+
+def test_a_connection_over_max_connections_gets_503_at_once(tmp_path):
+    # One request held inside the app fills serve.max_connections=2 with its connection
+    # and its task; the next connection is answered 503 instead of queueing.
+    import uvicorn
+
+    entered, release = threading.Event(), threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        entered.set()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    cfg = serve_config(tmp_path, "serve.max_connections=2", "serve.log_level=critical")
+    server = uvicorn.Server(uvicorn_config(app, cfg))
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    first = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    second = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        first.request("GET", "/")
+        assert entered.wait(10)
+        second.request("GET", "/")
+        assert second.getresponse().status == 503
+        release.set()
+        answer = first.getresponse()
+        assert (answer.status, answer.read()) == (200, b"ok")
+    finally:
+        release.set()
+        first.close()
+        second.close()
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def test_port_0_takes_a_free_port_and_a_port_in_use_is_one_line():
