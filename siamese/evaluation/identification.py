@@ -74,8 +74,8 @@ def open_set_metrics(
     curve = _DirCurve.from_queries(d, correct & mated, ~mated) if n_mated and n_unmated else None
     for rate in rates:
         out[f"dir_at_far_{format_far(rate)}"] = nan if curve is None else curve.dir_at_far(rate)
-    out["known_queries"] = float(n_mated)
-    out["unknown_queries"] = float(n_unmated)
+    out["known_queries"] = int(n_mated)
+    out["unknown_queries"] = int(n_unmated)
     out["threshold"] = float(threshold)
     return out
 

@@ -27,7 +27,9 @@ def print_table(
     lines = [f"{title:<{width}}  value", f"{'-' * width}  ------"]
     for name in names:
         value = metrics[prefix + name]
-        lines.append(
-            f"{name:<{width}}  {value:.4f}" if math.isfinite(value) else f"{name:<{width}}  nan"
-        )
+        if isinstance(value, int) and not isinstance(value, bool):  # a count
+            shown = str(value)
+        else:
+            shown = f"{value:.4f}" if math.isfinite(value) else "nan"
+        lines.append(f"{name:<{width}}  {shown}")
     print("\n".join(lines), flush=True)

@@ -158,7 +158,8 @@ def test_identify_decides_and_scores_as_counted_by_hand(base, tmp_path, capsys, 
     right = np.array([n == q[0] for n, q in zip(nearest, queries, strict=True)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["identify_by"] == by and metrics["threshold"] == threshold
-    assert metrics["known_queries"] == 2 and metrics["unknown_queries"] == 3
+    assert (metrics["known_queries"], metrics["unknown_queries"]) == (2, 3)
+    assert type(metrics["known_queries"]) is int  # a count in metrics.json, not 2.0
     assert metrics["identification_rate"] == right[mated].mean()
     assert metrics["dir"] == (right & accepted)[mated].mean()
     assert metrics["far"] == accepted[~mated].mean()
@@ -170,6 +171,7 @@ def test_identify_decides_and_scores_as_counted_by_hand(base, tmp_path, capsys, 
     assert any(line.split()[:2] == ["z/q0.png", shown] for line in out.splitlines())
     assert "open-set identification  value" in out
     assert f"far                      {accepted[~mated].mean():.4f}" in out
+    assert "known_queries            2\n" in out  # counts print as counts
     assert "written: results.csv, identities.csv, metrics.json" in out
 
 
