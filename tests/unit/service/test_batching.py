@@ -42,15 +42,17 @@ def post_all(client, app, held: HeldForwardPasses, requests: list[tuple[str, dic
     """Send the first request; once its forward pass is held, the others from as many
     threads at once; release the pass when all of them are queued. The answers in order."""
     with ThreadPoolExecutor(len(requests)) as pool:
-        path, files = requests[0]
-        futures = [pool.submit(client.post, path, files=files)]
-        assert held.entered.wait(30), "the first request never reached the model"
-        futures += [pool.submit(client.post, path, files=files) for path, files in requests[1:]]
-        deadline = time.monotonic() + 30
-        while app.state.batcher.pending() < len(requests) - 1:
-            assert time.monotonic() < deadline, "the other requests never queued"
-            time.sleep(0.005)
-        held.release.set()
+        try:
+            path, files = requests[0]
+            futures = [pool.submit(client.post, path, files=files)]
+            assert held.entered.wait(30), "the first request never reached the model"
+            futures += [pool.submit(client.post, p, files=f) for p, f in requests[1:]]
+            deadline = time.monotonic() + 30
+            while app.state.batcher.pending() < len(requests) - 1:
+                assert time.monotonic() < deadline, "the other requests never queued"
+                time.sleep(0.005)
+        finally:
+            held.release.set()  # a failed wait must not leave the worker held
         return [f.result(timeout=30) for f in futures]
 
 
