@@ -60,7 +60,9 @@ class Neighbour:
         }
 
 
-def _index_settings(index: str | dict[str, Any] | None) -> dict[str, Any]:
+def index_settings(index: str | dict[str, Any] | None) -> dict[str, Any]:
+    """``index`` (a kind, a settings dict or None) as gallery.json records it: the kind
+    (flat by default) and the settings that are not null."""
     if index is None:
         return {"kind": "flat"}
     settings = {"kind": index} if isinstance(index, str) else dict(index)
@@ -169,7 +171,7 @@ class Gallery:
             "count": 0,
             "image_size": [height, width],
             "channels": channels,
-            "index": _index_settings(index),
+            "index": index_settings(index),
             "roots": [],
             "created": _now(),
         }

@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from siamese import run_dirs
 from siamese.checks import check_int_setting
-from siamese.composition import composed, given
+from siamese.composition import given
 from siamese.console import next_steps, say, shown_path
 from siamese.errors import ConfigError, DataError
 from siamese.gallery import Gallery
+from siamese.gallery.gallery import index_settings
 from siamese.gallery.items import list_source
 from siamese.gallery.store import BAD_FILES
 from siamese.inference import load, resolve_device
@@ -161,12 +162,9 @@ def _add_locked(
 def _kept_index(cfg: DictConfig, gallery: Gallery) -> str | None:
     """A line when ``index=`` asks for other index settings than the gallery was built with:
     an add grows the gallery's own index (a different one needs a new build)."""
-    asked = {
-        k: v for k, v in OmegaConf.to_container(cfg.index, resolve=True).items() if v is not None
-    }
-    default = OmegaConf.to_container(composed("index").index, resolve=True)
+    asked = index_settings(OmegaConf.to_container(cfg.index, resolve=True))
     own = gallery.info["index"]
-    if asked == own or asked == {k: v for k, v in default.items() if v is not None}:
+    if asked in (own, index_settings(None)):  # the gallery's own, or index= not given
         return None
     return (
         f"mode=add keeps the gallery's own index ({own['kind']}) and adds to it; "
